@@ -1,0 +1,14 @@
+"""fastmerge: fast, mergekit-compatible merging of LLM checkpoints (and, later, evolving merges).
+
+Public API:
+    merge(recipe, out, options=None, progress=None) -> MergeResult
+    load_recipe(path_or_yaml_or_dict) -> Recipe
+    MergeOptions, MergeResult, FastmergeError
+"""
+
+from .engine import MergeOptions, MergeResult, Progress, merge
+from .errors import FastmergeError
+from .recipe import Recipe, load_recipe
+
+__all__ = ["merge", "load_recipe", "MergeOptions", "MergeResult", "Progress", "Recipe", "FastmergeError"]
+__version__ = "0.1.0"

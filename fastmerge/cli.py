@@ -1,0 +1,85 @@
+"""The ``fastmerge`` command: the only place that parses arguments and draws progress."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from typing import Optional
+
+from .errors import FastmergeError
+
+
+def _size(text: str) -> int:
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    t = text.strip().upper().rstrip("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 5G or 500M, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastmerge", description="Fast, mergekit-compatible LLM checkpoint merging.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="merge checkpoints per a mergekit-style YAML recipe")
+    m.add_argument("recipe", help="recipe YAML (mergekit schema)")
+    m.add_argument("out", help="output directory (a Hugging Face checkpoint)")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to merge (default cpu)")
+    m.add_argument("--out-shard-size", type=_size, default="5G", help="max bytes per output shard (default 5G)")
+    m.add_argument("--seed", type=int, default=None, help="DARE seed (overrides the recipe's random_seed)")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads for the fused loop (default: all)")
+    m.add_argument("--force", action="store_true", help="replace an existing output directory")
+    m.add_argument("--allow-bin", action="store_true", help="allow pickled .bin inputs (loaded weights_only)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .engine import MergeOptions, merge
+
+    bar: Optional[tqdm] = None
+
+    def progress(ev) -> None:
+        nonlocal bar
+        if args.no_progress:
+            return
+        if bar is None:
+            bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True)
+        bar.update(ev.bytes_done - bar.n)
+        bar.set_postfix_str(f"{ev.tensors_done}/{ev.tensors_total} tensors", refresh=False)
+
+    opts = MergeOptions(device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
+                        seed=args.seed, force=args.force, allow_bin=args.allow_bin)
+    try:
+        result = merge(args.recipe, args.out, opts, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(result.summary())
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        if args.command == "merge":
+            return _merge(args)
+    except FastmergeError as e:
+        print(f"fastmerge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastmerge: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""plan -> checkpoint: a reader thread, the fused op, a writer thread, and an atomic rename.
+
+The reader prefetches the next tensor group (``os.pread``) while the current one is merged by the
+fused CPU loop (which releases the GIL) and the writer thread ``pwrite``s the previous result at
+its precomputed offset. Peak memory is the groups in flight, not the model. Everything goes to a
+temporary sibling directory that is renamed into place only when complete; any failure, including
+Ctrl-C, removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from . import cpu, reference
+from .errors import FastmergeError
+from .io import CheckpointReader, OutTensor, ShardedWriter
+from .plan import Plan, TensorPlan, build_plan
+from .recipe import Recipe, dump_recipe, load_recipe
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
+)
+_DONE = object()
+
+
+@dataclass
+class MergeOptions:
+    """How to run a merge (what to merge is the recipe)."""
+
+    device: str = "cpu"  # cpu | cuda | auto
+    threads: Optional[int] = None
+    out_shard_size: int = 5 * 1024**3
+    seed: Optional[int] = None
+    force: bool = False
+    allow_bin: bool = False
+    prefetch: int = 2
+    check_finite: bool = True
+
+
+@dataclass
+class Progress:
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+    name: str
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    tensors: int
+    read_bytes: int
+    write_bytes: int
+    seconds: float
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        gb = (self.read_bytes + self.write_bytes) / 1e9
+        return (f"merged {self.tensors} tensors: read {self.read_bytes / 1e9:.2f} GB, wrote "
+                f"{self.write_bytes / 1e9:.2f} GB in {self.seconds:.2f} s ({gb / max(self.seconds, 1e-9):.2f} GB/s)")
+
+
+def resolve_device(device: str) -> str:
+    """The device the merge runs on; says why when it is not the one asked for."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise FastmergeError(f"--device: expected cpu, cuda or auto, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            warnings.warn("no CUDA GPU is present: falling back to the fused CPU path", stacklevel=2)
+        return "cpu"
+    warnings.warn("the GPU streaming path is not built yet: merging with the fused CPU path", stacklevel=2)
+    return "cpu"
+
+
+def open_models(recipe: Recipe, allow_bin: bool = False) -> dict[str, CheckpointReader]:
+    names: list[str] = []
+    if recipe.base_model:
+        names.append(recipe.base_model)
+    for m in recipe.models or []:
+        names.append(m.model)
+    for sl in recipe.slices or []:
+        names.extend(s.model for s in sl.sources)
+    readers = {}
+    for n in dict.fromkeys(names):
+        if not Path(n).exists():
+            raise FastmergeError(f"{n}: model not found (a local directory is needed; no hub access)")
+        readers[n] = CheckpointReader(n, allow_bin=allow_bin)
+    return readers
+
+
+def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: Optional[int] = None) -> torch.Tensor:
+    """The output tensor of one plan entry from its loaded inputs (base first when present)."""
+    full = next(t for t in tensors if tuple(t.shape) == task.shape)
+    if task.rows is not None:
+        out = full.to(task.dtype, copy=True)
+        part = [t[: task.rows] for t in tensors]
+        sub = TensorPlan(task.name, (task.rows, *task.shape[1:]), task.dtype, task.op, task.inputs, task.base,
+                         task.fused, task.t, task.scale)
+        out[: task.rows] = compute(sub, part, threads)
+        return out
+    if task.op == "fused":
+        base = tensors[0] if task.base else None
+        models = tensors[1:] if task.base else tensors
+        return cpu.fused_merge(base, models, task.fused, task.name, task.dtype, threads=threads)
+    if task.op == "slerp":
+        return reference.slerp(task.t, tensors[0], tensors[1], task.dtype)
+    return reference.passthrough(tensors[0], task.scale, task.dtype)
+
+
+def merge(
+    recipe: Union[Recipe, str, Path, dict],
+    out_path: Union[str, Path],
+    options: Optional[MergeOptions] = None,
+    progress: Optional[Callable[[Progress], None]] = None,
+) -> MergeResult:
+    """Merge checkpoints per a mergekit-style recipe into ``out_path`` (a HF model directory)."""
+    opts = options or MergeOptions()
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = Path(out_path)
+    if out.exists() and not opts.force:
+        raise FastmergeError(f"{out}: output exists; pass --force to replace it")
+    resolve_device(opts.device)
+    readers = open_models(recipe, opts.allow_bin)
+    plan = build_plan(recipe, readers, seed=opts.seed)
+    for w in plan.warnings:
+        warnings.warn(w, stacklevel=2)
+    cpu.library()  # build the fused loop before any output exists
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.fastmerge-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    start = time.perf_counter()
+    try:
+        nonfinite = _execute(plan, readers, tmp, opts, progress)
+        _write_metadata(plan, recipe, readers, tmp)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for r in readers.values():
+            r.close()
+    seconds = time.perf_counter() - start
+    for name, count in nonfinite.items():
+        warnings.warn(f"{name}: {count} non-finite values (NaN/Inf)", stacklevel=2)
+    return MergeResult(out, len(plan.tensors), plan.read_bytes, plan.write_bytes, seconds, nonfinite, plan.warnings)
+
+
+def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: MergeOptions,
+             progress: Optional[Callable[[Progress], None]]) -> dict[str, int]:
+    writer = ShardedWriter(tmp, [OutTensor(t.name, t.dtype, t.shape) for t in plan.tensors], opts.out_shard_size)
+    stop = threading.Event()
+    loaded: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
+    merged: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
+    nonfinite: dict[str, int] = {}
+    errors: list[BaseException] = []
+
+    def put(q: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read_loop() -> None:
+        try:
+            for task in plan.tensors:
+                if stop.is_set():
+                    return
+                tensors = [readers[s.model].read(s.name) for s in task.sources]
+                if opts.check_finite:
+                    for s, t in zip(task.sources, tensors):
+                        bad = cpu.count_nonfinite(t)
+                        if bad:
+                            key = f"{readers[s.model].tensors[s.name].file}: tensor {s.name}"
+                            nonfinite[key] = bad
+                if not put(loaded, (task, tensors)):
+                    return
+            put(loaded, _DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+            put(loaded, _DONE)
+
+    def write_loop() -> None:
+        try:
+            while True:
+                item = merged.get()
+                if item is _DONE:
+                    return
+                name, tensor = item
+                writer.write(name, tensor)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            stop.set()
+
+    reader_t = threading.Thread(target=read_loop, name="fastmerge-reader", daemon=True)
+    writer_t = threading.Thread(target=write_loop, name="fastmerge-writer", daemon=True)
+    reader_t.start()
+    writer_t.start()
+    done = 0
+    done_bytes = 0
+    try:
+        while True:
+            item = loaded.get()
+            if item is _DONE or errors:
+                break
+            task, tensors = item
+            out = compute(task, tensors, opts.threads)
+            if not put(merged, (task.name, out)):
+                break
+            done += 1
+            done_bytes += task.in_bytes
+            if progress:
+                progress(Progress(done, len(plan.tensors), done_bytes, plan.read_bytes, task.name))
+        if not errors:
+            put(merged, _DONE)
+            writer_t.join()
+    finally:
+        stop.set()
+        reader_t.join(timeout=5)
+        writer_t.join(timeout=5)
+        writer.close()
+    if errors:
+        raise errors[0]
+    if done != len(plan.tensors):
+        raise FastmergeError("merge stopped before all tensors were written")
+    return nonfinite
+
+
+def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointReader], tmp: Path) -> None:
+    config = dict(plan.config)
+    float_dtypes = [t.dtype for t in plan.tensors if t.dtype.is_floating_point]
+    if float_dtypes:
+        name = str(float_dtypes[0]).replace("torch.", "")
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for k in keys:
+            config[k] = name
+    if not any(t.name.endswith("lm_head.weight") for t in plan.tensors) and "lm_head.weight" not in readers[plan.reference_model].tensors:
+        config.setdefault("tie_word_embeddings", True)
+    if config:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    ref_dir = readers[plan.reference_model].path
+    gen = ref_dir / "generation_config.json"
+    if gen.exists():
+        shutil.copy2(gen, tmp / gen.name)
+    if plan.tokenizer_model:
+        tok_dir = Path(plan.tokenizer_model)
+        for f in TOKENIZER_FILES:
+            if (tok_dir / f).exists():
+                shutil.copy2(tok_dir / f, tmp / f)
+    card = (
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- fastmerge\n---\n"
+        f"# {tmp.name.split('.fastmerge-tmp')[0].lstrip('.')}\n\n"
+        f"This model was merged with fastmerge using the `{recipe.merge_method}` method.\n\n"
+        "## Recipe\n\n```yaml\n" + dump_recipe(recipe) + "```\n"
+    )
+    (tmp / "README.md").write_text(card)
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Rename the finished directory into place (replacing an old output only now)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.fastmerge-old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

@@ -1,0 +1,257 @@
+"""Safetensors checkpoints read lazily and written streaming, knowing nothing of merge methods.
+
+Reading: each shard's header is parsed and validated up front (a truncated or corrupt shard is an
+error before any work starts); tensor bytes are read on demand with ``os.pread`` into fresh
+buffers, so a reader thread can prefetch while the CPU merges.
+
+Writing: the whole output layout (names, dtypes, shapes) is known before any weight is read, so
+each shard's header is written first and every tensor's bytes go straight to their offset with
+``os.pwrite``; no shard is ever buffered in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import FastmergeError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Where one tensor's bytes live."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: Path) -> dict[str, TensorMeta]:
+    """Parse and validate one safetensors file's header (no tensor bytes are read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise FastmergeError(f"{path}: truncated safetensors file (no header)")
+            (hlen,) = struct.unpack("<Q", raw)
+            if hlen > MAX_HEADER or 8 + hlen > size:
+                raise FastmergeError(f"{path}: corrupt or truncated safetensors header (length {hlen}, file {size} bytes)")
+            header = json.loads(f.read(hlen))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise FastmergeError(f"{path}: file not found") from None
+        raise FastmergeError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise FastmergeError(f"{path}: corrupt safetensors header")
+    metas = {}
+    data_start = 8 + hlen
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except KeyError as e:
+            if "dtype" in info and info["dtype"] not in SAFETENSORS_DTYPES:
+                raise FastmergeError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}") from None
+            raise FastmergeError(f"{path}: tensor {name} has a corrupt header entry ({e})") from None
+        meta = TensorMeta(name, path, dtype, shape, data_start + begin, end - begin)
+        if meta.nbytes != meta.numel * dtype.itemsize or begin < 0:
+            raise FastmergeError(f"{path}: tensor {name} has inconsistent offsets for shape {list(shape)}")
+        if data_start + end > size:
+            raise FastmergeError(
+                f"{path}: truncated shard: tensor {name} ends at byte {data_start + end}, file has {size}"
+            )
+        metas[name] = meta
+    return metas
+
+
+class CheckpointReader:
+    """One Hugging Face checkpoint directory: config, tensor index, and on-demand tensor reads."""
+
+    def __init__(self, path: str | os.PathLike, allow_bin: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FastmergeError(f"{self.path}: model directory not found")
+        self.config = self._load_config()
+        self.tensors: dict[str, TensorMeta] = {}
+        self._bin_state: dict[str, torch.Tensor] | None = None
+        index = self.path / INDEX_NAME
+        single = self.path / SINGLE_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise FastmergeError(f"{index}: corrupt index ({e})") from None
+            headers: dict[str, dict[str, TensorMeta]] = {}
+            for name, shard in weight_map.items():
+                if shard not in headers:
+                    headers[shard] = read_header(self.path / shard)
+                if name not in headers[shard]:
+                    raise FastmergeError(f"{self.path / shard}: tensor {name} listed in {INDEX_NAME} is missing")
+                self.tensors[name] = headers[shard][name]
+        elif single.exists():
+            self.tensors = read_header(single)
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
+            if shards:
+                for shard in shards:
+                    self.tensors.update(read_header(shard))
+            elif list(self.path.glob("*.bin")):
+                if not allow_bin:
+                    raise FastmergeError(
+                        f"{self.path}: only pickled .bin weights found; pass --allow-bin to load them "
+                        "(with torch.load(weights_only=True))"
+                    )
+                self._load_bin()
+            else:
+                raise FastmergeError(f"{self.path}: no model.safetensors, shards or index found")
+        self._fds: dict[Path, int] = {}
+
+    def _load_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise FastmergeError(f"{cfg}: invalid JSON ({e})") from None
+
+    def _load_bin(self) -> None:
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(self.path.glob("*.bin")):
+            try:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
+                raise FastmergeError(f"{f}: cannot load with weights_only=True ({e})") from None
+        self._bin_state = state
+        for name, t in state.items():
+            self.tensors[name] = TensorMeta(name, self.path, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor's bytes from disk into a new CPU tensor of its stored dtype."""
+        meta = self.tensors.get(name)
+        if meta is None:
+            raise FastmergeError(f"{self.path}: tensor {name} not found")
+        if self._bin_state is not None:
+            return self._bin_state[name]
+        fd = self._fds.get(meta.file)
+        if fd is None:
+            fd = self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
+        buf = torch.empty(meta.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < meta.nbytes:
+            got = os.preadv(fd, [view[done:]], meta.offset + done)
+            if got <= 0:
+                raise FastmergeError(f"{meta.file}: truncated shard while reading tensor {name}")
+            done += got
+        return buf.view(meta.dtype).reshape(meta.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class ShardedWriter:
+    """Writes a known list of tensors into shards: headers first, then bytes at their offsets."""
+
+    def __init__(self, directory: Path, tensors: list[OutTensor], max_shard_bytes: int, metadata: dict | None = None):
+        self.directory = directory
+        self.location: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
+        groups: list[list[OutTensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if groups[-1] and size + t.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        n = len(groups)
+        self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._fds: list[int] = []
+        self.total_bytes = 0
+        weight_map = {}
+        for fname, group in zip(self.files, groups):
+            header: dict = {"__metadata__": metadata or {"format": "pt"}}
+            off = 0
+            for t in group:
+                header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+                off += t.nbytes
+                weight_map[t.name] = fname
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            fd = os.open(directory / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            start = 8 + len(raw)
+            os.ftruncate(fd, start + off)
+            for t in group:
+                self.location[t.name] = (fd, start + header[t.name]["data_offsets"][0])
+            self.total_bytes += start + off
+        if n > 1:
+            total = sum(t.nbytes for t in tensors)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        fd, offset = self.location[name]
+        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.fsync(fd) if os.environ.get("FASTMERGE_FSYNC") else None
+            os.close(fd)
+        self._fds.clear()

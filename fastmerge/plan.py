@@ -1,0 +1,285 @@
+"""recipe -> plan: every output tensor, its inputs and its per-tensor merge parameters.
+
+The plan is built from checkpoint headers and configs only (no weight is read), so the output
+layout is known before the merge starts and every mistake in the recipe or the inputs (missing
+model, missing tensor, shape mismatch, missing parameter) is reported before anything is written.
+It knows nothing of devices or threads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+
+from .errors import FastmergeError
+from .io import CheckpointReader
+from .recipe import METHODS, REQUIRED, DTYPES, Parameters, Recipe, as_float, parse_rescale, resolve
+from .spec import FusedOptions
+
+LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+VOCAB_HINTS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+
+
+@dataclass(frozen=True)
+class Source:
+    model: str
+    name: str
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: read ``base`` + ``inputs``, apply ``op``, write ``name``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    op: Literal["fused", "slerp", "passthrough"]
+    inputs: list[Source]
+    base: Optional[Source] = None
+    fused: Optional[FusedOptions] = None
+    t: float = 0.0
+    scale: Optional[float] = None
+    rows: Optional[int] = None  # vocab mismatch: rows merged (the rest copied from ``base`` or input 0)
+    in_bytes: int = 0
+
+    @property
+    def sources(self) -> list[Source]:
+        return ([self.base] if self.base else []) + self.inputs
+
+    @property
+    def out_bytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Plan:
+    tensors: list[TensorPlan]
+    config: dict
+    reference_model: str
+    tokenizer_model: Optional[str]
+    num_layers: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.in_bytes for t in self.tensors)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(t.out_bytes for t in self.tensors)
+
+
+@dataclass
+class _SliceSrc:
+    model: str
+    start: int
+    end: int
+    parameters: Optional[Parameters]
+
+
+def _layers(reader: CheckpointReader) -> tuple[str, dict[int, list[str]]]:
+    """The layer prefix (e.g. ``model.layers``) and, per layer index, the rest of each name."""
+    by_layer: dict[int, list[str]] = {}
+    prefix = "model.layers"
+    for name in reader.tensors:
+        m = LAYER_RE.match(name)
+        if m:
+            prefix = m["prefix"]
+            by_layer.setdefault(int(m["idx"]), []).append(m["rest"])
+    return prefix, by_layer
+
+
+def num_layers(reader: CheckpointReader) -> int:
+    n = reader.config.get("num_hidden_layers")
+    if isinstance(n, int):
+        return n
+    _, by_layer = _layers(reader)
+    return max(by_layer) + 1 if by_layer else 0
+
+
+def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: Optional[int] = None) -> Plan:
+    spec = METHODS[recipe.merge_method]
+    seed = recipe.random_seed if seed is None else seed
+    base = recipe.base_model
+    slices: list[tuple[list[_SliceSrc], Optional[Parameters], Optional[str]]] = []
+    if recipe.models:
+        srcs = [_SliceSrc(m.model, 0, num_layers(readers[m.model]), m.parameters) for m in recipe.models]
+        if base and spec.needs_base and base not in [s.model for s in srcs]:
+            srcs.append(_SliceSrc(base, 0, num_layers(readers[base]), None))
+        slices.append((srcs, None, base))
+    else:
+        for sl in recipe.slices:
+            srcs = [_SliceSrc(s.model, s.layer_range[0], s.layer_range[1], s.parameters) for s in sl.sources]
+            slices.append((srcs, sl.parameters, sl.base_model or base))
+    for i, (srcs, _, sbase) in enumerate(slices):
+        lengths = {s.end - s.start for s in srcs}
+        if len(lengths) != 1:
+            raise FastmergeError(f"slices[{i}]: all sources must span the same number of layers, got {sorted(lengths)}")
+        for s in srcs:
+            n = num_layers(readers[s.model])
+            if s.end > n:
+                raise FastmergeError(f"slices[{i}]: {s.model}: layer_range [{s.start}, {s.end}) beyond its {n} layers")
+        if spec.needs_base and sbase not in [s.model for s in srcs]:
+            raise FastmergeError(f"slices[{i}]: merge_method {spec.name!r} needs the base model {sbase!r} among the sources")
+
+    builder = _Builder(recipe, readers, seed)
+    out: list[TensorPlan] = []
+    first_ref = builder.reference(slices[0])
+    last_ref = builder.reference(slices[-1])
+    pre = [n for n in readers[first_ref].tensors if not LAYER_RE.match(n) and _is_pre(n)]
+    post = [n for n in readers[last_ref].tensors if not LAYER_RE.match(n) and not _is_pre(n)]
+    for name in pre:
+        out.append(builder.tensor(name, {s.model: name for s in slices[0][0]}, slices[0], t=0.0))
+    out_layer = 0
+    for sl in slices:
+        srcs = sl[0]
+        ref = builder.reference(sl)
+        ref_src = next(s for s in srcs if s.model == ref)
+        prefix, by_layer = _layers(readers[ref])
+        count = srcs[0].end - srcs[0].start
+        for off in range(count):
+            t = off / (count - 1) if count > 1 else 1.0
+            for rest in by_layer.get(ref_src.start + off, []):
+                names = {}
+                for s in srcs:
+                    sprefix, _ = _layers(readers[s.model])
+                    names[s.model] = f"{sprefix}.{s.start + off}.{rest}"
+                out.append(builder.tensor(f"{prefix}.{out_layer}.{rest}", names, sl, t=t))
+            out_layer += 1
+    for name in post:
+        out.append(builder.tensor(name, {s.model: name for s in slices[-1][0]}, slices[-1], t=0.0))
+
+    config = dict(readers[first_ref].config)
+    if "num_hidden_layers" in config or out_layer:
+        config["num_hidden_layers"] = out_layer
+    tok = recipe.tokenizer_source
+    tokenizer_model = first_ref if tok in (None, "base") else tok
+    if tok == "union":
+        raise FastmergeError("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model")
+    if tokenizer_model not in readers and tok not in (None, "base"):
+        readers[tokenizer_model] = CheckpointReader(tokenizer_model)
+    return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings)
+
+
+def _is_pre(name: str) -> bool:
+    return any(h in name for h in ("embed_tokens", "wte", "wpe", "embed_in")) and "lm_head" not in name
+
+
+class _Builder:
+    def __init__(self, recipe: Recipe, readers: dict[str, CheckpointReader], seed: int):
+        self.recipe = recipe
+        self.spec = METHODS[recipe.merge_method]
+        self.readers = readers
+        self.seed = seed
+        self.warnings: list[str] = []
+
+    def reference(self, sl) -> str:
+        srcs, _, sbase = sl
+        models = [s.model for s in srcs]
+        return sbase if sbase in models else models[0]
+
+    def _meta(self, model: str, name: str):
+        reader = self.readers[model]
+        meta = reader.tensors.get(name)
+        if meta is None and name.endswith("lm_head.weight"):
+            # tied embeddings: the input embedding serves as the output projection
+            tied = name.replace("lm_head.weight", "model.embed_tokens.weight")
+            if tied in reader.tensors:
+                return reader.tensors[tied], tied
+        if meta is None:
+            raise FastmergeError(f"{reader.path}: tensor {name} is missing (needed by the recipe)")
+        return meta, name
+
+    def tensor(self, out_name: str, names: dict[str, str], sl, t: float) -> TensorPlan:
+        srcs, slice_params, sbase = sl
+        ref = self.reference(sl)
+        metas = {}
+        for s in srcs:
+            metas[s.model] = self._meta(s.model, names[s.model])
+        ref_meta = metas[ref][0]
+        shape = ref_meta.shape
+        rows = None
+        for s in srcs:
+            meta, name = metas[s.model]
+            if meta.shape != shape:
+                vocab = any(h in name for h in VOCAB_HINTS)
+                if vocab and len(meta.shape) == len(shape) and meta.shape[1:] == shape[1:]:
+                    rows = min(rows or shape[0], meta.shape[0])
+                else:
+                    raise FastmergeError(
+                        f"{meta.file}: tensor {name} has shape {list(meta.shape)}, but {ref} has {list(shape)}"
+                    )
+        if rows is not None:
+            self.warnings.append(f"{out_name}: vocabulary sizes differ; merging the first {rows} rows, "
+                                 f"rows {rows}..{shape[0] - 1} copied from {ref}")
+        dtype_name = self.recipe.out_dtype or self.recipe.dtype
+        dtype = getattr(torch, DTYPES[dtype_name]) if dtype_name else ref_meta.dtype
+        if not ref_meta.dtype.is_floating_point:
+            plan = TensorPlan(out_name, shape, ref_meta.dtype, "passthrough", [Source(ref, metas[ref][1])])
+            plan.in_bytes = ref_meta.nbytes
+            return plan
+
+        shared_scopes = [slice_params, self.recipe.parameters]
+
+        def shared(key: str):
+            default = self.spec.shared[key]
+            value = resolve(key, shared_scopes, out_name, t, default)
+            if value is REQUIRED:
+                raise FastmergeError(f"missing parameter {key!r} for tensor {out_name}")
+            return value
+
+        def per_model(key: str, s: _SliceSrc):
+            default = self.spec.per_model[key]
+            value = resolve(key, [s.parameters, *shared_scopes], metas[s.model][1], t, default)
+            if value is REQUIRED:
+                raise FastmergeError(f"missing parameter {key!r} for model {s.model} (tensor {metas[s.model][1]})")
+            return value
+
+        method = self.spec.name
+        src = {s.model: Source(s.model, metas[s.model][1]) for s in srcs}
+        if method == "passthrough":
+            s = srcs[0]
+            scale = per_model("scale", s)
+            plan = TensorPlan(out_name, shape, dtype, "passthrough", [src[s.model]],
+                              scale=None if scale is None else as_float("scale", scale, out_name))
+        elif method == "slerp":
+            other = next(s for s in srcs if s.model != sbase)
+            plan = TensorPlan(out_name, shape, dtype, "slerp", [src[other.model]], base=src[sbase],
+                              t=as_float("t", shared("t"), out_name))
+        elif method == "linear":
+            weights = tuple(as_float("weight", per_model("weight", s), out_name) for s in srcs)
+            opts = FusedOptions(weights=weights, normalize=bool(shared("normalize")), seed=self.seed)
+            plan = TensorPlan(out_name, shape, dtype, "fused", [src[s.model] for s in srcs], fused=opts)
+        else:
+            others = [s for s in srcs if s.model != sbase]
+            weights = tuple(as_float("weight", per_model("weight", s), out_name) for s in others)
+            dens = []
+            for s in others:
+                d = as_float("density", per_model("density", s), out_name)
+                if d < 0:
+                    raise FastmergeError(f"parameter density for model {s.model} (tensor {out_name}) must be >= 0, got {d}")
+                dens.append(min(d, 1.0))
+            opts = FusedOptions(
+                weights=weights,
+                densities=tuple(dens),
+                sparsify=self.spec.sparsify,
+                consensus=self.spec.consensus,
+                rescale=parse_rescale(shared("rescale")),
+                normalize=bool(shared("normalize")),
+                lambda_=as_float("lambda", shared("lambda"), out_name),
+                seed=self.seed,
+            )
+            if not others:
+                plan = TensorPlan(out_name, shape, dtype, "passthrough", [src[sbase]])
+            else:
+                plan = TensorPlan(out_name, shape, dtype, "fused", [src[s.model] for s in others],
+                                  base=src[sbase], fused=opts)
+        plan.rows = rows
+        plan.in_bytes = sum(metas[s.model][0].nbytes for s in srcs)
+        return plan
