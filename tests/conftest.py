@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny model families made on the spot (no hub), and the device to test on."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmerge.synth import ModelSpec, make_family
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+#: per-dtype tolerances of the fused paths against the reference (relative for bf16/fp16)
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-6, atol=1e-7),
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
+}
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """families(arch="llama", dtype=torch.float32, finetunes=2, **spec) -> [base, ft0, ...] (cached)."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", dtype: torch.dtype = torch.float32, finetunes: int = 2,
+             vocab_overrides: dict | None = None, **spec) -> list[Path]:
+        key = (arch, dtype, finetunes, tuple(sorted((vocab_overrides or {}).items())), tuple(sorted(spec.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{arch}-{str(dtype).split('.')[-1]}")
+            cache[key] = make_family(root, ModelSpec(arch=arch, dtype=dtype, **spec), finetunes=finetunes,
+                                     vocab_overrides=vocab_overrides)
+        return cache[key]
+
+    return make
