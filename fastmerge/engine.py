@@ -204,7 +204,12 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     def write_loop() -> None:
         try:
             while True:
-                item = merged.get()
+                try:
+                    item = merged.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+                    continue
                 if item is _DONE:
                     return
                 name, tensor = item

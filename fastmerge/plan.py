@@ -137,6 +137,7 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: Optio
     for name in pre:
         out.append(builder.tensor(name, {s.model: name for s in slices[0][0]}, slices[0], t=0.0))
     out_layer = 0
+    layer_map: list[tuple[str, int]] = []  # output layer -> (reference model, its layer index)
     for sl in slices:
         srcs = sl[0]
         ref = builder.reference(sl)
@@ -151,13 +152,12 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: Optio
                     sprefix, _ = _layers(readers[s.model])
                     names[s.model] = f"{sprefix}.{s.start + off}.{rest}"
                 out.append(builder.tensor(f"{prefix}.{out_layer}.{rest}", names, sl, t=t))
+            layer_map.append((ref, ref_src.start + off))
             out_layer += 1
     for name in post:
         out.append(builder.tensor(name, {s.model: name for s in slices[-1][0]}, slices[-1], t=0.0))
 
-    config = dict(readers[first_ref].config)
-    if "num_hidden_layers" in config or out_layer:
-        config["num_hidden_layers"] = out_layer
+    config = _out_config(readers, first_ref, layer_map)
     tok = recipe.tokenizer_source
     tokenizer_model = first_ref if tok in (None, "base") else tok
     if tok == "union":
@@ -165,6 +165,24 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: Optio
     if tokenizer_model not in readers and tok not in (None, "base"):
         readers[tokenizer_model] = CheckpointReader(tokenizer_model)
     return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings)
+
+
+def _out_config(readers: dict[str, CheckpointReader], ref: str, layer_map: list[tuple[str, int]]) -> dict:
+    """The reference config with the output layer count, and per-layer lists (e.g. Qwen2's
+    ``layer_types``) re-indexed to follow the layers each output layer came from."""
+    config = dict(readers[ref].config)
+    n_in = config.get("num_hidden_layers")
+    if not layer_map:
+        return config
+    for key, value in list(config.items()):
+        if isinstance(value, list) and isinstance(n_in, int) and len(value) == n_in and key != "architectures":
+            rebuilt = []
+            for model, idx in layer_map:
+                src = readers[model].config.get(key)
+                rebuilt.append(src[idx] if isinstance(src, list) and idx < len(src) else value[min(idx, n_in - 1)])
+            config[key] = rebuilt
+    config["num_hidden_layers"] = len(layer_map)
+    return config
 
 
 def _is_pre(name: str) -> bool:

@@ -12,6 +12,10 @@ import torch
 from fastmerge.synth import ModelSpec, make_family
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Kernel tests run under Triton's interpreter on a machine without a GPU; it must be set before
+# triton is first imported (triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*torch_dtype.*")
 
 #: per-dtype tolerances of the fused paths against the reference (relative for bf16/fp16)

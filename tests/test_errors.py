@@ -1,0 +1,199 @@
+"""Bad input gets one clear line naming the file and tensor, and nothing is left half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import fastmerge
+from fastmerge import FastmergeError, MergeOptions
+from fastmerge.cli import main
+
+NAME = "model.layers.1.mlp.up_proj.weight"
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def shard_of(model: Path, name: str) -> Path:
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    return model / index["weight_map"][name]
+
+
+def ta_recipe(base: Path, *models: Path) -> dict:
+    return {"merge_method": "ties", "base_model": str(base),
+            "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models]}
+
+
+def assert_clean(out: Path) -> None:
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.fastmerge-*")), "temporary directory left behind"
+
+
+@pytest.fixture
+def fam(families, tmp_path):
+    base, ft0, ft1 = families("llama")
+    return base, copy_model(ft0, tmp_path / "ft0"), ft1
+
+
+def test_missing_model(fam, tmp_path):
+    base, ft0, _ = fam
+    with pytest.raises(FastmergeError, match=r"nope: model not found"):
+        fastmerge.merge(ta_recipe(base, ft0, tmp_path / "nope"), tmp_path / "out")
+    assert_clean(tmp_path / "out")
+
+
+def test_missing_tensor_in_one_source(fam, tmp_path):
+    base, ft0, ft1 = fam
+    shard = shard_of(ft0, NAME)
+    tensors = load_file(shard)
+    del tensors[NAME]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path = ft0 / "model.safetensors.index.json"
+    with pytest.raises(FastmergeError, match=rf"{shard.name}: tensor {NAME} listed in .* is missing"):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    index = json.loads(index_path.read_text())
+    del index["weight_map"][NAME]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(FastmergeError, match=rf"ft0: tensor {NAME} is missing"):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    assert_clean(tmp_path / "out")
+
+
+def test_shape_mismatch(fam, tmp_path):
+    base, ft0, ft1 = fam
+    shard = shard_of(ft0, NAME)
+    tensors = load_file(shard)
+    tensors[NAME] = tensors[NAME][:, :-1].contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(FastmergeError, match=rf"{shard.name}: tensor {NAME} has shape \[176, 63\], but .*base has \[176, 64\]"):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    assert_clean(tmp_path / "out")
+
+
+def test_truncated_shard(fam, tmp_path):
+    base, ft0, ft1 = fam
+    shard = shard_of(ft0, NAME)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(FastmergeError, match=rf"{shard.name}: truncated shard: tensor .* ends at byte"):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    assert_clean(tmp_path / "out")
+
+
+def test_corrupt_header(fam, tmp_path):
+    base, ft0, ft1 = fam
+    shard = shard_of(ft0, NAME)
+    data = bytearray(shard.read_bytes())
+    data[10:20] = b"\xff" * 10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(FastmergeError, match=rf"{shard.name}: unreadable safetensors header"):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    shard.write_bytes(b"\x00\x01")
+    with pytest.raises(FastmergeError, match=rf"{shard.name}: truncated safetensors file"):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    assert_clean(tmp_path / "out")
+
+
+def test_nonfinite_inputs_warn_with_counts(fam, tmp_path):
+    base, ft0, ft1 = fam
+    shard = shard_of(ft0, NAME)
+    tensors = load_file(shard)
+    tensors[NAME][0, :3] = float("nan")
+    tensors[NAME][1, 0] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=rf"{shard.name}: tensor {NAME}: 4 non-finite values"):
+        res = fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    assert list(res.nonfinite.values()) == [4]
+
+
+def test_interrupted_merge_leaves_nothing(fam, tmp_path):
+    base, ft0, ft1 = fam
+    out = tmp_path / "out"
+
+    def interrupt(ev):
+        if ev.tensors_done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), out, progress=interrupt)
+    assert_clean(out)
+
+
+def test_failure_keeps_existing_output(fam, tmp_path, monkeypatch):
+    """--force replaces an old output only once the new one is complete."""
+    base, ft0, ft1 = fam
+    out = tmp_path / "out"
+    fastmerge.merge(ta_recipe(base, ft0, ft1), out)
+    before = sorted(p.name for p in out.iterdir())
+
+    from fastmerge import io
+
+    def disk_full(self, name, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.ShardedWriter, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), out, MergeOptions(force=True))
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert not list(tmp_path.glob(".out.fastmerge-*"))
+
+
+def test_reader_failure_mid_merge(fam, tmp_path, monkeypatch):
+    base, ft0, ft1 = fam
+    from fastmerge import io
+
+    real = io.CheckpointReader.read
+    calls = {"n": 0}
+
+    def flaky(self, name):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise FastmergeError(f"{self.path}: truncated shard while reading tensor {name}")
+        return real(self, name)
+
+    monkeypatch.setattr(io.CheckpointReader, "read", flaky)
+    with pytest.raises(FastmergeError, match="truncated shard while reading"):
+        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    assert_clean(tmp_path / "out")
+
+
+def test_bin_weights_refused_unless_allowed(fam, tmp_path):
+    base, ft0, ft1 = fam
+    binmodel = tmp_path / "binmodel"
+    binmodel.mkdir()
+    shutil.copy(ft1 / "config.json", binmodel / "config.json")
+    state = {}
+    for f in ft1.glob("*.safetensors"):
+        state.update(load_file(f))
+    torch.save(state, binmodel / "pytorch_model.bin")
+    with pytest.raises(FastmergeError, match=r"binmodel: only pickled .bin weights found; pass --allow-bin"):
+        fastmerge.merge(ta_recipe(base, ft0, binmodel), tmp_path / "out")
+    res = fastmerge.merge(ta_recipe(base, ft0, binmodel), tmp_path / "out", MergeOptions(allow_bin=True))
+    assert res.tensors == len(state)
+
+
+def test_cli_errors_are_one_line(fam, tmp_path, capsys):
+    base, ft0, ft1 = fam
+    recipe = tmp_path / "r.yml"
+    bad = ta_recipe(base, ft0, ft1)
+    bad["merge_method"] = "frobnicate"
+    recipe.write_text(yaml.safe_dump(bad))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastmerge: error:") and "frobnicate" in err[0]
+    bad = ta_recipe(base, ft0, ft1)
+    bad["models"][0]["parameters"]["wieght"] = 1.0
+    recipe.write_text(yaml.safe_dump(bad))
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "wieght" in err[0]
+    assert_clean(tmp_path / "out")
