@@ -95,6 +95,9 @@ def library() -> ctypes.CDLL:
                 if proc.returncode != 0:
                     raise FastmergeError(f"building the fused CPU path failed: {' '.join(cmd)}\n{proc.stderr}")
                 os.replace(built, target)
+        # Our OpenMP runtime must not spin-wait between the many short parallel regions: the
+        # reader and writer threads need those cycles (spinning made small tensors 25x slower).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         lib = ctypes.CDLL(str(target))
         lib.fm_merge.argtypes = [ctypes.POINTER(_Params)]
         lib.fm_sums.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
