@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 import warnings
-from typing import Optional
 
 from .errors import FastmergeError
 
@@ -43,7 +42,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     from .engine import MergeOptions, merge
 
-    bar: Optional[tqdm] = None
+    bar: tqdm | None = None
 
     def progress(ev) -> None:
         nonlocal bar
@@ -65,7 +64,7 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"

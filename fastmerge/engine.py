@@ -16,9 +16,9 @@ import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import torch
 
@@ -40,9 +40,9 @@ class MergeOptions:
     """How to run a merge (what to merge is the recipe)."""
 
     device: str = "cpu"  # cpu | cuda | auto
-    threads: Optional[int] = None
+    threads: int | None = None
     out_shard_size: int = 5 * 1024**3
-    seed: Optional[int] = None
+    seed: int | None = None
     force: bool = False
     allow_bin: bool = False
     prefetch: int = 2
@@ -104,7 +104,7 @@ def open_models(recipe: Recipe, allow_bin: bool = False) -> dict[str, Checkpoint
     return readers
 
 
-def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: Optional[int] = None) -> torch.Tensor:
+def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None = None) -> torch.Tensor:
     """The output tensor of one plan entry from its loaded inputs (base first when present)."""
     full = next(t for t in tensors if tuple(t.shape) == task.shape)
     if task.rows is not None:
@@ -124,10 +124,10 @@ def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: Optional[int
 
 
 def merge(
-    recipe: Union[Recipe, str, Path, dict],
-    out_path: Union[str, Path],
-    options: Optional[MergeOptions] = None,
-    progress: Optional[Callable[[Progress], None]] = None,
+    recipe: Recipe | str | Path | dict,
+    out_path: str | Path,
+    options: MergeOptions | None = None,
+    progress: Callable[[Progress], None] | None = None,
 ) -> MergeResult:
     """Merge checkpoints per a mergekit-style recipe into ``out_path`` (a HF model directory)."""
     opts = options or MergeOptions()
@@ -165,7 +165,7 @@ def merge(
 
 
 def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: MergeOptions,
-             progress: Optional[Callable[[Progress], None]]) -> dict[str, int]:
+             progress: Callable[[Progress], None] | None) -> dict[str, int]:
     writer = ShardedWriter(tmp, [OutTensor(t.name, t.dtype, t.shape) for t in plan.tensors], opts.out_shard_size)
     stop = threading.Event()
     loaded: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))

@@ -22,18 +22,14 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
     return float(torch.kthvalue(flat, flat.numel() - m + 1).values)
 
 
-def _keep_masks(
-    deltas: list[torch.Tensor], opts: FusedOptions, name: str, j0: int = 0
-) -> list[torch.Tensor]:
-    n = deltas[0].numel() if deltas else 0
+def _keep_masks(deltas: list[torch.Tensor], opts: FusedOptions, name: str, taus: list[float]) -> list[torch.Tensor]:
+    """keep_k for the elements of one 2**31-element chunk (``name`` is the chunk's name)."""
+    n = deltas[0].numel()
     if opts.sparsify == "random":
-        index = torch.arange(j0, j0 + n, dtype=torch.int64)
-        return [
-            rng.uniforms(opts.seed, name, k, index) < torch.tensor(opts.densities[k], dtype=torch.float32)
-            for k in range(opts.k)
-        ]
+        index = torch.arange(n, dtype=torch.int64)
+        return [rng.uniforms(opts.seed, name, k, index) < torch.tensor(opts.densities[k], dtype=torch.float32)
+                for k in range(opts.k)]
     if opts.sparsify == "magnitude":
-        taus = opts.extra.get("taus") or [magnitude_threshold(d, r) for d, r in zip(deltas, opts.densities)]
         return [d.abs() >= torch.tensor(t, dtype=torch.float32) for d, t in zip(deltas, taus)]
     return [torch.ones(n, dtype=torch.bool) for _ in range(opts.k)]
 
@@ -54,13 +50,11 @@ def fused_merge(
     b = base.reshape(-1).float() if base is not None else torch.zeros(models[0].numel())
     deltas = [m.reshape(-1).float() - b for m in models]
     n = b.numel()
-    keeps: list[torch.Tensor] = []
-    if opts.sparsify == "magnitude":
-        taus = [magnitude_threshold(d, r) for d, r in zip(deltas, opts.densities)]
-        opts = FusedOptions(**{**opts.__dict__, "extra": {"taus": taus}})
-    for c, (s, e) in enumerate(_chunks(n)):
-        keeps.append(_keep_masks([d[s:e] for d in deltas], opts, rng.chunk_name(name, c, n)))
-    keep = [torch.cat([kc[k] for kc in keeps]) for k in range(opts.k)]
+    # the TIES threshold is per whole tensor, the DARE stream per 2**31-element chunk
+    taus = [magnitude_threshold(d, r) for d, r in zip(deltas, opts.densities)] if opts.sparsify == "magnitude" else []
+    chunks = [_keep_masks([d[s:e] for d in deltas], opts, rng.chunk_name(name, c, n), taus)
+              for c, (s, e) in enumerate(_chunks(n))]
+    keep = [torch.cat([kc[k] for kc in chunks]) for k in range(opts.k)]
 
     scales = []
     for k, d in enumerate(deltas):

@@ -6,7 +6,7 @@ tensors plus these values and knows nothing of files or recipes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Sparsify = Literal["none", "random", "magnitude"]
@@ -29,7 +29,6 @@ class FusedOptions:
     normalize: bool = False
     lambda_: float = 1.0
     seed: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not self.densities:
