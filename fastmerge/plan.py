@@ -110,7 +110,8 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: Optio
     slices: list[tuple[list[_SliceSrc], Optional[Parameters], Optional[str]]] = []
     if recipe.models:
         srcs = [_SliceSrc(m.model, 0, num_layers(readers[m.model]), m.parameters) for m in recipe.models]
-        if base and spec.needs_base and base not in [s.model for s in srcs]:
+        # as mergekit: a named base joins the inputs (linear averages it in; passthrough takes one model)
+        if base and spec.name != "passthrough" and base not in [s.model for s in srcs]:
             srcs.append(_SliceSrc(base, 0, num_layers(readers[base]), None))
         slices.append((srcs, None, base))
     else:

@@ -10,12 +10,13 @@ t), or ``{filter, value}`` list (substring match on the tensor name, first match
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
 
 from .errors import FastmergeError
 
@@ -121,26 +122,54 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def evaluate_setting(tensor_name: str, setting: Any, t: float) -> Any:
-    """A parameter's value for one tensor at position t, exactly as mergekit resolves it."""
+_FLOAT = TypeAdapter(float).validate_python
+_BOOL = TypeAdapter(bool).validate_python
+
+
+def _rescale(value: Any) -> Any:
+    if isinstance(value, str) and value in ("l1", "inverse", "none"):
+        return value
+    try:
+        return _BOOL(value)
+    except ValidationError:
+        raise FastmergeError(f"rescale: expected true, false or 'inverse', got {value!r}") from None
+
+
+#: how each parameter's scalars are read: mergekit's ParameterSpec types (so "1e-3", which YAML
+#: leaves a string, is a number, and "false" is False), plus fastmerge's rescale spellings
+VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "weight": _FLOAT, "density": _FLOAT, "lambda": _FLOAT, "t": _FLOAT, "scale": _FLOAT,
+    "normalize": _BOOL, "int8_mask": _BOOL, "rescale": _rescale,
+}
+
+
+def evaluate_setting(tensor_name: str, setting: Any, t: float = 0.0, *,
+                     validate: Optional[Callable[[Any], Any]] = None) -> Any:
+    """A parameter's value for one tensor at position t, exactly as mergekit resolves it.
+
+    ``validate`` reads each scalar as the parameter's type (as mergekit's keyword of that name):
+    gradient endpoints that validate to numbers interpolate, others (bools, strings) are picked.
+    """
+    check = validate or (lambda v: v)
     if isinstance(setting, Conditional):
         setting = [setting]
     if isinstance(setting, (bool, int, float, str)):
-        return setting
+        return check(setting)
     if isinstance(setting, list):
         if not setting:
             return None
         if all(isinstance(e, (bool, int, float, str)) for e in setting):
-            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-                return setting[int(t * (len(setting) - 1))]
-            scaled = t * (len(setting) - 1)
+            values = [check(e) for e in setting]
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+                return values[int(t * (len(values) - 1))]
+            scaled = t * (len(values) - 1)
             i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
+            i1 = min(len(values) - 1, i0 + 1)
             frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
+            return check((1 - frac) * values[i0] + frac * values[i1])
         for cond in setting:
             if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
-                return evaluate_setting(tensor_name, cond.value, t)
+                return evaluate_setting(tensor_name, cond.value, t, validate=validate)
         return None
     raise FastmergeError(f"unexpected parameter value {setting!r}")
 
@@ -149,7 +178,12 @@ def resolve(name: str, scopes: list[Optional[Parameters]], tensor_name: str, t: 
     """First scope (highest precedence first) whose setting yields a value, else the default."""
     for scope in scopes:
         if scope and name in scope:
-            value = evaluate_setting(tensor_name, scope[name], t)
+            try:
+                value = evaluate_setting(tensor_name, scope[name], t, validate=VALIDATORS.get(name))
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise FastmergeError(f"parameter {name} for {tensor_name}: {err['msg'].lower()}, "
+                                     f"got {err['input']!r}") from None
             if value is not None:
                 return value
     return default
@@ -198,7 +232,9 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         value = getattr(recipe, key)
         if value is not None and value not in DTYPES:
             raise FastmergeError(f"{where}: {key}: unsupported dtype {value!r} (use float32, float16 or bfloat16)")
-    if spec.needs_base and not recipe.base_model:
+    # a slice's own base_model stands in for the recipe's, as in mergekit
+    bases = [recipe.base_model] if recipe.models else [sl.base_model or recipe.base_model for sl in recipe.slices]
+    if spec.needs_base and not all(bases):
         raise FastmergeError(f"{where}: merge_method {method!r} needs a base_model")
     for m in [m.model for m in recipe.models or []] + [s.model for sl in recipe.slices or [] for s in sl.sources]:
         if "+" in m:
@@ -224,8 +260,8 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
         raise FastmergeError(f"{where}: passthrough with models takes exactly one model (use slices to stack)")
     if method == "slerp":
         groups = [[m.model for m in recipe.models]] if recipe.models else [[s.model for s in sl.sources] for sl in recipe.slices]
-        for g in groups:
-            others = [m for m in g if m != recipe.base_model]
+        for g, b in zip(groups, bases):
+            others = [m for m in g if m != b]
             if len(others) != 1:
                 raise FastmergeError(f"{where}: slerp needs the base_model and exactly one other model, got {g}")
 
