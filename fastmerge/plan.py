@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 
 from .errors import FastmergeError
 from .io import CheckpointReader
-from .recipe import METHODS, REQUIRED, DTYPES, Parameters, Recipe, as_float, parse_rescale, resolve
+from .recipe import DTYPES, METHODS, REQUIRED, Parameters, Recipe, as_float, parse_rescale, resolve
 from .spec import FusedOptions
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
@@ -38,11 +38,11 @@ class TensorPlan:
     dtype: torch.dtype
     op: Literal["fused", "slerp", "passthrough"]
     inputs: list[Source]
-    base: Optional[Source] = None
-    fused: Optional[FusedOptions] = None
+    base: Source | None = None
+    fused: FusedOptions | None = None
     t: float = 0.0
-    scale: Optional[float] = None
-    rows: Optional[int] = None  # vocab mismatch: rows merged (the rest copied from ``base`` or input 0)
+    scale: float | None = None
+    rows: int | None = None  # vocab mismatch: rows merged (the rest copied from ``base`` or input 0)
     in_bytes: int = 0
 
     @property
@@ -62,7 +62,7 @@ class Plan:
     tensors: list[TensorPlan]
     config: dict
     reference_model: str
-    tokenizer_model: Optional[str]
+    tokenizer_model: str | None
     num_layers: int
     warnings: list[str] = field(default_factory=list)
 
@@ -80,7 +80,7 @@ class _SliceSrc:
     model: str
     start: int
     end: int
-    parameters: Optional[Parameters]
+    parameters: Parameters | None
 
 
 def _layers(reader: CheckpointReader) -> tuple[str, dict[int, list[str]]]:
@@ -103,11 +103,11 @@ def num_layers(reader: CheckpointReader) -> int:
     return max(by_layer) + 1 if by_layer else 0
 
 
-def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: Optional[int] = None) -> Plan:
+def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int | None = None) -> Plan:
     spec = METHODS[recipe.merge_method]
     seed = recipe.random_seed if seed is None else seed
     base = recipe.base_model
-    slices: list[tuple[list[_SliceSrc], Optional[Parameters], Optional[str]]] = []
+    slices: list[tuple[list[_SliceSrc], Parameters | None, str | None]] = []
     if recipe.models:
         srcs = [_SliceSrc(m.model, 0, num_layers(readers[m.model]), m.parameters) for m in recipe.models]
         # as mergekit: a named base joins the inputs (linear averages it in; passthrough takes one model)

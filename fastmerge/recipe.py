@@ -13,37 +13,37 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
 
 from .errors import FastmergeError
 
-Scalar = Union[bool, int, float, str]
+Scalar = Union[bool, int, float, str]  # noqa: UP007 - a runtime alias pydantic reads
 
 
 class Conditional(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    filter: Optional[str] = None
-    value: Union[Scalar, list[Scalar], list["Conditional"]]
+    filter: str | None = None
+    value: Scalar | list[Scalar] | list[Conditional]
 
 
-Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional]
+Setting = Union[Scalar, list[Scalar], list[Conditional], Conditional]  # noqa: UP007
 Parameters = dict[str, Setting]
 
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    parameters: Optional[Parameters] = None
+    parameters: Parameters | None = None
 
 
 class SliceSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     layer_range: tuple[int, int]
-    parameters: Optional[Parameters] = None
+    parameters: Parameters | None = None
 
     @field_validator("layer_range")
     @classmethod
@@ -56,23 +56,23 @@ class SliceSource(BaseModel):
 class Slice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sources: list[SliceSource]
-    base_model: Optional[str] = None
-    parameters: Optional[Parameters] = None
-    residual_weight: Optional[float] = None
+    base_model: str | None = None
+    parameters: Parameters | None = None
+    residual_weight: float | None = None
 
 
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
-    base_model: Optional[str] = None
-    models: Optional[list[ModelEntry]] = None
-    slices: Optional[list[Slice]] = None
-    parameters: Optional[Parameters] = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
     random_seed: int = 0
-    name: Optional[str] = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
 
 
 def evaluate_setting(tensor_name: str, setting: Any, t: float = 0.0, *,
-                     validate: Optional[Callable[[Any], Any]] = None) -> Any:
+                     validate: Callable[[Any], Any] | None = None) -> Any:
     """A parameter's value for one tensor at position t, exactly as mergekit resolves it.
 
     ``validate`` reads each scalar as the parameter's type (as mergekit's keyword of that name):
@@ -174,7 +174,7 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float = 0.0, *,
     raise FastmergeError(f"unexpected parameter value {setting!r}")
 
 
-def resolve(name: str, scopes: list[Optional[Parameters]], tensor_name: str, t: float, default: Any) -> Any:
+def resolve(name: str, scopes: list[Parameters | None], tensor_name: str, t: float, default: Any) -> Any:
     """First scope (highest precedence first) whose setting yields a value, else the default."""
     for scope in scopes:
         if scope and name in scope:
@@ -189,7 +189,7 @@ def resolve(name: str, scopes: list[Optional[Parameters]], tensor_name: str, t: 
     return default
 
 
-def load_recipe(source: Union[str, Path, dict]) -> Recipe:
+def load_recipe(source: str | Path | dict) -> Recipe:
     """Parse and validate a recipe from a YAML path, YAML text or dict."""
     where = "recipe"
     if isinstance(source, dict):
@@ -241,7 +241,7 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
             raise FastmergeError(f"{where}: model {m!r}: LoRA references (model+lora) are not supported")
     known = set(spec.shared) | set(spec.per_model)
 
-    def check(params: Optional[Parameters], loc: str, allowed: set[str]) -> None:
+    def check(params: Parameters | None, loc: str, allowed: set[str]) -> None:
         for key in params or {}:
             if key not in allowed:
                 raise FastmergeError(f"{where}: {loc}: unknown parameter {key!r} for merge_method {method!r}"
