@@ -273,6 +273,12 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
         for f in TOKENIZER_FILES:
             if (tok_dir / f).exists():
                 shutil.copy2(tok_dir / f, tmp / f)
+    if recipe.chat_template:
+        tok_cfg_path = tmp / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+        tok_cfg["chat_template"] = recipe.chat_template
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        (tmp / "chat_template.jinja").write_text(recipe.chat_template)
     card = (
         "---\nlibrary_name: transformers\ntags:\n- merge\n- fastmerge\n---\n"
         f"# {tmp.name.split('.fastmerge-tmp')[0].lstrip('.')}\n\n"

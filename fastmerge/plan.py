@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -163,8 +164,8 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
     tokenizer_model = first_ref if tok in (None, "base") else tok
     if tok == "union":
         raise FastmergeError("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model")
-    if tokenizer_model not in readers and tok not in (None, "base"):
-        readers[tokenizer_model] = CheckpointReader(tokenizer_model)
+    if tokenizer_model not in readers and not Path(tokenizer_model).is_dir():
+        raise FastmergeError(f"tokenizer_source: {tokenizer_model}: directory not found")
     return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings)
 
 

@@ -61,6 +61,15 @@ class Slice(BaseModel):
     residual_weight: float | None = None
 
 
+class TokenizerSettings(BaseModel):
+    """mergekit's ``tokenizer:`` block; only ``source`` is supported (vocabulary surgery is not)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str | None = None
+    tokens: dict | None = None
+    pad_to_multiple_of: int | None = None
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     merge_method: str
@@ -71,6 +80,9 @@ class Recipe(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
+    chat_template: str | None = None
+    modules: dict | None = None
     random_seed: int = 0
     name: str | None = None
 
@@ -226,6 +238,17 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if method not in METHODS:
         raise FastmergeError(f"{where}: unknown merge_method {method!r} (known: {', '.join(sorted(METHODS))})")
     spec = METHODS[method]
+    if recipe.modules is not None:
+        raise FastmergeError(f"{where}: modules (multi-module architectures) are not supported; use models or slices")
+    if recipe.tokenizer is not None:
+        if recipe.tokenizer.tokens or recipe.tokenizer.pad_to_multiple_of:
+            raise FastmergeError(f"{where}: tokenizer: only 'source' is supported (no token surgery or padding)")
+        if recipe.tokenizer_source and recipe.tokenizer.source and recipe.tokenizer_source != recipe.tokenizer.source:
+            raise FastmergeError(f"{where}: tokenizer.source and tokenizer_source disagree")
+        recipe.tokenizer_source = recipe.tokenizer_source or recipe.tokenizer.source
+    if recipe.chat_template is not None and "{" not in recipe.chat_template:
+        raise FastmergeError(f"{where}: chat_template: named templates ({recipe.chat_template!r}) are not supported; "
+                             "give the Jinja template text")
     if bool(recipe.models) == bool(recipe.slices):
         raise FastmergeError(f"{where}: give exactly one of models or slices")
     for key in ("dtype", "out_dtype"):

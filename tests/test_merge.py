@@ -213,3 +213,22 @@ def test_cli_merge_and_force(families, tmp_path, capsys):
     after = load_dir(out)
     assert before.keys() == after.keys()
     assert not list(tmp_path.glob(".out.fastmerge-*"))
+
+
+def test_tokenizer_block_and_chat_template(families, tmp_path):
+    base, ft0, _ = families("llama")
+    other = tmp_path / "tok"
+    other.mkdir()
+    (other / "tokenizer.json").write_text('{"from": "other"}')
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    run({"merge_method": "task_arithmetic", "base_model": str(base),
+         "models": [{"model": str(ft0), "parameters": {"weight": 0.5}}],
+         "tokenizer": {"source": str(other)}, "chat_template": template}, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"from": "other"}'
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == template
+    with pytest.raises(fastmerge.FastmergeError, match="named templates"):
+        run({"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 1.0}}],
+             "chat_template": "chatml"}, tmp_path / "out2")
+    with pytest.raises(fastmerge.FastmergeError, match="modules"):
+        run({"merge_method": "linear", "modules": {"text": {}}, "models": [{"model": str(base), "parameters": {"weight": 1.0}}]},
+            tmp_path / "out2")
