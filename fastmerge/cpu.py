@@ -56,6 +56,10 @@ class _Params(ctypes.Structure):
         ("seed", ctypes.c_uint64 * (MAXK // 4)),
         ("out", ctypes.c_void_p),
         ("j0", ctypes.c_int64),
+        ("keepbits", ctypes.c_void_p),
+        ("bits_mode", ctypes.c_int32),
+        ("pad3_", ctypes.c_int32),
+        ("nonfinite", ctypes.c_void_p),
     ]
 
 
@@ -159,24 +163,25 @@ def fused_merge(
     out: torch.Tensor | None = None,
     threads: int | None = None,
     piece_elements: int | None = None,
+    nonfinite: list[int] | None = None,
 ) -> torch.Tensor:
     """Fused task-arithmetic-family merge of one tensor into ``out`` (allocated if None).
 
     ``piece_elements`` splits the work into pieces (bounded scratch, tests of launch
-    independence); the result does not depend on it.
+    independence); the result does not depend on it. ``nonfinite``, when given, receives the
+    NaN/Inf counts of the inputs (base first), counted during the merge pass at no extra read.
     """
     if opts.k == 0 or opts.k > MAXK:
         raise FastmergeError(f"{name}: the fused CPU path merges 1..{MAXK} models, got {opts.k}")
+    if out_dtype not in _DTYPES:
+        raise FastmergeError(f"{name}: output dtype {out_dtype} is not supported by the fused path")
     lib = library()
     threads = threads or default_threads()
-    shape = models[0].shape
     xs = [_flat(m) for m in models]
     b = _flat(base) if base is not None else None
     n = xs[0].numel()
     if out is None:
-        out = torch.empty(shape, dtype=out_dtype)
-    if out_dtype not in _DTYPES:
-        raise FastmergeError(f"{name}: output dtype {out_dtype} is not supported by the fused path")
+        out = torch.empty(models[0].shape, dtype=out_dtype)
     flat_out = out.view(-1)
 
     p = _Params()
@@ -198,9 +203,13 @@ def fused_merge(
         for k, x in enumerate(xs):
             p.tau[k] = magnitude_threshold(b, x, opts.densities[k], threads)
 
-    elem = {k: x.element_size() for k, x in enumerate(xs)}
     chunks = [(s, min(n, s + rng.CHUNK_ELEMENTS)) for s in range(0, max(n, 1), rng.CHUNK_ELEMENTS)]
     step = piece_elements or rng.CHUNK_ELEMENTS
+    # the l1 rescale needs a pass over the keep masks first: keep them as bits (one byte per
+    # element for up to 8 models) instead of drawing Philox twice
+    bits = None
+    if opts.sparsify == "random" and opts.rescale == "l1" and opts.k <= 8:
+        bits = torch.empty(n, dtype=torch.uint8)
 
     def pieces():
         for c, (cs, ce) in enumerate(chunks):
@@ -213,28 +222,32 @@ def fused_merge(
                 p.j0 = s - cs
                 p.base = b.data_ptr() + s * b.element_size() if b is not None else None
                 for k, x in enumerate(xs):
-                    p.x[k] = x.data_ptr() + s * elem[k]
+                    p.x[k] = x.data_ptr() + s * x.element_size()
                 p.out = flat_out.data_ptr() + s * flat_out.element_size()
+                p.keepbits = bits.data_ptr() + s if bits is not None else None
                 yield
 
-    if opts.sparsify != "none" and opts.rescale != "none":
+    if opts.sparsify != "none" and opts.rescale == "inverse":
         for k in range(opts.k):
-            p.scale[k] = 1.0
-        if opts.rescale == "inverse":
+            p.scale[k] = inverse_scale(opts.densities[k])
+    elif opts.sparsify != "none" and opts.rescale == "l1":
+        total = [0.0] * opts.k
+        kept = [0.0] * opts.k
+        t_arr = (ctypes.c_double * MAXK)()
+        k_arr = (ctypes.c_double * MAXK)()
+        p.bits_mode = 1 if bits is not None else 0
+        for _ in pieces():
+            lib.fm_sums(ctypes.byref(p), t_arr, k_arr)
             for k in range(opts.k):
-                p.scale[k] = inverse_scale(opts.densities[k])
-        else:
-            total = [0.0] * opts.k
-            kept = [0.0] * opts.k
-            t_arr = (ctypes.c_double * MAXK)()
-            k_arr = (ctypes.c_double * MAXK)()
-            for _ in pieces():
-                lib.fm_sums(ctypes.byref(p), t_arr, k_arr)
-                for k in range(opts.k):
-                    total[k] += t_arr[k]
-                    kept[k] += k_arr[k]
-            for k in range(opts.k):
-                p.scale[k] = l1_scale(total[k], kept[k])
+                total[k] += t_arr[k]
+                kept[k] += k_arr[k]
+        for k in range(opts.k):
+            p.scale[k] = l1_scale(total[k], kept[k])
+    p.bits_mode = 2 if bits is not None else 0
+    counts = (ctypes.c_int64 * (MAXK + 1))()
+    p.nonfinite = ctypes.addressof(counts) if nonfinite is not None else None
     for _ in pieces():
         lib.fm_merge(ctypes.byref(p))
+    if nonfinite is not None:
+        nonfinite[:] = list(counts[: opts.k + 1])
     return out

@@ -10,6 +10,7 @@ Ctrl-C, removes it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import shutil
@@ -104,23 +105,65 @@ def open_models(recipe: Recipe, allow_bin: bool = False) -> dict[str, Checkpoint
     return readers
 
 
-def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None = None) -> torch.Tensor:
-    """The output tensor of one plan entry from its loaded inputs (base first when present)."""
+def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None = None,
+            out: torch.Tensor | None = None, nonfinite: list[int] | None = None) -> torch.Tensor:
+    """The output tensor of one plan entry from its loaded inputs (base first when present).
+
+    ``out`` (fused ops only) is written in place; ``nonfinite`` receives the inputs' NaN/Inf
+    counts when the fused loop counted them (it stays empty otherwise).
+    """
     full = next(t for t in tensors if tuple(t.shape) == task.shape)
     if task.rows is not None:
-        out = full.to(task.dtype, copy=True)
+        result = full.to(task.dtype, copy=True)
         part = [t[: task.rows] for t in tensors]
         sub = TensorPlan(task.name, (task.rows, *task.shape[1:]), task.dtype, task.op, task.inputs, task.base,
                          task.fused, task.t, task.scale)
-        out[: task.rows] = compute(sub, part, threads)
-        return out
+        result[: task.rows] = compute(sub, part, threads, nonfinite=nonfinite)
+        return result
     if task.op == "fused":
         base = tensors[0] if task.base else None
         models = tensors[1:] if task.base else tensors
-        return cpu.fused_merge(base, models, task.fused, task.name, task.dtype, threads=threads)
+        counts: list[int] = []
+        result = cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=threads,
+                                 nonfinite=counts if nonfinite is not None else None)
+        if nonfinite is not None:
+            nonfinite[:] = counts if task.base else counts[1:]
+        return result
     if task.op == "slerp":
         return reference.slerp(task.t, tensors[0], tensors[1], task.dtype)
     return reference.passthrough(tensors[0], task.scale, task.dtype)
+
+
+class _OutputBuffers:
+    """A few reusable output buffers, so each tensor's result does not fault in fresh pages.
+
+    Buffers cycle main thread -> writer thread -> back; when all are in use the main thread
+    waits, which is the back-pressure that bounds memory.
+    """
+
+    def __init__(self, capacity: int, count: int):
+        self.capacity = capacity
+        self.free: queue.Queue = queue.Queue()
+        self.count = count
+        self.made = 0
+
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...], stop: threading.Event) -> torch.Tensor:
+        if self.free.empty() and self.made < self.count:
+            self.made += 1
+            self.free.put(torch.empty(self.capacity, dtype=torch.uint8))
+        while True:
+            try:
+                buf = self.free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if stop.is_set():
+                    raise FastmergeError("merge stopped") from None
+        nbytes = dtype.itemsize * math.prod(shape)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        self.free.put(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)))
 
 
 def merge(
@@ -172,6 +215,13 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     merged: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
     nonfinite: dict[str, int] = {}
     errors: list[BaseException] = []
+    fused_bytes = [t.out_bytes for t in plan.tensors if t.op == "fused" and t.rows is None]
+    buffers = _OutputBuffers(max(fused_bytes, default=0), count=max(1, opts.prefetch) + 2)
+
+    def note_nonfinite(task: TensorPlan, counts: list[int]) -> None:
+        for s, bad in zip(task.sources, counts):
+            if bad:
+                nonfinite[f"{readers[s.model].tensors[s.name].file}: tensor {s.name}"] = bad
 
     def put(q: queue.Queue, item) -> bool:
         while not stop.is_set():
@@ -187,13 +237,11 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
             for task in plan.tensors:
                 if stop.is_set():
                     return
-                tensors = [readers[s.model].read(s.name) for s in task.sources]
-                if opts.check_finite:
-                    for s, t in zip(task.sources, tensors):
-                        bad = cpu.count_nonfinite(t)
-                        if bad:
-                            key = f"{readers[s.model].tensors[s.name].file}: tensor {s.name}"
-                            nonfinite[key] = bad
+                tensors = [readers[s.model].map(s.name) for s in task.sources]
+                for s in task.sources:
+                    readers[s.model].prefault(s.name)
+                if opts.check_finite and task.op != "fused":  # the fused loop counts as it merges
+                    note_nonfinite(task, [cpu.count_nonfinite(t) for t in tensors])
                 if not put(loaded, (task, tensors)):
                     return
             put(loaded, _DONE)
@@ -212,8 +260,10 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
                     continue
                 if item is _DONE:
                     return
-                name, tensor = item
+                name, tensor, pooled = item
                 writer.write(name, tensor)
+                if pooled:
+                    buffers.give(tensor)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
             stop.set()
@@ -230,8 +280,15 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
             if item is _DONE or errors:
                 break
             task, tensors = item
-            out = compute(task, tensors, opts.threads)
-            if not put(merged, (task.name, out)):
+            pooled = task.op == "fused" and task.rows is None
+            out = buffers.take(task.dtype, task.shape, stop) if pooled else None
+            counts: list[int] = []
+            out = compute(task, tensors, opts.threads, out=out, nonfinite=counts if opts.check_finite else None)
+            note_nonfinite(task, counts)
+            for s in task.sources:
+                readers[s.model].release(s.name)
+            del tensors
+            if not put(merged, (task.name, out, pooled)):
                 break
             done += 1
             done_bytes += task.in_bytes

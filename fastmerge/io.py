@@ -1,8 +1,10 @@
 """Safetensors checkpoints read lazily and written streaming, knowing nothing of merge methods.
 
 Reading: each shard's header is parsed and validated up front (a truncated or corrupt shard is an
-error before any work starts); tensor bytes are read on demand with ``os.pread`` into fresh
-buffers, so a reader thread can prefetch while the CPU merges.
+error before any work starts). Tensors are zero-copy views of a private memory map of the shard
+(``map``): a reader thread pre-faults the next group while the CPU merges, and ``release`` drops
+a group's pages from the process once merged, so resident memory stays the tensors in flight.
+``read`` copies with ``os.pread`` instead (for callers that keep tensors).
 
 Writing: the whole output layout (names, dtypes, shapes) is known before any weight is read, so
 each shard's header is written first and every tensor's bytes go straight to their offset with
@@ -12,6 +14,7 @@ each shard's header is written first and every tensor's bytes go straight to the
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -141,6 +144,7 @@ class CheckpointReader:
             else:
                 raise FastmergeError(f"{self.path}: no model.safetensors, shards or index found")
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def _load_config(self) -> dict:
         cfg = self.path / "config.json"
@@ -161,6 +165,39 @@ class CheckpointReader:
         self._bin_state = state
         for name, t in state.items():
             self.tensors[name] = TensorMeta(name, self.path, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+
+    def map(self, name: str) -> torch.Tensor:
+        """A zero-copy CPU tensor over the shard's bytes (copy-on-write: writing to it never
+        touches the file). Falls back to ``read`` for .bin weights or misaligned offsets."""
+        meta = self.tensors.get(name)
+        if meta is None:
+            raise FastmergeError(f"{self.path}: tensor {name} not found")
+        if self._bin_state is not None or meta.offset % meta.dtype.itemsize or meta.nbytes == 0:
+            return self.read(name)
+        mm = self._maps.get(meta.file)
+        if mm is None:
+            with open(meta.file, "rb") as f:
+                mm = self._maps[meta.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        buf = torch.frombuffer(mm, dtype=torch.uint8, count=meta.nbytes, offset=meta.offset)
+        return buf.view(meta.dtype).reshape(meta.shape)
+
+    def prefault(self, name: str) -> None:
+        """Ask the kernel to read the tensor's pages ahead, and map them (one touch per page)."""
+        meta = self.tensors[name]
+        mm = self._maps.get(meta.file)
+        if mm is None or meta.nbytes == 0:
+            return
+        start, length = _page_range(meta)
+        mm.madvise(mmap.MADV_WILLNEED, start, length)
+        torch.frombuffer(mm, dtype=torch.uint8, count=meta.nbytes, offset=meta.offset)[:: mmap.PAGESIZE].sum()
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process (they stay in the page cache)."""
+        meta = self.tensors[name]
+        mm = self._maps.get(meta.file)
+        if mm is not None and meta.nbytes:
+            start, length = _page_range(meta)
+            mm.madvise(mmap.MADV_DONTNEED, start, length)
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor's bytes from disk into a new CPU tensor of its stored dtype."""
@@ -186,6 +223,18 @@ class CheckpointReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a tensor still views it; it is unmapped when that tensor dies
+                pass
+        self._maps.clear()
+
+
+def _page_range(meta: TensorMeta) -> tuple[int, int]:
+    """The page-aligned byte range covering a tensor (madvise wants page-aligned starts)."""
+    start = meta.offset - meta.offset % mmap.PAGESIZE
+    return start, meta.offset + meta.nbytes - start
 
 
 @dataclass
@@ -252,6 +301,5 @@ class ShardedWriter:
 
     def close(self) -> None:
         for fd in self._fds:
-            os.fsync(fd) if os.environ.get("FASTMERGE_FSYNC") else None
             os.close(fd)
         self._fds.clear()

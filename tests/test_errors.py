@@ -151,7 +151,7 @@ def test_reader_failure_mid_merge(fam, tmp_path, monkeypatch):
     base, ft0, ft1 = fam
     from fastmerge import io
 
-    real = io.CheckpointReader.read
+    real = io.CheckpointReader.map
     calls = {"n": 0}
 
     def flaky(self, name):
@@ -160,7 +160,7 @@ def test_reader_failure_mid_merge(fam, tmp_path, monkeypatch):
             raise FastmergeError(f"{self.path}: truncated shard while reading tensor {name}")
         return real(self, name)
 
-    monkeypatch.setattr(io.CheckpointReader, "read", flaky)
+    monkeypatch.setattr(io.CheckpointReader, "map", flaky)
     with pytest.raises(FastmergeError, match="truncated shard while reading"):
         fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
     assert_clean(tmp_path / "out")

@@ -183,3 +183,15 @@ def test_slerp_endpoints_and_midpoint():
     torch.testing.assert_close(mid, want, rtol=1e-5, atol=1e-5)
     # nearly parallel: linear interpolation
     torch.testing.assert_close(reference.slerp(0.25, a, 2 * a, torch.float32), 1.25 * a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loop_counts_nonfinite_inputs(dtype):
+    base, models = _family(ODD, 3, torch.float32)
+    base[7] = float("nan")
+    models[1][[0, 100, ODD - 1]] = float("inf")
+    models[2][5] = -float("inf")
+    counts: list[int] = []
+    opts = _opts(3, ("random", "sum", "l1", False))
+    cpu.fused_merge(base.to(dtype), [m.to(dtype) for m in models], opts, "w", dtype, nonfinite=counts)
+    assert counts == [1, 0, 3, 1]

@@ -41,6 +41,12 @@ typedef struct {
     uint64_t seed[FM_MAXK / 4];
     void *out;
     int64_t j0; /* flat index of element 0 of this piece within its 2**31 chunk */
+    /* keep bits of this piece, bit m for model m (K <= 8): written by fm_sums when bits_mode == 1,
+     * read by fm_merge when bits_mode == 2, so the l1 rescale does not draw Philox twice */
+    uint8_t *keepbits;
+    int32_t bits_mode;
+    int32_t pad3_;
+    int64_t *nonfinite; /* NULL, or K + 1 counters (base, then models) of NaN/Inf inputs */
 } fm_params;
 
 /* dst[i] = p[s + i] for i < cnt, upcast to fp32; one loop per dtype so each vectorizes. */
@@ -120,16 +126,37 @@ static inline int block_count(int64_t n, int64_t s) {
     return (int)((n - s) < FM_BLOCK ? (n - s) : FM_BLOCK);
 }
 
-/* Deltas and keep flags of the block [s, s + cnt). */
-static void block_deltas(const fm_params *p, int64_t s, int cnt, fm_scratch *w) {
+static inline int64_t count_nonfinite_block(const float *restrict v, int cnt) {
+    const uint32_t *u = (const uint32_t *)v;
+    int64_t bad = 0;
+    for (int i = 0; i < cnt; i++) bad += (u[i] & 0x7F800000u) == 0x7F800000u;
+    return bad;
+}
+
+/* Deltas and keep flags of the block [s, s + cnt); adds NaN/Inf counts of the inputs to bad[]
+ * when bad is not NULL (fm_merge visits every element exactly once, so it counts). */
+static void block_deltas(const fm_params *p, int64_t s, int cnt, fm_scratch *w, int64_t *bad) {
     const int K = p->k;
-    if (p->base) load_block(p->base, p->dtype_base, s, cnt, w->b);
-    else for (int i = 0; i < cnt; i++) w->b[i] = 0.0f;
+    if (p->base) {
+        load_block(p->base, p->dtype_base, s, cnt, w->b);
+        if (bad) bad[0] += count_nonfinite_block(w->b, cnt);
+    } else {
+        for (int i = 0; i < cnt; i++) w->b[i] = 0.0f;
+    }
     for (int m = 0; m < K; m++) {
         float *restrict d = w->d[m];
         const float *restrict b = w->b;
         load_block(p->x[m], p->dtype_x[m], s, cnt, d);
+        if (bad) bad[1 + m] += count_nonfinite_block(d, cnt);
         for (int i = 0; i < cnt; i++) d[i] = d[i] - b[i];
+    }
+    if (p->bits_mode == 2) {
+        const uint8_t *restrict bits = p->keepbits + s;
+        for (int m = 0; m < K; m++) {
+            float *restrict kp = w->keep[m];
+            for (int i = 0; i < cnt; i++) kp[i] = (float)((bits[i] >> m) & 1u);
+        }
+        return;
     }
     if (p->sparsify == SP_RANDOM) {
         for (int g = 0; 4 * g < K; g++) {
@@ -152,6 +179,14 @@ static void block_deltas(const fm_params *p, int64_t s, int cnt, fm_scratch *w) 
                 for (int i = 0; i < cnt; i++) kp[i] = 1.0f;
         }
     }
+    if (p->bits_mode == 1) {
+        uint8_t *restrict bits = p->keepbits + s;
+        for (int i = 0; i < cnt; i++) bits[i] = 0;
+        for (int m = 0; m < K; m++) {
+            const float *restrict kp = w->keep[m];
+            for (int i = 0; i < cnt; i++) bits[i] |= (uint8_t)((kp[i] != 0.0f) << m);
+        }
+    }
 }
 
 /* Per-model sum|delta| and sum|keep*delta| (the "l1" rescale), accumulated in double. */
@@ -167,18 +202,28 @@ void fm_sums(const fm_params *p, double *total, double *kept) {
         for (int64_t blk = 0; blk < nblk; blk++) {
             const int64_t s = blk * FM_BLOCK;
             const int cnt = block_count(p->n, s);
-            block_deltas(p, s, cnt, w);
+            block_deltas(p, s, cnt, w, NULL);
             for (int m = 0; m < K; m++) {
                 const float *restrict d = w->d[m];
                 const float *restrict kp = w->keep[m];
-                double bt = 0.0, bk = 0.0;
-                for (int i = 0; i < cnt; i++) {
-                    double a = fabsf(d[i]);
-                    bt += a;
-                    bk += a * kp[i];
+                /* eight independent double lanes: no serial dependency chain, and vectorizable */
+                double bt[8] = {0}, bk[8] = {0};
+                int i = 0;
+                for (; i + 8 <= cnt; i += 8)
+                    for (int l = 0; l < 8; l++) {
+                        const double a = fabsf(d[i + l]);
+                        bt[l] += a;
+                        bk[l] += a * kp[i + l];
+                    }
+                for (; i < cnt; i++) {
+                    const double a = fabsf(d[i]);
+                    bt[0] += a;
+                    bk[0] += a * kp[i];
                 }
-                lt[m] += bt;
-                lk[m] += bk;
+                for (int l = 0; l < 8; l++) {
+                    lt[m] += bt[l];
+                    lk[m] += bk[l];
+                }
             }
         }
         free(w);
@@ -229,11 +274,12 @@ void fm_merge(const fm_params *p) {
     {
         fm_scratch *w = aligned_alloc(64, sizeof(fm_scratch));
         float sgn[FM_BLOCK], mixed[FM_BLOCK], div[FM_BLOCK];
+        int64_t bad[FM_MAXK + 1] = {0};
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblk; blk++) {
             const int64_t s = blk * FM_BLOCK;
             const int cnt = block_count(p->n, s);
-            block_deltas(p, s, cnt, w);
+            block_deltas(p, s, cnt, w, p->nonfinite ? bad : NULL);
             for (int i = 0; i < cnt; i++) { sgn[i] = 0.0f; mixed[i] = 0.0f; div[i] = 0.0f; }
             for (int m = 0; m < K; m++) {
                 const float sc = p->scale[m], wt = p->weight[m];
@@ -279,6 +325,10 @@ void fm_merge(const fm_params *p) {
             store_block(p->out, p->dtype_out, s, cnt, mixed);
         }
         free(w);
+        if (p->nonfinite) {
+#pragma omp critical
+            for (int m = 0; m <= K; m++) p->nonfinite[m] += bad[m];
+        }
     }
 }
 
