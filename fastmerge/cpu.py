@@ -104,8 +104,7 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(target))
         lib.fm_merge.argtypes = [ctypes.POINTER(_Params)]
         lib.fm_sums.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
-        lib.fm_abs_hist.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                                    ctypes.c_int, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p]
+        lib.fm_abs_hist.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         lib.fm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
         lib.fm_count_nonfinite.restype = ctypes.c_int64
         _lib = lib
@@ -131,27 +130,67 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def magnitude_threshold(base: torch.Tensor | None, x: torch.Tensor, density: float, threads: int | None = None) -> float:
-    """Exact m-th largest |x - base| by a two-level 16-bit radix select (two streaming passes)."""
+def _select(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(bin, rank within the bin) of the rank-th largest element (1-based) of a histogram."""
+    above = torch.flip(hist, [0]).cumsum(0)  # above[i]: elements in the top i+1 bins
+    i = int(torch.searchsorted(above, rank))
+    return 65535 - i, rank - (int(above[i - 1]) if i else 0)
+
+
+SMALL_SELECT = 1 << 16
+
+
+def _radix_thresholds(p: _Params, ms: list[int]) -> list[float]:
+    """Exact m-th largest |x_k - base| by a two-level 16-bit radix select (two passes)."""
     lib = library()
-    x = _flat(x)
+    k = p.k
+    taus = [float("inf")] * k
+    hist = torch.zeros((k, 65536), dtype=torch.int64)
+    prefix = (ctypes.c_uint32 * MAXK)()
+    lib.fm_abs_hist(ctypes.byref(p), 0, prefix, hist.data_ptr())
+    ranks = [0] * k
+    for i, m in enumerate(ms):
+        if m:
+            prefix[i], ranks[i] = _select(hist[i], m)
+    lib.fm_abs_hist(ctypes.byref(p), 1, prefix, hist.data_ptr())
+    for i, m in enumerate(ms):
+        if m:
+            low, _ = _select(hist[i], ranks[i])
+            bits = torch.tensor([(prefix[i] << 16) | low], dtype=torch.int64).to(torch.int32)
+            taus[i] = float(bits.view(torch.float32)[0])
+    return taus
+
+
+def magnitude_threshold(base: torch.Tensor | None, x: torch.Tensor, density: float, threads: int | None = None) -> float:
+    """Exact m-th largest |x - base| (m = int(density * n); inf when m = 0)."""
+    return fused_thresholds(base, [x], (density,), threads)[0]
+
+
+def fused_thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...],
+                     threads: int | None = None) -> list[float]:
+    """TIES thresholds tau_k (exact m-th largest |x_k - base|, inf where m = 0) of several models
+    against one base: two streaming passes for all K together, or a selection in a copy when the
+    tensor is too small for a 65536-bin histogram to pay."""
+    xs = [_flat(m) for m in models]
     b = _flat(base) if base is not None else None
-    n = x.numel()
-    m = keep_count(density, n)
-    if m == 0:
-        return float("inf")
-    threads = threads or default_threads()
-    hist = torch.zeros(65536, dtype=torch.int64)
-    args = (b.data_ptr() if b is not None else None, _DTYPES[b.dtype] if b is not None else 0, x.data_ptr(), _DTYPES[x.dtype], n)
-    lib.fm_abs_hist(*args, 0, 0, threads, hist.data_ptr())
-    above = torch.flip(hist, [0]).cumsum(0)  # counts of elements with top bits >= bin, from the top
-    top = 65535 - int(torch.searchsorted(above, m))
-    rank = m - (int(above[65534 - top]) if top < 65535 else 0)  # rank within the bin, 1-based from the top
-    lib.fm_abs_hist(*args, 1, top, threads, hist.data_ptr())
-    above = torch.flip(hist, [0]).cumsum(0)
-    low = 65535 - int(torch.searchsorted(above, rank))
-    bits = torch.tensor([(top << 16) | low], dtype=torch.int64).to(torch.int32)
-    return float(bits.view(torch.float32)[0])
+    n = xs[0].numel()
+    ms = [keep_count(d, n) for d in densities]
+    if not any(ms):
+        return [float("inf")] * len(xs)
+    if n <= SMALL_SELECT:
+        bf = b.float() if b is not None else 0.0
+        return [float(torch.kthvalue((x.float() - bf).abs(), n - m + 1).values) if m else float("inf")
+                for x, m in zip(xs, ms)]
+    p = _Params()
+    p.k = len(xs)
+    p.n = n
+    p.threads = threads or default_threads()
+    p.base = b.data_ptr() if b is not None else None
+    p.dtype_base = _DTYPES[b.dtype] if b is not None else 0
+    for i, x in enumerate(xs):
+        p.x[i] = x.data_ptr()
+        p.dtype_x[i] = _DTYPES[x.dtype]
+    return _radix_thresholds(p, ms)
 
 
 def fused_merge(
@@ -200,8 +239,8 @@ def fused_merge(
         p.scale[k] = 1.0
         p.tau[k] = 0.0
     if opts.sparsify == "magnitude":
-        for k, x in enumerate(xs):
-            p.tau[k] = magnitude_threshold(b, x, opts.densities[k], threads)
+        for k, tau in enumerate(fused_thresholds(b, xs, opts.densities, threads)):
+            p.tau[k] = tau
 
     chunks = [(s, min(n, s + rng.CHUNK_ELEMENTS)) for s in range(0, max(n, 1), rng.CHUNK_ELEMENTS)]
     step = piece_elements or rng.CHUNK_ELEMENTS

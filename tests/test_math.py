@@ -63,16 +63,18 @@ def test_linear_without_base_is_weighted_mean():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("density", [0.0, 1e-4, 0.1, 0.5, 0.999, 1.0])
-def test_magnitude_threshold_is_exact(dtype, density):
-    base, (x,) = _family(ODD, 1, dtype)
+@pytest.mark.parametrize("n", [ODD, 70001])  # selection in a copy / two-pass radix select
+def test_magnitude_threshold_is_exact(dtype, density, n):
+    base, (x,) = _family(n, 1, dtype)
     delta = x.float() - base.float()
     tau = cpu.magnitude_threshold(base, x, density)
-    m = keep_count(density, ODD)
+    m = keep_count(density, n)
     if m == 0:
         assert tau == float("inf")
         return
     exact = torch.sort(delta.abs(), descending=True).values[m - 1].item()
     assert tau == exact
+    assert n <= cpu.SMALL_SELECT or cpu.fused_thresholds(base, [x, x], (density, 0.3)) == [tau, cpu.magnitude_threshold(base, x, 0.3)]
     assert tau == reference.magnitude_threshold(delta, density)
     kept = int((delta.abs() >= tau).sum())
     assert kept >= m  # ties at the threshold are all kept

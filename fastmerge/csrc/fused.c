@@ -232,37 +232,51 @@ void fm_sums(const fm_params *p, double *total, double *kept) {
     }
 }
 
-/* Histogram of the bits of |x - base| as fp32 (non-negative, so bit order is value order).
- * level 0: the top 16 bits; level 1: the low 16 bits of elements whose top 16 bits == prefix. */
-void fm_abs_hist(const void *base, int dtype_base, const void *x, int dtype_x, int64_t n,
-                 int level, uint32_t prefix, int threads, int64_t *hist) {
-    const int64_t nblk = (n + FM_BLOCK - 1) / FM_BLOCK;
-    memset(hist, 0, sizeof(int64_t) * 65536);
-#pragma omp parallel num_threads(threads)
+/* Histograms of the bits of |x_m - base| as fp32 (non-negative, so bit order is value order),
+ * all K models in one pass. level 0: the top 16 bits; level 1: the low 16 bits of elements whose
+ * top 16 bits equal prefix[m]. hist holds K * 65536 counters. Two passes give the exact m-th
+ * largest |delta| of every model (radix select), with no sort and no tensor-sized scratch. */
+void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t *hist) {
+    const int K = p->k;
+    const int64_t nblk = (p->n + FM_BLOCK - 1) / FM_BLOCK;
+    memset(hist, 0, sizeof(int64_t) * 65536 * K);
+#pragma omp parallel num_threads(p->threads)
     {
-        int64_t *local = calloc(65536, sizeof(int64_t));
-        float bb[FM_BLOCK], xx[FM_BLOCK];
+        uint32_t *local = calloc((size_t)65536 * K, sizeof(uint32_t)); /* L2-sized; a block adds < 2**32 */
+        fm_scratch *w = aligned_alloc(64, sizeof(fm_scratch));
         uint32_t key[FM_BLOCK];
+        fm_params q = *p;
+        q.sparsify = SP_NONE;
+        q.bits_mode = 0;
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblk; blk++) {
             const int64_t s = blk * FM_BLOCK;
-            const int cnt = block_count(n, s);
-            load_block(x, dtype_x, s, cnt, xx);
-            if (base) load_block(base, dtype_base, s, cnt, bb);
-            else memset(bb, 0, sizeof(bb));
-            for (int i = 0; i < cnt; i++) {
-                float a = fabsf(xx[i] - bb[i]);
-                memcpy(&key[i], &a, 4);
+            const int cnt = block_count(p->n, s);
+            block_deltas(&q, s, cnt, w, NULL);
+            for (int m = 0; m < K; m++) {
+                const float *restrict d = w->d[m];
+                uint32_t *restrict h = local + (size_t)65536 * m;
+                for (int i = 0; i < cnt; i++) {
+                    float a = fabsf(d[i]);
+                    memcpy(&key[i], &a, 4);
+                }
+                if (level == 0) {
+                    for (int i = 0; i < cnt; i++) h[key[i] >> 16]++;
+                } else {
+                    const uint32_t pre = prefix[m];
+                    for (int i = 0; i < cnt; i++)
+                        if ((key[i] >> 16) == pre) h[key[i] & 0xFFFFu]++;
+                }
             }
-            if (level == 0) {
-                for (int i = 0; i < cnt; i++) local[key[i] >> 16]++;
-            } else {
-                for (int i = 0; i < cnt; i++)
-                    if ((key[i] >> 16) == prefix) local[key[i] & 0xFFFFu]++;
+            if ((blk & 0xFFFF) == 0xFFFF) { /* flush before a uint32 counter could overflow */
+#pragma omp critical
+                for (size_t h = 0; h < (size_t)65536 * K; h++) hist[h] += local[h];
+                memset(local, 0, sizeof(uint32_t) * 65536 * K);
             }
         }
 #pragma omp critical
-        for (int h = 0; h < 65536; h++) hist[h] += local[h];
+        for (size_t h = 0; h < (size_t)65536 * K; h++) hist[h] += local[h];
+        free(w);
         free(local);
     }
 }
