@@ -89,12 +89,56 @@ static inline float to_uniform(uint32_t u) {
     return (float)x * 4.6566127342e-10f;
 }
 
+typedef uint32_t fm_u32x16 __attribute__((vector_size(64)));
+typedef uint64_t fm_u64x8 __attribute__((vector_size(64)));
+typedef int32_t fm_i32x16 __attribute__((vector_size(64)));
+typedef float fm_f32x16 __attribute__((vector_size(64)));
+
+/* (hi, lo) of a * x for sixteen uint32 lanes: even and odd lanes as 32x32->64 products, so
+ * one vector multiply serves eight lanes with no widening shuffles. */
+static inline void mulhilo16(uint64_t a, fm_u32x16 x, fm_u32x16 *hi, fm_u32x16 *lo) {
+    const fm_u64x8 w = (fm_u64x8)x;
+    const fm_u64x8 pe = (w & 0xFFFFFFFFull) * a;
+    const fm_u64x8 po = (w >> 32) * a;
+    *lo = (fm_u32x16)((pe & 0xFFFFFFFFull) | (po << 32));
+    *hi = (fm_u32x16)((pe >> 32) | (po & 0xFFFFFFFF00000000ull));
+}
+
+static inline fm_f32x16 to_uniform16(fm_u32x16 u) {
+    fm_i32x16 x = (fm_i32x16)u;
+    x = x ^ (x >> 31); /* x < 0 ? ~x : x (arithmetic shift: all ones when negative) */
+    return __builtin_convertvector(x, fm_f32x16) * 4.6566127342e-10f;
+}
+
 /* Philox4x32-10 with counter (j, 0, 0, 0), key (seed lo, seed hi): exactly
- * triton.language.randint4x(seed, j); four uniforms per index, vectorized across the block. */
+ * triton.language.randint4x(seed, j); four uniforms per index. Sixteen indices at a time in
+ * uint32 vector lanes (GCC vector extensions: AVX-512 where the machine has it), scalar tail. */
 static void philox_block(uint64_t seed, int64_t j, int cnt, float *restrict u0, float *restrict u1,
                          float *restrict u2, float *restrict u3) {
     const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
-    for (int i = 0; i < cnt; i++) {
+    const fm_u32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    int i = 0;
+    for (; i + 16 <= cnt; i += 16) {
+        fm_u32x16 c0 = iota + (uint32_t)(j + i), c1 = {0}, c2 = {0}, c3 = {0};
+        uint32_t k0 = key0, k1 = key1;
+        for (int r = 0; r < 10; r++) {
+            fm_u32x16 hb, lb, ha, la;
+            mulhilo16(0xCD9E8D57u, c2, &hb, &lb);
+            mulhilo16(0xD2511F53u, c0, &ha, &la);
+            c0 = hb ^ c1 ^ k0;
+            c2 = ha ^ c3 ^ k1;
+            c1 = lb;
+            c3 = la;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        const fm_f32x16 f0 = to_uniform16(c0), f1 = to_uniform16(c1), f2 = to_uniform16(c2), f3 = to_uniform16(c3);
+        memcpy(u0 + i, &f0, 64);
+        memcpy(u1 + i, &f1, 64);
+        memcpy(u2 + i, &f2, 64);
+        memcpy(u3 + i, &f3, 64);
+    }
+    for (; i < cnt; i++) {
         uint32_t c0 = (uint32_t)(j + i), c1 = 0, c2 = 0, c3 = 0, k0 = key0, k1 = key1;
         for (int r = 0; r < 10; r++) {
             uint64_t pb = (uint64_t)0xCD9E8D57u * c2;
@@ -242,7 +286,7 @@ void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t 
     memset(hist, 0, sizeof(int64_t) * 65536 * K);
 #pragma omp parallel num_threads(p->threads)
     {
-        uint32_t *local = calloc((size_t)65536 * K, sizeof(uint32_t)); /* L2-sized; a block adds < 2**32 */
+        uint32_t *local = calloc((size_t)65536 * 2 * K, sizeof(uint32_t)); /* L2-sized; a block adds < 2**32 */
         fm_scratch *w = aligned_alloc(64, sizeof(fm_scratch));
         uint32_t key[FM_BLOCK];
         fm_params q = *p;
@@ -261,7 +305,10 @@ void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t 
                     memcpy(&key[i], &a, 4);
                 }
                 if (level == 0) {
-                    for (int i = 0; i < cnt; i++) h[key[i] >> 16]++;
+                    uint32_t *restrict h2 = local + (size_t)65536 * (K + m);
+                    int i = 0;
+                    for (; i + 2 <= cnt; i += 2) { h[key[i] >> 16]++; h2[key[i + 1] >> 16]++; }
+                    for (; i < cnt; i++) h[key[i] >> 16]++;
                 } else {
                     const uint32_t pre = prefix[m];
                     for (int i = 0; i < cnt; i++)
@@ -270,12 +317,12 @@ void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t 
             }
             if ((blk & 0xFFFF) == 0xFFFF) { /* flush before a uint32 counter could overflow */
 #pragma omp critical
-                for (size_t h = 0; h < (size_t)65536 * K; h++) hist[h] += local[h];
-                memset(local, 0, sizeof(uint32_t) * 65536 * K);
+                for (size_t h = 0; h < (size_t)65536 * K; h++) hist[h] += local[h] + local[h + (size_t)65536 * K];
+                memset(local, 0, sizeof(uint32_t) * 65536 * 2 * K);
             }
         }
 #pragma omp critical
-        for (size_t h = 0; h < (size_t)65536 * K; h++) hist[h] += local[h];
+        for (size_t h = 0; h < (size_t)65536 * K; h++) hist[h] += local[h] + local[h + (size_t)65536 * K];
         free(w);
         free(local);
     }
