@@ -28,6 +28,15 @@ def shard_of(model: Path, name: str) -> Path:
     return model / index["weight_map"][name]
 
 
+def edit_shard(model: Path, edit) -> Path:
+    """Rewrite the shard holding NAME after ``edit(tensors)`` changed its tensor dict."""
+    shard = shard_of(model, NAME)
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return shard
+
+
 def ta_recipe(base: Path, *models: Path) -> dict:
     return {"merge_method": "ties", "base_model": str(base),
             "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models]}
@@ -53,10 +62,7 @@ def test_missing_model(fam, tmp_path):
 
 def test_missing_tensor_in_one_source(fam, tmp_path):
     base, ft0, ft1 = fam
-    shard = shard_of(ft0, NAME)
-    tensors = load_file(shard)
-    del tensors[NAME]
-    save_file(tensors, shard, metadata={"format": "pt"})
+    shard = edit_shard(ft0, lambda t: t.pop(NAME))
     index_path = ft0 / "model.safetensors.index.json"
     with pytest.raises(FastmergeError, match=rf"{shard.name}: tensor {NAME} listed in .* is missing"):
         fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
@@ -70,10 +76,7 @@ def test_missing_tensor_in_one_source(fam, tmp_path):
 
 def test_shape_mismatch(fam, tmp_path):
     base, ft0, ft1 = fam
-    shard = shard_of(ft0, NAME)
-    tensors = load_file(shard)
-    tensors[NAME] = tensors[NAME][:, :-1].contiguous()
-    save_file(tensors, shard, metadata={"format": "pt"})
+    shard = edit_shard(ft0, lambda t: t.update({NAME: t[NAME][:, :-1].contiguous()}))
     with pytest.raises(FastmergeError, match=rf"{shard.name}: tensor {NAME} has shape \[176, 63\], but .*base has \[176, 64\]"):
         fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
     assert_clean(tmp_path / "out")
@@ -105,11 +108,12 @@ def test_corrupt_header(fam, tmp_path):
 
 def test_nonfinite_inputs_warn_with_counts(fam, tmp_path):
     base, ft0, ft1 = fam
-    shard = shard_of(ft0, NAME)
-    tensors = load_file(shard)
-    tensors[NAME][0, :3] = float("nan")
-    tensors[NAME][1, 0] = float("inf")
-    save_file(tensors, shard, metadata={"format": "pt"})
+
+    def poison(tensors):
+        tensors[NAME][0, :3] = float("nan")
+        tensors[NAME][1, 0] = float("inf")
+
+    shard = edit_shard(ft0, poison)
     with pytest.warns(UserWarning, match=rf"{shard.name}: tensor {NAME}: 4 non-finite values"):
         res = fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
     assert list(res.nonfinite.values()) == [4]
