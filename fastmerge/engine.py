@@ -276,7 +276,12 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     done_bytes = 0
     try:
         while True:
-            item = loaded.get()
+            try:
+                item = loaded.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set() or errors:  # the writer failed while the reader was blocked
+                    break
+                continue
             if item is _DONE or errors:
                 break
             task, tensors = item
@@ -317,7 +322,7 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for k in keys:
             config[k] = name
-    if not any(t.name.endswith("lm_head.weight") for t in plan.tensors) and "lm_head.weight" not in readers[plan.reference_model].tensors:
+    if not any(t.name.endswith("lm_head.weight") for t in plan.tensors):  # the embedding is the output projection
         config.setdefault("tie_word_embeddings", True)
     if config:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
