@@ -1,0 +1,158 @@
+"""Launcher of the fused task-arithmetic-family Triton kernel (DESIGN.md section 3).
+
+``fused_merge`` merges one tensor: base + K <= 8 models in, one output out, with the same
+results as ``fastmerge.cpu.fused_merge`` (bit-identical DARE masks; values to the ulp). The jit
+functions live in ``fused_ta_details/_fused_ta.py``. Works on CUDA tensors, and on CPU tensors
+under ``TRITON_INTERPRET=1``. Nothing here queries a device at import time.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from fastmerge import rng
+from fastmerge.errors import FastmergeError
+from fastmerge.spec import FusedOptions, inverse_scale, keep_count, l1_scale
+
+from .fused_ta_details._fused_ta import (
+    PRM_DENSITY,
+    PRM_LAMBDA,
+    PRM_SCALE,
+    PRM_SIZE,
+    PRM_TAU,
+    PRM_WEIGHT,
+    _fused_ta_kernel,
+    _l1_sums_kernel,
+)
+
+MAXK = 8
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SPARSIFY = {"none": 0, "random": 1, "magnitude": 2}
+_CONSENSUS = {"none": 0, "sum": 1, "count": 2}
+#: at most this many partial sums per model in the l1 pass (each program loops over blocks)
+_SUM_PROGRAMS = 1024
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1)
+    if t.dtype not in _DTYPES:
+        t = t.float()
+    return t.contiguous()
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + rng.CHUNK_ELEMENTS)) for s in range(0, max(n, 1), rng.CHUNK_ELEMENTS)]
+
+
+def thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...]) -> list[float]:
+    """TIES thresholds tau_k: the exact m-th largest |x_k - base| over the whole tensor (inf where
+    m = 0). CPU tensors use the fused CPU path's radix select; others a selection on the device."""
+    if all(m.device.type == "cpu" for m in models) and (base is None or base.device.type == "cpu"):
+        from fastmerge import cpu
+
+        return cpu.fused_thresholds(base, models, densities)
+    taus = []
+    for x, rho in zip(models, densities):
+        n = x.numel()
+        m = keep_count(rho, n)
+        if m == 0:
+            taus.append(float("inf"))
+            continue
+        a = (x.reshape(-1).float() - base.reshape(-1).float()).abs() if base is not None else x.reshape(-1).float().abs()
+        taus.append(float(torch.kthvalue(a, n - m + 1).values))
+    return taus
+
+
+def _l1_sums(b, xs, prm, opts: FusedOptions, name: str, block: int) -> tuple[list[float], list[float]]:
+    """Per-model sum|delta_k| and sum|keep_k * delta_k| (fp64 partial sums, summed on the host)."""
+    n = xs[0].numel()
+    total = [0.0] * opts.k
+    kept = [0.0] * opts.k
+    for c, (s, e) in enumerate(_chunks(n)):
+        cn = e - s
+        if cn == 0:
+            continue
+        cname = rng.chunk_name(name, c, n)
+        blocks = triton.cdiv(cn, block)
+        iters = triton.cdiv(blocks, _SUM_PROGRAMS)
+        grid = triton.cdiv(blocks, iters)
+        sums = torch.empty(2 * grid, dtype=torch.float64, device=xs[0].device)
+        for k, x in enumerate(xs):
+            seed = rng.group_seed(opts.seed, cname, k // rng.MODELS_PER_CALL) if opts.sparsify == "random" else 0
+            _l1_sums_kernel[(grid,)](
+                sums, b[s:e] if b is not None else x[s:e], x[s:e], prm, seed, cn, iters,
+                k=k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify], BLOCK=block,
+            )
+            pair = sums.view(grid, 2).sum(0).tolist()
+            total[k] += pair[0]
+            kept[k] += pair[1]
+    return total, kept
+
+
+def fused_merge(
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
+    opts: FusedOptions,
+    name: str,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    block: int = 1024,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Fused task-arithmetic-family merge of one tensor (linear when ``base`` is None) into
+    ``out`` (allocated if None), as ``fastmerge.cpu.fused_merge``; ``block`` is a power of two
+    and does not change the result."""
+    if opts.k == 0 or opts.k > MAXK:
+        raise FastmergeError(f"{name}: the fused Triton kernel merges 1..{MAXK} models, got {opts.k}")
+    if out_dtype not in _DTYPES:
+        raise FastmergeError(f"{name}: output dtype {out_dtype} is not supported by the fused kernel")
+    if len(models) != opts.k:
+        raise FastmergeError(f"{name}: {len(models)} models but {opts.k} weights")
+    xs = [_flat(m) for m in models]
+    b = _flat(base) if base is not None else None
+    n = xs[0].numel()
+    device = xs[0].device
+    if any(x.numel() != n for x in xs) or (b is not None and b.numel() != n):
+        raise FastmergeError(f"{name}: the base and the models must have the same number of elements")
+    if out is None:
+        out = torch.empty(models[0].shape, dtype=out_dtype, device=device)
+    if out.dtype != out_dtype or out.numel() != n or not out.is_contiguous():
+        raise FastmergeError(f"{name}: out must be a contiguous {out_dtype} tensor of {n} elements")
+    flat_out = out.view(-1)
+    if n == 0:
+        return out
+    store = flat_out.view(torch.int16) if out_dtype == torch.bfloat16 else flat_out
+
+    prm = torch.zeros(PRM_SIZE, dtype=torch.float32)
+    for k in range(opts.k):
+        prm[PRM_WEIGHT + k] = opts.weights[k]
+        prm[PRM_DENSITY + k] = opts.densities[k]
+        prm[PRM_SCALE + k] = 1.0
+    prm[PRM_LAMBDA] = opts.lambda_
+    if opts.sparsify == "magnitude":
+        for k, tau in enumerate(thresholds(b, xs, opts.densities)):
+            prm[PRM_TAU + k] = tau
+    prm = prm.to(device)
+    if opts.sparsify != "none" and opts.rescale == "inverse":
+        prm[PRM_SCALE:PRM_SCALE + opts.k] = torch.tensor([inverse_scale(r) for r in opts.densities])
+    elif opts.sparsify != "none" and opts.rescale == "l1":
+        total, kept = _l1_sums(b, xs, prm, opts, name, block)
+        prm[PRM_SCALE:PRM_SCALE + opts.k] = torch.tensor([l1_scale(t, kp) for t, kp in zip(total, kept)])
+
+    lam = float(torch.tensor(opts.lambda_, dtype=torch.float32))
+    for c, (s, e) in enumerate(_chunks(n)):
+        cname = rng.chunk_name(name, c, n)
+        seeds = [0, 0]
+        if opts.sparsify == "random":
+            seeds = [rng.group_seed(opts.seed, cname, g) for g in range(2)]
+        pb = b[s:e] if b is not None else xs[0][s:e]
+        ptrs = [x[s:e] for x in xs] + [pb] * (MAXK - opts.k)
+        _fused_ta_kernel[(triton.cdiv(e - s, block),)](
+            store[s:e], pb, *ptrs, prm, seeds[0], seeds[1], e - s,
+            K=opts.k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify],
+            CONSENSUS=_CONSENSUS[opts.consensus], NORMALIZE=bool(opts.normalize), APPLY_LAMBDA=lam != 1.0,
+            OUT_BF16_BITS=out_dtype == torch.bfloat16, BLOCK=block,
+            num_warps=num_warps, enable_fp_fusion=False,  # no FMA contraction: the reference has none
+        )
+    return out

@@ -1,0 +1,209 @@
+"""Triton functions of the fused task-arithmetic-family merge (DESIGN.md section 3).
+
+One program merges BLOCK elements of one tensor (or one 2**31-element chunk of it): it loads the
+base and K <= 8 models, upcasts each to fp32 once, and computes exactly what the fused CPU loop
+(``fastmerge/csrc/fused.c``, ``fm_merge``) computes, operation by operation and in the same
+accumulation order, then stores once in the output dtype. Per-model scalars come from a small fp32
+tensor ``prm``: weights at [0, 8), densities at [8, 16), scales at [16, 24), TIES thresholds at
+[24, 32), lambda at [32]. The models are separate pointer arguments x0..x7 (unused ones = any
+valid pointer) and K is a constexpr, so the per-model code below is unrolled at compile time.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+PRM_WEIGHT = 0
+PRM_DENSITY = 8
+PRM_SCALE = 16
+PRM_TAU = 24
+PRM_LAMBDA = 32
+PRM_SIZE = 33
+
+SP_NONE = 0
+SP_RANDOM = 1
+SP_MAGNITUDE = 2
+CS_NONE = 0
+CS_SUM = 1
+CS_COUNT = 2
+
+
+@triton.jit
+def _keep(d, rnd, prm_ptr, k: tl.constexpr, SPARSIFY: tl.constexpr):
+    """keep_k: DARE (U < rho_k, U from Philox lane ``rnd``), magnitude (|d| >= tau_k) or all."""
+    if SPARSIFY == 1:
+        rho = tl.load(prm_ptr + 8 + k)
+        keep = tl.random.uint_to_uniform_float(rnd) < rho
+    elif SPARSIFY == 2:
+        tau = tl.load(prm_ptr + 24 + k)
+        keep = tl.abs(d) >= tau
+    else:
+        keep = d == d  # all kept (never read: SPARSIFY == 0 takes the unmasked branch below)
+    return keep
+
+
+@triton.jit
+def _model_v(x_ptr, offs, mask, b, rnd, prm_ptr, k: tl.constexpr, SPARSIFY: tl.constexpr):
+    """v_k = keep_k ? (delta_k * scale_k) * w_k : 0, as fm_merge."""
+    d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - b
+    scale = tl.load(prm_ptr + 16 + k)
+    w = tl.load(prm_ptr + k)
+    v = (d * scale) * w
+    if SPARSIFY != 0:
+        v = tl.where(_keep(d, rnd, prm_ptr, k, SPARSIFY), v, 0.0)
+    return v
+
+
+@triton.jit
+def _vote(sgn, v, CONSENSUS: tl.constexpr):
+    """The consensus accumulator: sum of v (``sum``) or of sign(v) (``count``)."""
+    if CONSENSUS == 1:
+        sgn = sgn + v
+    elif CONSENSUS == 2:
+        sgn = sgn + ((v > 0.0).to(tl.float32) - (v < 0.0).to(tl.float32))
+    return sgn
+
+
+@triton.jit
+def _mix(mixed, div, v, sigma, prm_ptr, k: tl.constexpr, CONSENSUS: tl.constexpr):
+    """Add model k to the weighted sum: every model (consensus none) or the agreeing ones."""
+    w = tl.load(prm_ptr + k)
+    if CONSENSUS == 0:
+        mixed = mixed + v
+        div = div + w
+    else:
+        agree = v * sigma > 0.0  # a dropped or zero v never agrees
+        mixed = mixed + tl.where(agree, v, 0.0)
+        div = div + tl.where(agree, w, 0.0)
+    return mixed, div
+
+
+@triton.jit
+def _store(out_ptr, offs, mask, y, OUT_BF16_BITS: tl.constexpr):
+    """One store in the output dtype. bf16 is rounded here to nearest even (NaN -> 0x7FC0, as
+    torch and fused.c) and stored through an int16 view: the interpreter's own fp32 -> bf16 cast
+    truncates, and this way the interpreter and a GPU round the same."""
+    if OUT_BF16_BITS:
+        u = y.to(tl.uint32, bitcast=True)
+        r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        tl.store(out_ptr + offs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fused_ta_kernel(
+    out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, n,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
+    NORMALIZE: tl.constexpr, APPLY_LAMBDA: tl.constexpr, OUT_BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 addressing
+    mask = offs < n
+    j = offs.to(tl.int32)  # the element's index within its chunk: the Philox counter
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_BASE:
+        b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = zero
+    if SPARSIFY == 1:  # one Philox evaluation serves four models
+        r0, r1, r2, r3 = tl.randint4x(seed0, j)
+        if K > 4:
+            r4, r5, r6, r7 = tl.randint4x(seed1, j)
+        else:
+            r4, r5, r6, r7 = r0, r1, r2, r3
+    else:
+        r0, r1, r2, r3, r4, r5, r6, r7 = j, j, j, j, j, j, j, j
+
+    # v_k and the consensus vote, k = 0, 1, ... in order (fm_merge's first loop)
+    v0 = _model_v(x0, offs, mask, b, r0, prm_ptr, 0, SPARSIFY)
+    sgn = _vote(zero, v0, CONSENSUS)
+    if K > 1:
+        v1 = _model_v(x1, offs, mask, b, r1, prm_ptr, 1, SPARSIFY)
+        sgn = _vote(sgn, v1, CONSENSUS)
+    if K > 2:
+        v2 = _model_v(x2, offs, mask, b, r2, prm_ptr, 2, SPARSIFY)
+        sgn = _vote(sgn, v2, CONSENSUS)
+    if K > 3:
+        v3 = _model_v(x3, offs, mask, b, r3, prm_ptr, 3, SPARSIFY)
+        sgn = _vote(sgn, v3, CONSENSUS)
+    if K > 4:
+        v4 = _model_v(x4, offs, mask, b, r4, prm_ptr, 4, SPARSIFY)
+        sgn = _vote(sgn, v4, CONSENSUS)
+    if K > 5:
+        v5 = _model_v(x5, offs, mask, b, r5, prm_ptr, 5, SPARSIFY)
+        sgn = _vote(sgn, v5, CONSENSUS)
+    if K > 6:
+        v6 = _model_v(x6, offs, mask, b, r6, prm_ptr, 6, SPARSIFY)
+        sgn = _vote(sgn, v6, CONSENSUS)
+    if K > 7:
+        v7 = _model_v(x7, offs, mask, b, r7, prm_ptr, 7, SPARSIFY)
+        sgn = _vote(sgn, v7, CONSENSUS)
+
+    # the weighted sum over the agreeing models, in the same order
+    sigma = tl.where(sgn >= 0.0, 1.0, -1.0)
+    mixed, div = _mix(zero, zero, v0, sigma, prm_ptr, 0, CONSENSUS)
+    if K > 1:
+        mixed, div = _mix(mixed, div, v1, sigma, prm_ptr, 1, CONSENSUS)
+    if K > 2:
+        mixed, div = _mix(mixed, div, v2, sigma, prm_ptr, 2, CONSENSUS)
+    if K > 3:
+        mixed, div = _mix(mixed, div, v3, sigma, prm_ptr, 3, CONSENSUS)
+    if K > 4:
+        mixed, div = _mix(mixed, div, v4, sigma, prm_ptr, 4, CONSENSUS)
+    if K > 5:
+        mixed, div = _mix(mixed, div, v5, sigma, prm_ptr, 5, CONSENSUS)
+    if K > 6:
+        mixed, div = _mix(mixed, div, v6, sigma, prm_ptr, 6, CONSENSUS)
+    if K > 7:
+        mixed, div = _mix(mixed, div, v7, sigma, prm_ptr, 7, CONSENSUS)
+
+    if NORMALIZE:
+        if CONSENSUS == 0:
+            div = tl.where(tl.abs(div) < 1e-8, 1.0, div)
+        else:
+            div = tl.where(div == 0.0, 1.0, div)
+        mixed = tl.math.div_rn(mixed, div)  # IEEE division, as the C loop and torch
+    if APPLY_LAMBDA:
+        mixed = mixed * tl.load(prm_ptr + 32)
+    _store(out_ptr, offs, mask, b + mixed, OUT_BF16_BITS)
+
+
+@triton.jit
+def _l1_sums_kernel(
+    sums_ptr, base_ptr, x_ptr, prm_ptr, seed, n, iters,
+    k: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Per-program partial sum|delta_k| and sum|keep_k * delta_k| in fp64 (the l1 rescale) over
+    ``iters`` consecutive blocks; sums_ptr[2 * pid] and [2 * pid + 1]. One launch per model."""
+    pid = tl.program_id(0)
+    acc_total = tl.zeros([BLOCK], dtype=tl.float64)
+    acc_kept = tl.zeros([BLOCK], dtype=tl.float64)
+    for it in range(0, iters):
+        offs = (pid.to(tl.int64) * iters + it) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        j = offs.to(tl.int32)
+        if HAS_BASE:
+            b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK], dtype=tl.float32)
+        d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - b
+        if SPARSIFY == 1:
+            r0, r1, r2, r3 = tl.randint4x(seed, j)
+            if k % 4 == 0:
+                rnd = r0
+            elif k % 4 == 1:
+                rnd = r1
+            elif k % 4 == 2:
+                rnd = r2
+            else:
+                rnd = r3
+        else:
+            rnd = j
+        keep = _keep(d, rnd, prm_ptr, k, SPARSIFY)
+        a = tl.where(mask, tl.abs(d), 0.0).to(tl.float64)
+        acc_total += a
+        acc_kept += tl.where(keep, a, 0.0)
+    tl.store(sums_ptr + 2 * pid, tl.sum(acc_total, axis=0))
+    tl.store(sums_ptr + 2 * pid + 1, tl.sum(acc_kept, axis=0))
