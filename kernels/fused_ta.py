@@ -82,7 +82,7 @@ def _l1_sums(b, xs, prm, opts: FusedOptions, name: str, block: int) -> tuple[lis
             seed = rng.group_seed(opts.seed, cname, k // rng.MODELS_PER_CALL) if opts.sparsify == "random" else 0
             _l1_sums_kernel[(grid,)](
                 sums, b[s:e] if b is not None else x[s:e], x[s:e], prm, seed, cn, iters,
-                k=k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify], BLOCK=block,
+                k=k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify], BLOCK=block, enable_fp_fusion=False,
             )
             pair = sums.view(grid, 2).sum(0).tolist()
             total[k] += pair[0]

@@ -4,6 +4,11 @@ masks bit-identical to the fused CPU path. Runs under TRITON_INTERPRET=1 on a ma
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -185,3 +190,35 @@ def test_rejects_what_it_cannot_merge():
         fused_ta.fused_merge(base, models, FusedOptions(weights=(1.0,) * 9), NAME, torch.float32)
     with pytest.raises(FastmergeError):
         fused_ta.fused_merge(base, models[:2], FusedOptions(weights=(1.0,) * 2), NAME, torch.float64)
+
+
+_COMPILE = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastmerge.kernels.fused_ta_details._fused_ta import _fused_ta_kernel
+    for k, sp, cs, bf16 in [(1, 0, 0, False), (3, 2, 1, True), (8, 1, 2, True), (6, 1, 0, False)]:
+        const = dict(K=k, HAS_BASE=k != 1, SPARSIFY=sp, CONSENSUS=cs, NORMALIZE=True, APPLY_LAMBDA=True,
+                     OUT_BF16_BITS=bf16, BLOCK=1024)
+        sig = {"out_ptr": "*i16" if bf16 else "*fp32", "base_ptr": "*bf16", "prm_ptr": "*fp32",
+               "seed0": "i64", "seed1": "i64", "n": "i32"}
+        sig.update({f"x{i}": "*fp16" if i % 2 else "*bf16" for i in range(8)})
+        sig.update({c: "constexpr" for c in const})
+        ptx = triton.compile(ASTSource(_fused_ta_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                             options=dict(enable_fp_fusion=False, num_warps=4)).asm["ptx"]
+        assert "fma.rn.f32" not in ptx, "FMA contraction would break agreement with the reference"
+        assert "div.rn.f32" in ptx, "normalize must be an IEEE division"
+    print("ok")
+""")
+
+
+def test_compiles_for_a_gpu_without_fma_contraction():
+    """The real (not interpreted) compiler accepts the kernel for sm_90 with no device present, and
+    emits no fused multiply-add and an IEEE division: what keeps a GPU bit-close to the reference."""
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("triton has no nvidia backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

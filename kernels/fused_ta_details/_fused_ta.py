@@ -39,7 +39,7 @@ def _keep(d, rnd, prm_ptr, k: tl.constexpr, SPARSIFY: tl.constexpr):
         tau = tl.load(prm_ptr + 24 + k)
         keep = tl.abs(d) >= tau
     else:
-        keep = d == d  # all kept (never read: SPARSIFY == 0 takes the unmasked branch below)
+        keep = tl.full(d.shape, 1, tl.int1)  # all kept
     return keep
 
 
