@@ -1,8 +1,9 @@
 """Triton kernels, importable as ``fastmerge.kernels``.
 
-The fused DARE/TIES/weighted-sum kernel and its launcher land with the Triton issue; until then
-``available()`` says whether Triton can be imported at all. Nothing here queries a driver or a
-device at import time.
+``fused_ta.fused_merge`` is the fused task-arithmetic-family kernel (DARE drop, TIES trim, sign
+election, weighted sum, normalize, lambda, one cast), the Triton twin of ``fastmerge.cpu``: same
+masks bit for bit, tested under ``TRITON_INTERPRET=1``. Nothing here queries a driver or a device
+at import time.
 """
 
 from __future__ import annotations
