@@ -2,13 +2,17 @@
 
 Public API:
     merge(recipe, out, options=None, progress=None) -> MergeResult
+    Merger(recipe, device="cpu") -> in-memory merger: .merge(candidate) writes into .module
+    Genome(weights, densities) -> per-model or per-layer-group parameters of a candidate
     load_recipe(path_or_yaml_or_dict) -> Recipe
     MergeOptions, MergeResult, FastmergeError
 """
 
 from .engine import MergeOptions, MergeResult, Progress, merge
 from .errors import FastmergeError
+from .merger import Genome, Merger
 from .recipe import Recipe, load_recipe
 
-__all__ = ["merge", "load_recipe", "MergeOptions", "MergeResult", "Progress", "Recipe", "FastmergeError"]
+__all__ = ["merge", "load_recipe", "MergeOptions", "MergeResult", "Progress", "Recipe", "FastmergeError", "Merger",
+           "Genome"]
 __version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""In-memory merging, the evolve hot path: sources loaded once, every candidate written straight
+into the parameters of one live ``nn.Module``, in place (DESIGN.md section 5).
+
+A search tries thousands of candidates; writing each to disk (as mergekit-evolve does) costs more
+than the merge. ``Merger`` reads the recipe's sources once (in their stored dtype), builds the
+output module once, and on each ``merge(...)`` re-runs the fused op of every tensor with the
+candidate's parameters into the existing parameter storage: no disk, no re-allocation.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import cpu
+from .engine import compute, open_models
+from .errors import FastmergeError
+from .plan import Plan, TensorPlan, build_plan
+from .recipe import Recipe, load_recipe
+from .spec import FusedOptions
+
+_LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+
+def _rows(values) -> tuple[tuple[float, ...], ...]:
+    """K values -> one row; G rows of K values -> G rows (lists, tuples, numpy arrays, tensors)."""
+    values = values.tolist() if hasattr(values, "tolist") else [v.tolist() if hasattr(v, "tolist") else v for v in values]
+    if values and isinstance(values[0], (list, tuple)):
+        return tuple(tuple(float(x) for x in row) for row in values)
+    return (tuple(float(x) for x in values),)
+
+
+@dataclass(frozen=True)
+class Genome:
+    """Per-model weights and densities, for the whole model or per group of layers.
+
+    ``weights``/``densities``: K values (one per non-base model, recipe order), or G rows of K
+    values for G contiguous layer groups (layer i of L is in group i * G // L). Tensors outside
+    the layers (embeddings, final norm, lm_head) take group 0, as they take t = 0 in recipes.
+    ``densities`` None keeps the recipe's.
+    """
+
+    weights: Sequence
+    densities: Sequence | None = None
+
+    def options(self, task: TensorPlan, num_layers: int) -> FusedOptions:
+        weights = _rows(self.weights)
+        densities = _rows(self.densities) if self.densities is not None else None
+        m = _LAYER.search(task.name)
+        group = int(m.group(1)) * len(weights) // max(num_layers, 1) if m else 0
+        w = weights[min(group, len(weights) - 1)]
+        d = task.fused.densities if densities is None else densities[min(group * len(densities) // len(weights),
+                                                                          len(densities) - 1)]
+        for what, v in (("weights", w), ("densities", d)):
+            if len(v) != task.fused.k:
+                raise FastmergeError(f"genome: {len(v)} {what} for {task.fused.k} models ({task.name})")
+        return replace(task.fused, weights=w, densities=tuple(min(max(x, 0.0), 1.0) for x in d))
+
+
+Candidate = Recipe | dict | str | Path | Genome | Callable[[TensorPlan], FusedOptions] | None
+
+
+class Merger:
+    """Load a recipe's sources once; merge candidates into ``self.module`` in place.
+
+    ``backend``: "cpu" (the fused C loop) or "triton" (the fused kernel; CUDA tensors, or CPU
+    tensors under ``TRITON_INTERPRET=1``). ``device`` is where sources and the module live.
+    """
+
+    def __init__(self, recipe: Recipe | dict | str | Path, device: str = "cpu", backend: str | None = None,
+                 threads: int | None = None, allow_bin: bool = False):
+        self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise FastmergeError("device 'cuda' requested but no CUDA GPU is present")
+        self.device = torch.device(device)
+        self.backend = backend or ("cpu" if self.device.type == "cpu" else "triton")
+        if self.backend not in ("cpu", "triton"):
+            raise FastmergeError(f"backend: expected 'cpu' or 'triton', got {self.backend!r}")
+        if self.backend == "cpu" and self.device.type != "cpu":
+            raise FastmergeError("the cpu backend merges CPU tensors; use backend='triton' on a GPU")
+        self.threads = threads
+        self._readers = open_models(self.recipe, allow_bin)
+        self.plan = build_plan(self.recipe, self._readers)
+        self._sources: dict[tuple[str, str], torch.Tensor] = {}
+        for task in self.plan.tensors:
+            for s in task.sources:
+                if (s.model, s.name) not in self._sources:
+                    self._sources[(s.model, s.name)] = self._readers[s.model].read(s.name).to(self.device)
+        for r in self._readers.values():
+            r.close()
+        self.module = self._build_module(self.plan)
+        self._params = self._bind(self.plan)
+        self.merge()
+
+    def _build_module(self, plan: Plan) -> torch.nn.Module:
+        """The output architecture on the device, its weights allocated but not initialized (they
+        are merged into next); buffers that checkpoints do not hold (rotary) are built normally."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4.x
+            from transformers.modeling_utils import no_init_weights
+
+        cfg = dict(plan.config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise FastmergeError(f"{plan.reference_model}: config.json has no model_type")
+        cfg.pop("transformers_version", None)
+        config = AutoConfig.for_model(model_type, **cfg)
+        dtype = next((t.dtype for t in plan.tensors if t.dtype.is_floating_point), torch.float32)
+        with no_init_weights(), self.device:
+            module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return module.eval()
+
+    def _bind(self, plan: Plan) -> dict[str, torch.Tensor]:
+        """name -> the module's own tensor that each planned output is merged into."""
+        tensors = {**dict(self.module.named_buffers()), **dict(self.module.named_parameters())}
+        out: dict[str, torch.Tensor] = {}
+        for task in plan.tensors:
+            t = tensors.get(task.name)
+            if t is None:
+                raise FastmergeError(f"the model class has no parameter {task.name} (from the checkpoint)")
+            if tuple(t.shape) != task.shape or t.dtype != task.dtype:
+                raise FastmergeError(f"{task.name}: the model class has {list(t.shape)} {t.dtype}, "
+                                     f"the merge gives {list(task.shape)} {task.dtype}")
+            out[task.name] = t.data
+        return out
+
+    def _options(self, candidate: Candidate) -> Callable[[TensorPlan], TensorPlan]:
+        if candidate is None:
+            return lambda task: task
+        if isinstance(candidate, Genome):
+            n = self.plan.num_layers
+            return lambda task: replace(task, fused=candidate.options(task, n)) if task.fused else task
+        if callable(candidate) and not isinstance(candidate, (Recipe, dict, str, Path)):
+            return lambda task: replace(task, fused=candidate(task)) if task.fused else task
+        recipe = candidate if isinstance(candidate, Recipe) else load_recipe(candidate)
+        try:
+            plan = build_plan(recipe, self._readers)
+        except KeyError as e:
+            raise FastmergeError(f"candidate recipe uses model {e.args[0]} that this Merger did not load") from None
+        by_name = {t.name: t for t in plan.tensors}
+        if set(by_name) != set(self._params):
+            raise FastmergeError("candidate recipe produces a different set of tensors than the Merger's module")
+        for t in plan.tensors:
+            for s in t.sources:
+                if (s.model, s.name) not in self._sources:
+                    raise FastmergeError(f"candidate recipe reads {s.name} of {s.model}, which this Merger did not load")
+        return lambda task: by_name[task.name]
+
+    @torch.no_grad()
+    def merge(self, candidate: Candidate = None) -> torch.nn.Module:
+        """Write a candidate into ``self.module`` in place and return the module.
+
+        ``candidate``: None (the recipe itself), a ``Genome`` (weights/densities per model or per
+        layer group, method options from the recipe), a recipe over the same models (dict, path,
+        YAML or ``Recipe``), or a function ``TensorPlan -> FusedOptions``.
+        """
+        task_for = self._options(candidate)
+        for base_task in self.plan.tensors:
+            task = task_for(base_task)
+            out = self._params[task.name]
+            tensors = [self._sources[(s.model, s.name)] for s in task.sources]
+            if task.op == "fused" and task.rows is None:
+                base = tensors[0] if task.base else None
+                models = tensors[1:] if task.base else tensors
+                if self.backend == "cpu":
+                    cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=self.threads)
+                else:
+                    from .kernels import fused_ta
+
+                    fused_ta.fused_merge(base, models, task.fused, task.name, task.dtype, out=out)
+            else:
+                out.copy_(compute(task, [t.cpu() for t in tensors], self.threads))
+        return self.module
+
+    def storage(self) -> dict[str, int]:
+        """name -> data_ptr of every merged tensor (constant across candidates)."""
+        return {name: t.data_ptr() for name, t in self._params.items()}
