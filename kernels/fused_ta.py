@@ -90,19 +90,14 @@ def _l1_sums(b, xs, prm, opts: FusedOptions, name: str, block: int) -> tuple[lis
     return total, kept
 
 
-def fused_merge(
-    base: torch.Tensor | None,
-    models: list[torch.Tensor],
-    opts: FusedOptions,
-    name: str,
-    out_dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-    block: int = 1024,
-    num_warps: int = 4,
-) -> torch.Tensor:
-    """Fused task-arithmetic-family merge of one tensor (linear when ``base`` is None) into
-    ``out`` (allocated if None), as ``fastmerge.cpu.fused_merge``; ``block`` is a power of two
-    and does not change the result."""
+def _prepare(
+    base: torch.Tensor | None, models: list[torch.Tensor], opts: FusedOptions, name: str, out_dtype: torch.dtype,
+    out: torch.Tensor | None, block: int,
+) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Checks one tensor's inputs; returns the flat base and models, ``out`` (allocated if None), the
+    flat store view of out (int16 for bf16) and the per-tensor parameters ``prm`` on the device
+    (weights, densities, scales: inverse or l1, TIES thresholds, lambda). store and prm are None
+    for an empty tensor."""
     if opts.k == 0 or opts.k > MAXK:
         raise FastmergeError(f"{name}: the fused Triton kernel merges 1..{MAXK} models, got {opts.k}")
     if out_dtype not in _DTYPES:
@@ -121,7 +116,7 @@ def fused_merge(
         raise FastmergeError(f"{name}: out must be a contiguous {out_dtype} tensor of {n} elements")
     flat_out = out.view(-1)
     if n == 0:
-        return out
+        return b, xs, out, None, None
     store = flat_out.view(torch.int16) if out_dtype == torch.bfloat16 else flat_out
 
     prm = torch.zeros(PRM_SIZE, dtype=torch.float32)
@@ -139,7 +134,33 @@ def fused_merge(
     elif opts.sparsify != "none" and opts.rescale == "l1":
         total, kept = _l1_sums(b, xs, prm, opts, name, block)
         prm[PRM_SCALE:PRM_SCALE + opts.k] = torch.tensor([l1_scale(t, kp) for t, kp in zip(total, kept)])
+    return b, xs, out, store, prm
 
+
+def fused_merge(
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
+    opts: FusedOptions,
+    name: str,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    block: int = 1024,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Fused task-arithmetic-family merge of one tensor (linear when ``base`` is None) into
+    ``out`` (allocated if None), as ``fastmerge.cpu.fused_merge``; ``block`` is a power of two
+    and does not change the result."""
+    b, xs, out, store, prm = _prepare(base, models, opts, name, out_dtype, out, block)
+    if store is None:
+        return out
+    _launch(b, xs, store, prm, opts, name, block, num_warps)
+    return out
+
+
+def _launch(b, xs, store, prm, opts: FusedOptions, name: str, block: int, num_warps: int) -> None:
+    """One per-tensor kernel launch per 2**31-element chunk (after ``_prepare``)."""
+    out_dtype = torch.bfloat16 if store.dtype == torch.int16 else store.dtype
+    n = xs[0].numel()
     lam = float(torch.tensor(opts.lambda_, dtype=torch.float32))
     for c, (s, e) in enumerate(_chunks(n)):
         cname = rng.chunk_name(name, c, n)
@@ -155,4 +176,3 @@ def fused_merge(
             OUT_BF16_BITS=out_dtype == torch.bfloat16, BLOCK=block,
             num_warps=num_warps, enable_fp_fusion=False,  # no FMA contraction: the reference has none
         )
-    return out

@@ -94,13 +94,13 @@ def _store(out_ptr, offs, mask, y, OUT_BF16_BITS: tl.constexpr):
 
 
 @triton.jit
-def _fused_ta_kernel(
-    out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, n,
+def _merge_block(
+    out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, offs, mask,
     K: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
     NORMALIZE: tl.constexpr, APPLY_LAMBDA: tl.constexpr, OUT_BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 addressing
-    mask = offs < n
+    """Merge the elements ``offs`` (int64, local to the tensor or chunk; ``mask`` = in range) of one
+    tensor: the body shared by the per-tensor and the grouped kernel."""
     j = offs.to(tl.int32)  # the element's index within its chunk: the Philox counter
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_BASE:
@@ -168,6 +168,71 @@ def _fused_ta_kernel(
     if APPLY_LAMBDA:
         mixed = mixed * tl.load(prm_ptr + 32)
     _store(out_ptr, offs, mask, b + mixed, OUT_BF16_BITS)
+
+
+
+
+@triton.jit
+def _fused_ta_kernel(
+    out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, n,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
+    NORMALIZE: tl.constexpr, APPLY_LAMBDA: tl.constexpr, OUT_BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 addressing
+    _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, offs, offs < n,
+                 K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA, OUT_BF16_BITS, BLOCK)
+
+
+@triton.jit
+def _table_ptr(row, i: tl.constexpr, DT: tl.constexpr):
+    """Entry ``i`` of a pointer-table row (an int64 address) as a pointer to DT."""
+    return tl.load(row + i).to(tl.pointer_type(DT))
+
+
+@triton.jit
+def _fused_ta_grouped_kernel(
+    starts_ptr, numel_ptr, ptrs_ptr, prm_ptr, seeds_ptr, n_entries, n_steps,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
+    NORMALIZE: tl.constexpr, APPLY_LAMBDA: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
+    BASE_DT: tl.constexpr, X_DT: tl.constexpr, OUT_DT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Many tensors (or 2**31-element chunks) in one launch. Entry t of the work table: its element
+    count ``numel[t]``, its first program ``starts[t]`` (prefix sum of cdiv(numel, BLOCK); starts
+    has n_entries + 1 values), a pointer row ``ptrs[t, :]`` = (out, base, x0 .. x{K-1}) as int64
+    addresses, its parameters ``prm[t, :]`` (the per-tensor layout, PRM_SIZE = 33 floats) and its
+    two Philox seeds ``seeds[t, :]``. Each program finds its entry by a binary search over starts
+    (n_steps = ceil(log2(n_entries)) steps) and merges one BLOCK with element indices local to the
+    entry: exactly what the per-tensor kernel computes for that block."""
+    pid = tl.program_id(0).to(tl.int64)
+    lo = pid * 0
+    hi = lo + n_entries
+    for _ in range(0, n_steps):  # invariant: starts[lo] <= pid < starts[hi]
+        mid = (lo + hi) // 2
+        below = tl.load(starts_ptr + mid) <= pid
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    t = lo
+    offs = (pid - tl.load(starts_ptr + t)) * BLOCK + tl.arange(0, BLOCK)  # int64, local to the entry
+    mask = offs < tl.load(numel_ptr + t)
+    row = ptrs_ptr + t * (K + 2)
+    out_ptr = _table_ptr(row, 0, OUT_DT)
+    x0 = _table_ptr(row, 2, X_DT)
+    # models past K are never read (the per-model code is unrolled up to the constexpr K)
+    x1 = _table_ptr(row, 3 if K > 1 else 2, X_DT)
+    x2 = _table_ptr(row, 4 if K > 2 else 2, X_DT)
+    x3 = _table_ptr(row, 5 if K > 3 else 2, X_DT)
+    x4 = _table_ptr(row, 6 if K > 4 else 2, X_DT)
+    x5 = _table_ptr(row, 7 if K > 5 else 2, X_DT)
+    x6 = _table_ptr(row, 8 if K > 6 else 2, X_DT)
+    x7 = _table_ptr(row, 9 if K > 7 else 2, X_DT)
+    if HAS_BASE:
+        base_ptr = _table_ptr(row, 1, BASE_DT)
+    else:
+        base_ptr = x0
+    seed0 = tl.load(seeds_ptr + 2 * t)
+    seed1 = tl.load(seeds_ptr + 2 * t + 1)
+    _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr + t * 33, seed0, seed1, offs, mask,
+                 K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA, OUT_BF16_BITS, BLOCK)
 
 
 @triton.jit
