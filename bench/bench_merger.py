@@ -1,0 +1,115 @@
+"""In-memory merging: fastmerge's ``Merger`` against mergekit's Python API on the same tensors.
+
+    python bench/bench_merger.py [--workdir /tmp/fastmerge-bench] [--reps 5] [--mergekit-reps 1]
+
+Uses the 245M-parameter bf16 Llama family made by ``bench/compare_mergekit.py`` (base + 3
+fine-tunes). Both sides start from the same tensors already in memory (nothing is read from disk
+inside the timed region):
+  - fastmerge: ``Merger(recipe).merge(Genome(...))`` writes every tensor of the candidate into the
+    live module in place (the evolve hot path);
+  - mergekit: for every tensor, ``registry.get(method).merge_group(TensorGroup(...), **params)``,
+    mergekit's own per-tensor merge call, with the same weights and densities.
+Writes bench/results/merger_inmemory.csv (+ machine line) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+WEIGHTS = (0.5, 0.3, 0.4)
+DENSITIES = (0.5, 0.6, 0.7)
+
+
+def recipe(models: Path, method: str) -> dict:
+    return {
+        "merge_method": method,
+        "base_model": str(models / "base"),
+        "models": [{"model": str(models / f"ft{i}"), "parameters": {"weight": w, "density": d}}
+                   for i, (w, d) in enumerate(zip(WEIGHTS, DENSITIES))],
+        "dtype": "bfloat16",
+    }
+
+
+def mergekit_pass(merger, method: str) -> float:
+    """Merge every planned tensor with mergekit's merge_group on the Merger's loaded sources."""
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorEntry, TensorGroup
+
+    impl = registry.get(method)
+    params = {"int8_mask": False, "lambda": 1.0,
+              "normalize": method == "ties", "rescale": method == "dare_ties"}
+    t0 = time.perf_counter()
+    for task in merger.plan.tensors:
+        src = [merger._sources[(s.model, s.name)] for s in task.sources]
+        ids = [f"m{i}" for i in range(len(src) - 1)]
+        group = TensorGroup(entries=(TensorEntry("base", src[0], is_base=True),)
+                            + tuple(TensorEntry(i, x) for i, x in zip(ids, src[1:])))
+        impl.merge_group(group, **params, weight=dict(zip(ids, WEIGHTS)), density=dict(zip(ids, DENSITIES)))
+    return time.perf_counter() - t0
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/fastmerge-bench"))
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--mergekit-reps", type=int, default=1)
+    args = ap.parse_args()
+    models = args.workdir / "models-250m"
+    if not (models / "ft2" / "config.json").exists():
+        raise SystemExit(f"{models}: run bench/compare_mergekit.py first (it makes the models)")
+
+    from fastmerge import Genome, Merger
+
+    rows = []
+    for method in ("dare_ties", "ties"):
+        t0 = time.perf_counter()
+        merger = Merger(recipe(models, method))
+        load_s = time.perf_counter() - t0
+        genome = Genome(weights=list(WEIGHTS), densities=list(DENSITIES))
+        times = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            merger.merge(genome)
+            times.append(time.perf_counter() - t)
+        mk = [mergekit_pass(merger, method) for _ in range(args.mergekit_reps)]
+        fm, mkm = statistics.median(times), statistics.median(mk)
+        rows.append({"method": method, "params_m": round(sum(t.numel() for t in merger._params.values()) / 1e6, 1),
+                     "load_s": round(load_s, 2), "fastmerge_merge_s": round(fm, 3),
+                     "mergekit_merge_group_s": round(mkm, 2), "speedup": round(mkm / fm, 1),
+                     "threads": torch.get_num_threads(), "cpu": cpu_name(), "cores": torch.get_num_threads(),
+                     "gpu": "none"})
+        del merger
+    out = HERE / "results" / "merger_inmemory.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print("| method | params (M) | Merger.merge s | mergekit merge_group s | speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['params_m']} | {r['fastmerge_merge_s']} | {r['mergekit_merge_group_s']} | "
+              f"{r['speedup']}x |")
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
