@@ -162,6 +162,7 @@ class Merger:
         YAML or ``Recipe``), or a function ``TensorPlan -> FusedOptions``.
         """
         task_for = self._options(candidate)
+        grouped = []  # triton backend: all fused tensors go to one grouped launch per option group
         for base_task in self.plan.tensors:
             task = task_for(base_task)
             out = self._params[task.name]
@@ -172,11 +173,13 @@ class Merger:
                 if self.backend == "cpu":
                     cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=self.threads)
                 else:
-                    from .kernels import fused_ta
-
-                    fused_ta.fused_merge(base, models, task.fused, task.name, task.dtype, out=out)
+                    grouped.append((base, models, task.fused, task.name, out))
             else:
                 out.copy_(compute(task, [t.cpu() for t in tensors], self.threads))
+        if grouped:
+            from .kernels.fused_ta_grouped import grouped_fused_merge
+
+            grouped_fused_merge(grouped)
         return self.module
 
     def storage(self) -> dict[str, int]:
