@@ -145,14 +145,12 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
         ref = builder.reference(sl)
         ref_src = next(s for s in srcs if s.model == ref)
         prefix, by_layer = _layers(readers[ref])
+        prefixes = {s.model: _layers(readers[s.model])[0] for s in srcs}
         count = srcs[0].end - srcs[0].start
         for off in range(count):
             t = off / (count - 1) if count > 1 else 1.0
             for rest in by_layer.get(ref_src.start + off, []):
-                names = {}
-                for s in srcs:
-                    sprefix, _ = _layers(readers[s.model])
-                    names[s.model] = f"{sprefix}.{s.start + off}.{rest}"
+                names = {s.model: f"{prefixes[s.model]}.{s.start + off}.{rest}" for s in srcs}
                 out.append(builder.tensor(f"{prefix}.{out_layer}.{rest}", names, sl, t=t))
             layer_map.append((ref, ref_src.start + off))
             out_layer += 1
