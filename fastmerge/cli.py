@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("recipe", help="recipe YAML (mergekit schema)")
     m.add_argument("out", help="output directory (a Hugging Face checkpoint)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to merge (default cpu)")
+    m.add_argument("--backend", default=None, choices=["cpu", "triton"],
+                   help="fused C loop or Triton kernel (default: triton on a GPU, cpu otherwise)")
     m.add_argument("--out-shard-size", type=_size, default="5G", help="max bytes per output shard (default 5G)")
     m.add_argument("--seed", type=int, default=None, help="DARE seed (overrides the recipe's random_seed)")
     m.add_argument("--threads", type=int, default=None, help="CPU threads for the fused loop (default: all)")
@@ -53,7 +55,7 @@ def _merge(args: argparse.Namespace) -> int:
         bar.update(ev.bytes_done - bar.n)
         bar.set_postfix_str(f"{ev.tensors_done}/{ev.tensors_total} tensors", refresh=False)
 
-    opts = MergeOptions(device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
+    opts = MergeOptions(device=args.device, backend=args.backend, threads=args.threads, out_shard_size=args.out_shard_size,
                         seed=args.seed, force=args.force, allow_bin=args.allow_bin)
     try:
         result = merge(args.recipe, args.out, opts, progress=progress)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import cpu, reference
+from .device import DeviceRunner
 from .errors import FastmergeError
 from .io import CheckpointReader, OutTensor, ShardedWriter
 from .plan import Plan, TensorPlan, build_plan
@@ -34,6 +35,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
 )
 _DONE = object()
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class MergeOptions:
     """How to run a merge (what to merge is the recipe)."""
 
     device: str = "cpu"  # cpu | cuda | auto
+    backend: str | None = None  # cpu (the fused C loop) | triton (the kernel on the device); default by device
     threads: int | None = None
     out_shard_size: int = 5 * 1024**3
     seed: int | None = None
@@ -85,8 +88,7 @@ def resolve_device(device: str) -> str:
         if device == "cuda":
             warnings.warn("no CUDA GPU is present: falling back to the fused CPU path", stacklevel=2)
         return "cpu"
-    warnings.warn("the GPU streaming path is not built yet: merging with the fused CPU path", stacklevel=2)
-    return "cpu"
+    return "cuda"
 
 
 def open_models(recipe: Recipe, allow_bin: bool = False) -> dict[str, CheckpointReader]:
@@ -179,7 +181,11 @@ def merge(
     out = Path(out_path)
     if out.exists() and not opts.force:
         raise FastmergeError(f"{out}: output exists; pass --force to replace it")
-    resolve_device(opts.device)
+    device = resolve_device(opts.device)
+    backend = opts.backend or ("triton" if device == "cuda" else "cpu")
+    if backend not in ("cpu", "triton"):
+        raise FastmergeError(f"backend: expected cpu or triton, got {backend!r}")
+    runner = DeviceRunner(device) if backend == "triton" else None
     readers = open_models(recipe, opts.allow_bin)
     plan = build_plan(recipe, readers, seed=opts.seed)
     for w in plan.warnings:
@@ -192,7 +198,7 @@ def merge(
     tmp.mkdir()
     start = time.perf_counter()
     try:
-        nonfinite = _execute(plan, readers, tmp, opts, progress)
+        nonfinite = _execute(plan, readers, tmp, opts, progress, runner)
         _write_metadata(plan, recipe, readers, tmp)
         _commit(tmp, out)
     except BaseException:
@@ -208,7 +214,7 @@ def merge(
 
 
 def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: MergeOptions,
-             progress: Callable[[Progress], None] | None) -> dict[str, int]:
+             progress: Callable[[Progress], None] | None, runner: DeviceRunner | None = None) -> dict[str, int]:
     writer = ShardedWriter(tmp, [OutTensor(t.name, t.dtype, t.shape) for t in plan.tensors], opts.out_shard_size)
     stop = threading.Event()
     loaded: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
@@ -217,6 +223,9 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     errors: list[BaseException] = []
     fused_bytes = [t.out_bytes for t in plan.tensors if t.op == "fused" and t.rows is None]
     buffers = _OutputBuffers(max(fused_bytes, default=0), count=max(1, opts.prefetch) + 2)
+
+    def on_runner(task: TensorPlan) -> bool:
+        return task.op == "fused" and task.rows is None and task.fused.k <= 8 and task.dtype in _KERNEL_DTYPES
 
     def note_nonfinite(task: TensorPlan, counts: list[int]) -> None:
         for s, bad in zip(task.sources, counts):
@@ -240,8 +249,11 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
                 tensors = [readers[s.model].map(s.name) for s in task.sources]
                 for s in task.sources:
                     readers[s.model].prefault(s.name)
-                if opts.check_finite and task.op != "fused":  # the fused loop counts as it merges
+                on_device = runner is not None and on_runner(task)
+                if opts.check_finite and (task.op != "fused" or on_device):  # the C loop counts as it merges
                     note_nonfinite(task, [cpu.count_nonfinite(t) for t in tensors])
+                if on_device:
+                    tensors = runner.stage(tensors)
                 if not put(loaded, (task, tensors)):
                     return
             put(loaded, _DONE)
@@ -274,6 +286,17 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     writer_t.start()
     done = 0
     done_bytes = 0
+
+    def emit(task_name: str, out: torch.Tensor, pooled: bool, in_bytes: int) -> bool:
+        nonlocal done, done_bytes
+        if not put(merged, (task_name, out, pooled)):
+            return False
+        done += 1
+        done_bytes += in_bytes
+        if progress:
+            progress(Progress(done, len(plan.tensors), done_bytes, plan.read_bytes, task_name))
+        return True
+
     try:
         while True:
             try:
@@ -285,20 +308,24 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
             if item is _DONE or errors:
                 break
             task, tensors = item
-            pooled = task.op == "fused" and task.rows is None
-            out = buffers.take(task.dtype, task.shape, stop) if pooled else None
-            counts: list[int] = []
-            out = compute(task, tensors, opts.threads, out=out, nonfinite=counts if opts.check_finite else None)
-            note_nonfinite(task, counts)
+            if runner is not None and on_runner(task):
+                runner.submit(task, tensors, (task.name, task.in_bytes))
+                results = [(name, out, False, nbytes) for name, nbytes, out in runner.ready()]
+            else:
+                pooled = task.op == "fused" and task.rows is None
+                out = buffers.take(task.dtype, task.shape, stop) if pooled else None
+                counts: list[int] = []
+                out = compute(task, tensors, opts.threads, out=out, nonfinite=counts if opts.check_finite else None)
+                note_nonfinite(task, counts)
+                results = [(task.name, out, pooled, task.in_bytes)]
             for s in task.sources:
                 readers[s.model].release(s.name)
             del tensors
-            if not put(merged, (task.name, out, pooled)):
+            if not all(emit(*r) for r in results):
                 break
-            done += 1
-            done_bytes += task.in_bytes
-            if progress:
-                progress(Progress(done, len(plan.tensors), done_bytes, plan.read_bytes, task.name))
+        if runner is not None and not errors and not stop.is_set():
+            for name, nbytes, out in runner.ready(drain=True):
+                emit(name, out, False, nbytes)
         if not errors:
             put(merged, _DONE)
             writer_t.join()

@@ -232,3 +232,32 @@ def test_tokenizer_block_and_chat_template(families, tmp_path):
     with pytest.raises(fastmerge.FastmergeError, match="modules"):
         run({"merge_method": "linear", "modules": {"text": {}}, "models": [{"model": str(base), "parameters": {"weight": 1.0}}]},
             tmp_path / "out2")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("method,dtype", [("dare_ties", torch.float32), ("ties", torch.bfloat16)])
+def test_triton_backend_streaming_equals_cpu_backend(families, tmp_path, method, dtype):
+    """The accelerator path of the engine (DeviceRunner + kernel), run on CPU tensors under the
+    Triton interpreter, writes what the fused C loop writes."""
+    pytest.importorskip("triton")
+    base, ft0, ft1 = families("llama", dtype, hidden=32)
+    recipe = {"merge_method": method, "base_model": str(base),
+              "models": [{"model": str(ft0), "parameters": {"weight": 0.7, "density": 0.4}},
+                         {"model": str(ft1), "parameters": {"weight": 0.5, "density": 0.6}}]}
+    run(recipe, tmp_path / "cpu")
+    run(recipe, tmp_path / "triton", backend="triton")
+    want, got = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "triton")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOLERANCES[dtype], msg=name)
+    if dtype == torch.float32:  # same masks, same operation order: the same bits
+        assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(families, tmp_path, monkeypatch):
+    base, ft0, _ = families("llama")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(fastmerge.FastmergeError, match="TRITON_INTERPRET=1"):
+        run({"merge_method": "task_arithmetic", "base_model": str(base),
+             "models": [{"model": str(ft0), "parameters": {"weight": 1.0}}]}, tmp_path / "out", backend="triton")
+    assert not (tmp_path / "out").exists()
