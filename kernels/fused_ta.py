@@ -13,7 +13,7 @@ import triton
 
 from fastmerge import rng
 from fastmerge.errors import FastmergeError
-from fastmerge.spec import FusedOptions, inverse_scale, keep_count, l1_scale
+from fastmerge.spec import FusedOptions, inverse_scale, l1_scale
 
 from .fused_ta_details._fused_ta import (
     PRM_DENSITY,
@@ -25,6 +25,7 @@ from .fused_ta_details._fused_ta import (
     _fused_ta_kernel,
     _l1_sums_kernel,
 )
+from .fused_ta_details._select import device_thresholds
 
 MAXK = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -47,21 +48,13 @@ def _chunks(n: int) -> list[tuple[int, int]]:
 
 def thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...]) -> list[float]:
     """TIES thresholds tau_k: the exact m-th largest |x_k - base| over the whole tensor (inf where
-    m = 0). CPU tensors use the fused CPU path's radix select; others a selection on the device."""
+    m = 0). CPU tensors use the fused CPU path's radix select; others the Triton radix select of
+    ``fused_ta_details/_select.py`` on their device (bit-equal results)."""
     if all(m.device.type == "cpu" for m in models) and (base is None or base.device.type == "cpu"):
         from fastmerge import cpu
 
         return cpu.fused_thresholds(base, models, densities)
-    taus = []
-    for x, rho in zip(models, densities):
-        n = x.numel()
-        m = keep_count(rho, n)
-        if m == 0:
-            taus.append(float("inf"))
-            continue
-        a = (x.reshape(-1).float() - base.reshape(-1).float()).abs() if base is not None else x.reshape(-1).float().abs()
-        taus.append(float(torch.kthvalue(a, n - m + 1).values))
-    return taus
+    return device_thresholds(base, models, densities)
 
 
 def _l1_sums(b, xs, prm, opts: FusedOptions, name: str, block: int) -> tuple[list[float], list[float]]:

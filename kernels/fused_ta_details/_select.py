@@ -1,0 +1,130 @@
+"""TIES thresholds on the device (DESIGN.md section 3): a two-level 16-bit radix select.
+
+tau_k is the exact m-th largest |x_k - base| of a tensor (m = keep_count(rho_k, n); m = 0 keeps
+nothing, tau = inf). |delta| >= 0, so its fp32 bit pattern is ordered like its value, and the
+selection runs on the bit patterns exactly as ``fastmerge.cpu._radix_thresholds``:
+
+* pass 1 (``LEVEL=0``): per model, a 65536-bin histogram of the top 16 bits of the pattern;
+* the host step (torch ops on the device, no synchronisation): a cumulative sum from the top
+  picks the bin holding the m-th largest element and the rank left within it;
+* pass 2 (``LEVEL=1``): per model, a 65536-bin histogram of the low 16 bits of the elements whose
+  top 16 bits equal that bin; the same step picks the low half. The result is a float bit-equal to
+  the CPU path's (ties at tau are all kept by the ``>=`` comparison downstream).
+
+A 65536-bin histogram does not fit one program's registers, so ``tl.histogram`` is not used: each
+element adds 1 to a global int64 histogram with ``tl.atomic_add`` (works on a GPU and under
+``TRITON_INTERPRET=1``). Offsets are int64, so tensors of 2**31 or more elements need no chunking.
+Up to 8 models share a launch (the base is read once per block for all of them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmerge.spec import keep_count
+
+NBINS = 65536
+MAXK_LAUNCH = 8
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _count(x_ptr, offs, mask, b, hist_ptr, prefix_ptr, k: tl.constexpr, LEVEL: tl.constexpr):
+    """Add model k's elements of this block to its histogram row (pass LEVEL)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bits = tl.abs(x - b).to(tl.uint32, bitcast=True)
+    hi = (bits >> 16).to(tl.int64)
+    row = hist_ptr + k * 65536
+    if LEVEL == 0:
+        tl.atomic_add(row + hi, 1, mask=mask, sem="relaxed")
+    else:
+        pre = tl.load(prefix_ptr + k)
+        lo = (bits & 0xFFFF).to(tl.int64)
+        tl.atomic_add(row + lo, 1, mask=mask & (hi == pre), sem="relaxed")
+
+
+@triton.jit
+def _abs_hist_kernel(
+    hist_ptr, prefix_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, n,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, LEVEL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program counts BLOCK elements of K <= 8 models into hist[K, 65536] (int64)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    if HAS_BASE:
+        b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    _count(x0, offs, mask, b, hist_ptr, prefix_ptr, 0, LEVEL)
+    if K > 1:
+        _count(x1, offs, mask, b, hist_ptr, prefix_ptr, 1, LEVEL)
+    if K > 2:
+        _count(x2, offs, mask, b, hist_ptr, prefix_ptr, 2, LEVEL)
+    if K > 3:
+        _count(x3, offs, mask, b, hist_ptr, prefix_ptr, 3, LEVEL)
+    if K > 4:
+        _count(x4, offs, mask, b, hist_ptr, prefix_ptr, 4, LEVEL)
+    if K > 5:
+        _count(x5, offs, mask, b, hist_ptr, prefix_ptr, 5, LEVEL)
+    if K > 6:
+        _count(x6, offs, mask, b, hist_ptr, prefix_ptr, 6, LEVEL)
+    if K > 7:
+        _count(x7, offs, mask, b, hist_ptr, prefix_ptr, 7, LEVEL)
+
+
+def _select_rows(hist: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: (bin, rank within the bin) of the rank-th largest element (1-based), as
+    ``fastmerge.cpu._select`` but batched and without leaving the device."""
+    above = torch.flip(hist, [1]).cumsum(1)  # above[:, i]: elements in the top i+1 bins
+    i = torch.searchsorted(above, ranks[:, None]).clamp(max=NBINS - 1)  # (K, 1)
+    before = torch.where(i > 0, above.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(i))
+    return (NBINS - 1 - i)[:, 0], (ranks[:, None] - before)[:, 0]
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1)
+    if t.dtype not in _DTYPES:
+        t = t.float()
+    return t.contiguous()
+
+
+def device_thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...],
+                      block: int = 1024, num_warps: int = 4) -> list[float]:
+    """TIES thresholds tau_k (exact m-th largest |x_k - base|, inf where m = 0) by the Triton radix
+    select; bit-equal to ``fastmerge.cpu.fused_thresholds``. Runs on the models' device (CUDA, or
+    CPU tensors under ``TRITON_INTERPRET=1``); one host synchronisation at the end."""
+    xs = [_flat(m) for m in models]
+    b = _flat(base) if base is not None else None
+    n = xs[0].numel() if xs else 0
+    if any(x.numel() != n for x in xs) or (b is not None and b.numel() != n):
+        raise ValueError("the base and the models must have the same number of elements")
+    ms = [keep_count(d, n) for d in densities]
+    taus = [float("inf")] * len(xs)
+    active = [i for i, m in enumerate(ms) if m]
+    if not active:
+        return taus
+    device = xs[0].device
+    grid = (triton.cdiv(n, block),)
+    results = []
+    for g in range(0, len(active), MAXK_LAUNCH):
+        idx = active[g:g + MAXK_LAUNCH]
+        k = len(idx)
+        ptrs = [xs[i] for i in idx] + [xs[idx[0]]] * (MAXK_LAUNCH - k)
+        ranks = torch.tensor([ms[i] for i in idx], dtype=torch.int64, device=device)
+        hist = torch.zeros((k, NBINS), dtype=torch.int64, device=device)
+        prefix = torch.zeros(k, dtype=torch.int64, device=device)
+        pb = b if b is not None else ptrs[0]
+        _abs_hist_kernel[grid](hist, prefix, pb, *ptrs, n, K=k, HAS_BASE=b is not None, LEVEL=0,
+                               BLOCK=block, num_warps=num_warps)
+        prefix, rank = _select_rows(hist, ranks)
+        hist.zero_()
+        _abs_hist_kernel[grid](hist, prefix.contiguous(), pb, *ptrs, n, K=k, HAS_BASE=b is not None, LEVEL=1,
+                               BLOCK=block, num_warps=num_warps)
+        low, _ = _select_rows(hist, rank.contiguous())
+        results.append((idx, ((prefix << 16) | low).to(torch.int32).view(torch.float32)))
+    for idx, vals in results:  # the only synchronisation
+        for i, v in zip(idx, vals.tolist()):
+            taus[i] = v
+    return taus
