@@ -242,7 +242,7 @@ def fused_merge(
         for k, tau in enumerate(fused_thresholds(b, xs, opts.densities, threads)):
             p.tau[k] = tau
 
-    chunks = [(s, min(n, s + rng.CHUNK_ELEMENTS)) for s in range(0, max(n, 1), rng.CHUNK_ELEMENTS)]
+    chunks = rng.chunks(n)
     step = piece_elements or rng.CHUNK_ELEMENTS
     # the l1 rescale needs a pass over the keep masks first: keep them as bits (one byte per
     # element for up to 8 models) instead of drawing Philox twice

@@ -34,10 +34,6 @@ def _keep_masks(deltas: list[torch.Tensor], opts: FusedOptions, name: str, taus:
     return [torch.ones(n, dtype=torch.bool) for _ in range(opts.k)]
 
 
-def _chunks(numel: int) -> list[tuple[int, int]]:
-    return [(s, min(numel, s + rng.CHUNK_ELEMENTS)) for s in range(0, max(numel, 1), rng.CHUNK_ELEMENTS)]
-
-
 def fused_merge(
     base: torch.Tensor | None,
     models: list[torch.Tensor],
@@ -53,7 +49,7 @@ def fused_merge(
     # the TIES threshold is per whole tensor, the DARE stream per 2**31-element chunk
     taus = [magnitude_threshold(d, r) for d, r in zip(deltas, opts.densities)] if opts.sparsify == "magnitude" else []
     chunks = [_keep_masks([d[s:e] for d in deltas], opts, rng.chunk_name(name, c, n), taus)
-              for c, (s, e) in enumerate(_chunks(n))]
+              for c, (s, e) in enumerate(rng.chunks(n))]
     keep = [torch.cat([kc[k] for kc in chunks]) for k in range(opts.k)]
 
     scales = []

@@ -29,6 +29,13 @@ def group_seed(seed: int, tensor_name: str, group: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def chunks(numel: int) -> list[tuple[int, int]]:
+    """[start, end) of each 2**31-element chunk of a tensor (one chunk, possibly empty, when small).
+
+    Reads CHUNK_ELEMENTS at call time, so tests can shrink it to exercise chunking."""
+    return [(s, min(numel, s + CHUNK_ELEMENTS)) for s in range(0, max(numel, 1), CHUNK_ELEMENTS)]
+
+
 def chunk_name(tensor_name: str, chunk: int, numel: int) -> str:
     """Tensors of 2**31+ elements draw per 2**31-element chunk, named ``name#c``."""
     return tensor_name if numel < CHUNK_ELEMENTS else f"{tensor_name}#{chunk}"

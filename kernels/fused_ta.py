@@ -42,10 +42,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _chunks(n: int) -> list[tuple[int, int]]:
-    return [(s, min(n, s + rng.CHUNK_ELEMENTS)) for s in range(0, max(n, 1), rng.CHUNK_ELEMENTS)]
-
-
 def thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...]) -> list[float]:
     """TIES thresholds tau_k: the exact m-th largest |x_k - base| over the whole tensor (inf where
     m = 0). CPU tensors use the fused CPU path's radix select; others the Triton radix select of
@@ -62,7 +58,7 @@ def _l1_sums(b, xs, prm, opts: FusedOptions, name: str, block: int) -> tuple[lis
     n = xs[0].numel()
     total = [0.0] * opts.k
     kept = [0.0] * opts.k
-    for c, (s, e) in enumerate(_chunks(n)):
+    for c, (s, e) in enumerate(rng.chunks(n)):
         cn = e - s
         if cn == 0:
             continue
@@ -155,7 +151,7 @@ def _launch(b, xs, store, prm, opts: FusedOptions, name: str, block: int, num_wa
     out_dtype = torch.bfloat16 if store.dtype == torch.int16 else store.dtype
     n = xs[0].numel()
     lam = float(torch.tensor(opts.lambda_, dtype=torch.float32))
-    for c, (s, e) in enumerate(_chunks(n)):
+    for c, (s, e) in enumerate(rng.chunks(n)):
         cname = rng.chunk_name(name, c, n)
         seeds = [0, 0]
         if opts.sparsify == "random":

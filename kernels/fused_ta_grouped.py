@@ -27,7 +27,7 @@ from fastmerge import rng
 from fastmerge.errors import FastmergeError
 from fastmerge.spec import FusedOptions
 
-from .fused_ta import _CONSENSUS, _SPARSIFY, MAXK, _chunks, _launch, _prepare
+from .fused_ta import _CONSENSUS, _SPARSIFY, MAXK, _launch, _prepare
 from .fused_ta_details._fused_ta import PRM_SIZE, _fused_ta_grouped_kernel
 
 #: one item: (base or None, models, options, tensor name, out tensor or output dtype)
@@ -76,7 +76,7 @@ def _launch_group(key: tuple, members: list, block: int, num_warps: int) -> None
     prms: list[torch.Tensor] = []
     for b, xs, store, prm, opts, name, _ in members:
         n = xs[0].numel()
-        for c, (s, e) in enumerate(_chunks(n)):
+        for c, (s, e) in enumerate(rng.chunks(n)):
             cname = rng.chunk_name(name, c, n)
             numels.append(e - s)
             starts.append(starts[-1] + triton.cdiv(e - s, block))

@@ -26,6 +26,14 @@ TOLERANCES = {
 }
 
 
+def tensor_family(n, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A base of n N(0,1) values and k "fine-tunes" (base + N(0, 0.05^2)), all cast to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    models = [(base + 0.05 * torch.randn(n, generator=g)).to(dtype) for _ in range(k)]
+    return base.to(dtype), models
+
+
 @pytest.fixture(scope="session")
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,6 +17,7 @@ from fastmerge.errors import FastmergeError
 from fastmerge.spec import FusedOptions
 
 from .conftest import TOLERANCES
+from .conftest import tensor_family as _family
 
 pytest.importorskip("triton")
 from fastmerge.kernels import fused_ta  # noqa: E402
@@ -40,13 +41,6 @@ METHODS = [  # the methods of the family, for the dtype x K grid
     ("magnitude", "sum", "none", True),  # ties
     ("random", "none", "inverse", False),  # dare_linear (the paper's 1/p)
 ]
-
-
-def _family(n, k: int, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, generator=g)
-    models = [(base + 0.05 * torch.randn(n, generator=g)).to(dtype) for _ in range(k)]
-    return base.to(dtype), models
 
 
 def _opts(k: int, combo, seed: int = 1, lam: float = 1.0) -> FusedOptions:

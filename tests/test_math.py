@@ -10,6 +10,7 @@ from fastmerge import cpu, reference, rng
 from fastmerge.spec import FusedOptions, keep_count
 
 from .conftest import TOLERANCES
+from .conftest import tensor_family as _family
 
 COMBOS = [
     # (sparsify, consensus, rescale, normalize)
@@ -22,13 +23,6 @@ COMBOS = [
     ("random", "count", "none", True),
 ]
 ODD = 4099  # not a multiple of any block size
-
-
-def _family(n: int, k: int, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, generator=g)
-    models = [(base + 0.05 * torch.randn(n, generator=g)).to(dtype) for _ in range(k)]
-    return base.to(dtype), models
 
 
 def _opts(k: int, combo, seed: int = 1, lam: float = 1.0) -> FusedOptions:
