@@ -50,8 +50,7 @@ class DeviceRunner:
         out_host = torch.empty(task.shape, dtype=task.dtype, pin_memory=self.cuda)
         with torch.cuda.stream(stream) if self.cuda else nullcontext():
             dev = [t.to(self.device, non_blocking=True) for t in tensors]
-            base = dev[0] if task.base else None
-            models = dev[1:] if task.base else dev
+            base, models = task.split(dev)
             result = self._fused_ta.fused_merge(base, models, task.fused, task.name, task.dtype)
             out_host.copy_(result, non_blocking=True)
             event = None

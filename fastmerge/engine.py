@@ -123,8 +123,7 @@ def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None =
         result[: task.rows] = compute(sub, part, threads, nonfinite=nonfinite)
         return result
     if task.op == "fused":
-        base = tensors[0] if task.base else None
-        models = tensors[1:] if task.base else tensors
+        base, models = task.split(tensors)
         counts: list[int] = []
         result = cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=threads,
                                  nonfinite=counts if nonfinite is not None else None)

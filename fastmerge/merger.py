@@ -168,8 +168,7 @@ class Merger:
             out = self._params[task.name]
             tensors = [self._sources[(s.model, s.name)] for s in task.sources]
             if task.op == "fused" and task.rows is None:
-                base = tensors[0] if task.base else None
-                models = tensors[1:] if task.base else tensors
+                base, models = task.split(tensors)
                 if self.backend == "cpu":
                     cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=self.threads)
                 else:

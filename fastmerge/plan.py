@@ -50,6 +50,10 @@ class TensorPlan:
     def sources(self) -> list[Source]:
         return ([self.base] if self.base else []) + self.inputs
 
+    def split(self, tensors: list):
+        """(base or None, the other inputs) of tensors loaded in ``sources`` order."""
+        return (tensors[0], tensors[1:]) if self.base else (None, tensors)
+
     @property
     def out_bytes(self) -> int:
         n = self.dtype.itemsize
