@@ -42,6 +42,13 @@ def ta_recipe(base: Path, *models: Path) -> dict:
             "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models]}
 
 
+def merge_fails(recipe: dict, out: Path, match: str) -> None:
+    """The merge raises a FastmergeError matching ``match`` and leaves nothing at or beside ``out``."""
+    with pytest.raises(FastmergeError, match=match):
+        fastmerge.merge(recipe, out)
+    assert_clean(out)
+
+
 def assert_clean(out: Path) -> None:
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.fastmerge-*")), "temporary directory left behind"
@@ -55,31 +62,24 @@ def fam(families, tmp_path):
 
 def test_missing_model(fam, tmp_path):
     base, ft0, _ = fam
-    with pytest.raises(FastmergeError, match=r"nope: model not found"):
-        fastmerge.merge(ta_recipe(base, ft0, tmp_path / "nope"), tmp_path / "out")
-    assert_clean(tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, tmp_path / "nope"), tmp_path / "out", r"nope: model not found")
 
 
 def test_missing_tensor_in_one_source(fam, tmp_path):
     base, ft0, ft1 = fam
     shard = edit_shard(ft0, lambda t: t.pop(NAME))
     index_path = ft0 / "model.safetensors.index.json"
-    with pytest.raises(FastmergeError, match=rf"{shard.name}: tensor {NAME} listed in .* is missing"):
-        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", rf"{shard.name}: tensor {NAME} listed in .* is missing")
     index = json.loads(index_path.read_text())
     del index["weight_map"][NAME]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(FastmergeError, match=rf"ft0: tensor {NAME} is missing"):
-        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
-    assert_clean(tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", rf"ft0: tensor {NAME} is missing")
 
 
 def test_shape_mismatch(fam, tmp_path):
     base, ft0, ft1 = fam
     shard = edit_shard(ft0, lambda t: t.update({NAME: t[NAME][:, :-1].contiguous()}))
-    with pytest.raises(FastmergeError, match=rf"{shard.name}: tensor {NAME} has shape \[176, 63\], but .*base has \[176, 64\]"):
-        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
-    assert_clean(tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", rf"{shard.name}: tensor {NAME} has shape \[176, 63\], but .*base has \[176, 64\]")
 
 
 def test_truncated_shard(fam, tmp_path):
@@ -87,9 +87,7 @@ def test_truncated_shard(fam, tmp_path):
     shard = shard_of(ft0, NAME)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
-    with pytest.raises(FastmergeError, match=rf"{shard.name}: truncated shard: tensor .* ends at byte"):
-        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
-    assert_clean(tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", rf"{shard.name}: truncated shard: tensor .* ends at byte")
 
 
 def test_corrupt_header(fam, tmp_path):
@@ -98,12 +96,9 @@ def test_corrupt_header(fam, tmp_path):
     data = bytearray(shard.read_bytes())
     data[10:20] = b"\xff" * 10
     shard.write_bytes(bytes(data))
-    with pytest.raises(FastmergeError, match=rf"{shard.name}: unreadable safetensors header"):
-        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", rf"{shard.name}: unreadable safetensors header")
     shard.write_bytes(b"\x00\x01")
-    with pytest.raises(FastmergeError, match=rf"{shard.name}: truncated safetensors file"):
-        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
-    assert_clean(tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", rf"{shard.name}: truncated safetensors file")
 
 
 def test_nonfinite_inputs_warn_with_counts(fam, tmp_path):
@@ -165,9 +160,7 @@ def test_reader_failure_mid_merge(fam, tmp_path, monkeypatch):
         return real(self, name)
 
     monkeypatch.setattr(io.CheckpointReader, "map", flaky)
-    with pytest.raises(FastmergeError, match="truncated shard while reading"):
-        fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
-    assert_clean(tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", "truncated shard while reading")
 
 
 def test_bin_weights_refused_unless_allowed(fam, tmp_path):
@@ -179,8 +172,7 @@ def test_bin_weights_refused_unless_allowed(fam, tmp_path):
     for f in ft1.glob("*.safetensors"):
         state.update(load_file(f))
     torch.save(state, binmodel / "pytorch_model.bin")
-    with pytest.raises(FastmergeError, match=r"binmodel: only pickled .bin weights found; pass --allow-bin"):
-        fastmerge.merge(ta_recipe(base, ft0, binmodel), tmp_path / "out")
+    merge_fails(ta_recipe(base, ft0, binmodel), tmp_path / "out", r"binmodel: only pickled .bin weights found; pass --allow-bin")
     res = fastmerge.merge(ta_recipe(base, ft0, binmodel), tmp_path / "out", MergeOptions(allow_bin=True))
     assert res.tensors == len(state)
 
