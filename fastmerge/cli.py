@@ -36,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="replace an existing output directory")
     m.add_argument("--allow-bin", action="store_true", help="allow pickled .bin inputs (loaded weights_only)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    d = sub.add_parser("dfs", help="data-flow-space (layer path) models")
+    dsub = d.add_subparsers(dest="dfs_command", required=True)
+    e = dsub.add_parser("export", help="save a layer path over source models as a checkpoint")
+    e.add_argument("path", help="path file (JSON: hops [[model, layer, scale], ...], models, head)")
+    e.add_argument("out", help="output directory")
+    e.add_argument("--models", nargs="+", default=None, help="source model directories (default: the path file's)")
+    e.add_argument("--head", type=int, default=None, help="model giving embeddings, final norm, lm_head")
+    e.add_argument("--plain", action="store_true",
+                   help="write a standard HF model with repeated layers copied (every scale must be 1)")
+    e.add_argument("--force", action="store_true", help="replace an existing output directory")
     return p
 
 
@@ -66,6 +77,21 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dfs_export(args: argparse.Namespace) -> int:
+    from .dfs import export, load_path_file, load_sources
+
+    path, models, head = load_path_file(args.path)
+    models = args.models or models
+    if not models:
+        raise FastmergeError(f"{args.path}: names no models; pass --models DIR [DIR ...]")
+    head = head if args.head is None else args.head
+    sources, tokenizer = load_sources(models, head=head)
+    out = export(sources, path, args.out, head=head, plain=args.plain, tokenizer=tokenizer, force=args.force)
+    kind = "plain HF model" if args.plain else f"path model ({len(path.unique_layers())} unique layers)"
+    print(f"wrote {out}: {kind}, {len(path)} hops over {len(models)} models")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -73,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "merge":
             return _merge(args)
+        if args.command == "dfs" and args.dfs_command == "export":
+            return _dfs_export(args)
     except FastmergeError as e:
         print(f"fastmerge: error: {e}", file=sys.stderr)
         return 2
