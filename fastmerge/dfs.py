@@ -228,6 +228,13 @@ def _attention_kind(config: PretrainedConfig, layer: int) -> str:
     return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
 
 
+def _mask_key(config: PretrainedConfig, layer: int) -> tuple:
+    """What a layer's attention mask depends on: sources configured alike share one mask."""
+    kind = _attention_kind(config, layer)
+    window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
+    return kind, window, getattr(config, "_attn_implementation", None)
+
+
 def _mask(config: PretrainedConfig, kind: str, **kw):
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -313,6 +320,9 @@ class PathModel(PreTrainedModel, GenerationMixin):
         path = path if isinstance(path, LayerPath) else LayerPath.from_dict(path)
         path.validate(self.num_layers)
         self.path = path
+        # per hop: (layer module, scale, mask key, source): resolved once, not per forward
+        self._hops = [(self._decoders[h.model].layers[h.layer], h.scale,
+                       _mask_key(self.sources[h.model].config, h.layer), h.model) for h in path]
         self.config.hops = path.to_dict()["hops"]
         self.config.num_hidden_layers = len(path)
 
@@ -349,23 +359,18 @@ class PathModel(PreTrainedModel, GenerationMixin):
         # before any hop writes the cache, so every hop sees the same past length.
         mask_args = dict(inputs_embeds=h, attention_mask=attention_mask, past_key_values=past_key_values,
                          position_ids=position_ids)
-        masks: dict[tuple[int, str], object] = {}
+        masks: dict[tuple, object] = {}
         rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for hop in self.path:
-            cfg = self.sources[hop.model].config
-            key = (hop.model, _attention_kind(cfg, hop.layer))
+        for _, _, key, model in self._hops:
             if key not in masks:
-                masks[key] = _mask(cfg, key[1], **mask_args)
-            if hop.model not in rope:
-                rope[hop.model] = self._decoders[hop.model].rotary_emb(h, position_ids=position_ids)
+                masks[key] = _mask(self.sources[model].config, key[0], **mask_args)
+            if model not in rope:
+                rope[model] = self._decoders[model].rotary_emb(h, position_ids=position_ids)
 
-        for slot, hop in enumerate(self.path):
-            layer = self._decoders[hop.model].layers[hop.layer]
-            x = h if hop.scale == 1.0 else h * hop.scale
-            out = layer(x, attention_mask=masks[(hop.model, _attention_kind(self.sources[hop.model].config, hop.layer))],
-                        position_ids=position_ids,
+        for slot, (layer, scale, key, model) in enumerate(self._hops):
+            out = layer(h if scale == 1.0 else h * scale, attention_mask=masks[key], position_ids=position_ids,
                         past_key_values=_HopCache(past_key_values, slot) if past_key_values is not None else None,
-                        use_cache=use_cache, position_embeddings=rope[hop.model])
+                        use_cache=use_cache, position_embeddings=rope[model])
             h = out[0] if isinstance(out, tuple) else out
 
         h = head.norm(h)
