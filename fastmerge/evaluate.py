@@ -632,7 +632,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise FastmergeError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
+        hint = ""
+        if '"fastmerge_path"' in (path / "config.json").read_text(encoding="utf-8", errors="replace"):
+            hint = " (a DFS export: import fastmerge.dfs first, it registers the model class)"
+        raise FastmergeError(f"cannot load model {path}: {str(e).splitlines()[0]}{hint}") from None
     tok_path = Path(tokenizer) if tokenizer is not None else path
     try:
         tok = AutoTokenizer.from_pretrained(tok_path)

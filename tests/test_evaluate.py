@@ -444,7 +444,7 @@ def test_evaluate_checkpoint_matches_in_memory(checkpoint, llama, tok):
         evaluate_checkpoint(path / "nope", spec)
 
 
-def test_cli_eval(checkpoint, llama, tok, capsys):
+def test_cli_eval(checkpoint, llama, tok, capsys, user_module):
     from fastmerge.cli import main
 
     path, data = checkpoint
@@ -458,3 +458,7 @@ def test_cli_eval(checkpoint, llama, tok, capsys):
     assert rc == 0 and "loglik=" in out and "n=5" in out
     rc = main(["eval", str(path), "--task", "math", "--data", str(path / "missing.jsonl")])
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+    rc = main(["eval", str(path), "--task", f"{user_module}:evaluate", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out) == {"score": 0.25}
+    rc = main(["eval", str(path), "--task", f"{user_module}:make", "--data", "x.jsonl"])
+    assert rc == 2 and "factory" in capsys.readouterr().err
