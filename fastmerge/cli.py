@@ -47,6 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plain", action="store_true",
                    help="write a standard HF model with repeated layers copied (every scale must be 1)")
     e.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+    v = sub.add_parser("eval", help="score a checkpoint (a merge, a DFS export, any HF causal LM) with an evaluator")
+    v.add_argument("model", help="model directory (config.json, weights, tokenizer)")
+    v.add_argument("--task", required=True,
+                   help="math | loglik | package.module:function (with --data: a factory called with data=FILE)")
+    v.add_argument("--data", default=None, help="JSONL: question/answer (math), text or question/answer (loglik)")
+    v.add_argument("--lang", default=None, help="target language of the answers for acc_lang (e.g. ja)")
+    v.add_argument("--template", default=None,
+                   help="math prompt template with {question}; \\n is a newline (default: 'Q: {question}\\nA:')")
+    v.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    v.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    v.add_argument("--max-new-tokens", type=int, default=128, help="math: tokens generated per answer (default 128)")
+    v.add_argument("--tokenizer", default=None, help="take the tokenizer from this directory instead")
+    v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    v.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -92,6 +108,50 @@ def _dfs_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_spec(args: argparse.Namespace) -> dict:
+    """The evaluator spec of ``fastmerge eval``'s flags (only those the task takes)."""
+    if args.task not in ("math", "loglik"):  # module:function; with --data it is a factory called with data=
+        return {"name": args.task} if args.data is None else {"name": args.task, "data": args.data}
+    if args.data is None:
+        raise FastmergeError(f"--task {args.task} needs --data FILE.jsonl")
+    spec = {"name": args.task, "data": args.data, "limit": args.limit, "batch_size": args.batch_size}
+    if args.task == "math":
+        spec.update(lang=args.lang, max_new_tokens=args.max_new_tokens)
+        if args.template is not None:
+            spec["template"] = args.template.replace("\\n", "\n")
+    return spec
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from . import dfs  # noqa: F401 -- registers the DFS export class with AutoModelForCausalLM
+    from .evaluate import evaluate_checkpoint
+
+    bar: tqdm | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="item", desc=f"eval {args.task}", dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        metrics = evaluate_checkpoint(args.model, _eval_spec(args), device=args.device, tokenizer=args.tokenizer,
+                                      progress=None if args.no_progress else progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        fields = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        print(f"{args.model}: {fields}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -99,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "merge":
             return _merge(args)
+        if args.command == "eval":
+            return _eval(args)
         if args.command == "dfs" and args.dfs_command == "export":
             return _dfs_export(args)
     except FastmergeError as e:
