@@ -1,0 +1,353 @@
+"""Train the toy world's tiny models on the CPU: a shared base, a Japanese model and an English math model.
+
+The paper's setup in miniature (Shisa Gamma / WizardMath / Abel, all fine-tunes of Mistral-7B):
+
+- ``base``: pre-trained from scratch on "web text" of both languages -- problem statements in English
+  and Japanese (no solutions), parallel EN/JA pairs (so the two languages share representations),
+  short stories stating counts, and language-neutral arithmetic facts (``"7 × 8 = 56"``). It knows
+  both languages and arithmetic, but has never seen a question answered.
+- ``ja``: the base fine-tuned on Japanese chat -- Japanese look-up questions answered in Japanese
+  (``"<restated fact>\\n答え: N"``). It answers Japanese questions in Japanese, but never learned to
+  solve a word problem.
+- ``math_en``: the base fine-tuned on English word problems with step-by-step solutions. It solves,
+  but in English.
+
+Fine-tunes are short (a few hundred steps, small learning rate) so they stay small deltas of the base,
+which is what lets task arithmetic compose them. Each model is a normal Hugging Face checkpoint
+(safetensors + a ``PreTrainedTokenizerFast``), cached under ``work_dir/models/{base,ja,math_en}`` and
+skipped on a second run when its config hash matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import world  # noqa: E402
+
+SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
+#: bump when the world or the training code changes in a way that invalidates cached models
+WORLD_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """The tiny Llama: a few million parameters, tied embeddings (half the parameters otherwise)."""
+
+    hidden: int = 192
+    layers: int = 6
+    heads: int = 6
+    intermediate: int = 512
+    max_len: int = 192
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase (pre-training or a fine-tune)."""
+
+    steps: int
+    lr: float
+    batch: int = 32
+    warmup: int = 20
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the three models; its hash names the cache entry."""
+
+    seed: int = 0
+    vocab: int = 2048
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=1200, lr=3e-3, batch=32, warmup=50))
+    ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=150, lr=5e-4, batch=32))
+    math_en: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=5e-4, batch=32))
+    #: base corpus mixture (fractions of documents)
+    mix_facts: float = 0.3
+    mix_questions: float = 0.25
+    mix_parallel: float = 0.25
+    mix_stories: float = 0.2
+    #: language-neutral solved problems (question + bare equations) in the base corpus, both languages
+    mix_neutral_solved: float = 0.0
+    #: fraction of base-corpus documents replayed in each fine-tune batch (keeps fine-tunes near the base)
+    replay: float = 0.0
+    corpus_docs: int = 40000
+
+    def digest(self) -> str:
+        blob = json.dumps({"v": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def quick_config(seed: int = 0) -> TrainConfig:
+    """A smaller, faster variant (for ``--quick`` and smoke runs): worse models, same pipeline."""
+    return TrainConfig(seed=seed, model=ModelConfig(hidden=128, layers=4, heads=4, intermediate=384),
+                       base=PhaseConfig(steps=400, lr=3e-3, batch=32, warmup=30),
+                       ja=PhaseConfig(steps=80, lr=5e-4), math_en=PhaseConfig(steps=150, lr=5e-4),
+                       corpus_docs=15000)
+
+
+# --- corpora -------------------------------------------------------------------------------------
+
+def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str]:
+    """The base's pre-training documents (see the module docstring). Uses only train-split problems."""
+    rng = random.Random(f"{cfg.seed}:base")
+    keys = world.split_keys(cfg.seed)["train"]
+    kinds = ["facts", "questions", "parallel", "stories", "neutral_solved"]
+    weights = [cfg.mix_facts, cfg.mix_questions, cfg.mix_parallel, cfg.mix_stories, cfg.mix_neutral_solved]
+    docs = []
+    for _ in range(cfg.corpus_docs):
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "facts":
+            docs.append("\n".join(world.arithmetic_fact(rng) for _ in range(rng.randint(4, 8))))
+        elif kind == "questions":
+            docs.append(rng.choice(train).question)
+        elif kind == "parallel":
+            t = rng.choice(list(world.TEMPLATES))
+            en, ja = world.render_pair(t, rng.choice(keys[t]), rng)
+            a, b = (en, ja) if rng.random() < 0.5 else (ja, en)
+            docs.append(f"{a.question}\n{b.question}")
+        elif kind == "stories":
+            lang = rng.choice(world.LANGS)
+            docs.append(world.lookup_qa(rng, lang).question)
+        else:
+            p = rng.choice(train)
+            docs.append(p.question + "\n" + "\n".join(p.solution.split("\n")[1:-1]))
+    return docs
+
+
+def ja_sft(cfg: TrainConfig, n: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of Japanese chat: look-up questions answered in Japanese."""
+    rng = random.Random(f"{cfg.seed}:ja")
+    return [(world.prompt(q.question), q.response) for q in (world.lookup_qa(rng, "ja") for _ in range(n))]
+
+
+def math_sft(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[tuple[str, str]]:
+    """(prompt, solution) pairs of English word problems (train split only)."""
+    return [(world.prompt(p.question), p.solution) for p in train if p.lang == "en"]
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+def train_tokenizer(texts: Sequence[str], vocab: int):
+    """Byte-level BPE where digit runs, runs of one Japanese script, and newlines are pre-split.
+
+    Why the pre-split: a number must be the same token whether it follows a space ("buys 3"), a kanji
+    ("を3個") or starts an equation ("3 × 4") -- otherwise the English and Japanese questions would
+    spell their numbers differently and an English-trained skill could not carry over. Japanese has no
+    spaces, so without the script split BPE learns whole phrases ("大輝はクッキーを") as single tokens.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\d+|\p{Han}+|[\p{Katakana}ー]+|\p{Hiragana}+|\n"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL.values()), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIAL["pad"], bos_token=SPECIAL["bos"],
+                                   eos_token=SPECIAL["eos"], padding_side="left")
+
+
+# --- model and training loop ---------------------------------------------------------------------
+
+def make_model(cfg: ModelConfig, tokenizer, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                       num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+                       intermediate_size=cfg.intermediate, max_position_embeddings=cfg.max_len,
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       rms_norm_eps=1e-5, initializer_range=0.02)
+    return LlamaForCausalLM(conf)
+
+
+def encode_examples(tokenizer, examples: Sequence[tuple[str, str]], max_len: int) -> list[tuple[list[int], int]]:
+    """(ids, n_prompt) per example: bos + prompt + response + eos; loss only on the response (+eos)."""
+    out = []
+    for p, r in examples:
+        pi = tokenizer.encode(p, add_special_tokens=False)
+        ri = tokenizer.encode(r, add_special_tokens=False)
+        ids = ([tokenizer.bos_token_id] + pi + ri + [tokenizer.eos_token_id])[:max_len]
+        out.append((ids, 1 + len(pi)))
+    return out
+
+
+def encode_docs(tokenizer, docs: Sequence[str], max_len: int) -> list[tuple[list[int], int]]:
+    """Pre-training documents: loss on every token (n_prompt = 0)."""
+    return [(([tokenizer.bos_token_id] + tokenizer.encode(d, add_special_tokens=False)
+              + [tokenizer.eos_token_id])[:max_len], 1) for d in docs]
+
+
+def batches(data: Sequence[tuple[list[int], int]], batch: int, pad_id: int, seed: int,
+            replay: Sequence[tuple[list[int], int]] = (), replay_frac: float = 0.0) -> Iterator[tuple]:
+    """Endless shuffled batches (right-padded), ``replay_frac`` of each drawn from ``replay``."""
+    rng = random.Random(seed)
+    n_rep = round(batch * replay_frac) if replay else 0
+    order: list[int] = []
+    while True:
+        rows = []
+        for _ in range(batch - n_rep):
+            if not order:
+                order = list(range(len(data)))
+                rng.shuffle(order)
+            rows.append(data[order.pop()])
+        rows += [replay[rng.randrange(len(replay))] for _ in range(n_rep)]
+        width = max(len(ids) for ids, _ in rows)
+        x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        y = torch.full((len(rows), width), -100, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, n_prompt) in enumerate(rows):
+            t = torch.tensor(ids)
+            x[i, :len(ids)] = t
+            att[i, :len(ids)] = 1
+            y[i, n_prompt:len(ids)] = t[n_prompt:]
+        yield x, att, y
+
+
+def train_phase(model, data, phase: PhaseConfig, pad_id: int, seed: int, desc: str, progress: bool = True,
+                replay=(), replay_frac: float = 0.0, log: Callable[[str], None] | None = None) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; returns the loss of every step."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, betas=(0.9, 0.98), weight_decay=phase.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < phase.warmup:
+            return (step + 1) / phase.warmup
+        t = (step - phase.warmup) / max(1, phase.steps - phase.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    it = batches(data, phase.batch, pad_id, seed, replay, replay_frac)
+    losses = []
+    bar = tqdm(range(phase.steps), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        x, att, y = next(it)
+        loss = model(input_ids=x, attention_mask=att, labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if len(losses) % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / 10:.3f}")
+    model.eval()
+    if log:
+        log(f"{desc}: {phase.steps} steps, loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-20:]) / 20:.3f}")
+    return losses
+
+
+def _save(model, tokenizer, out: Path, meta: dict) -> None:
+    """Write to a sibling temp dir, then rename: a killed run never leaves a half model that looks cached."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "toy_world.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _cached(out: Path, digest: str) -> bool:
+    meta = out / "toy_world.json"
+    return meta.exists() and json.loads(meta.read_text()).get("digest") == digest
+
+
+MODEL_NAMES = ("base", "ja", "math_en")
+
+
+def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed: int = 0, progress: bool = True,
+                 config: TrainConfig | None = None, log: Callable[[str], None] | None = print) -> dict[str, Path]:
+    """Train (or reuse) base, ja and math_en under ``work_dir/models``; returns {name: checkpoint dir}.
+
+    A model is reused when its ``toy_world.json`` holds the same config digest; otherwise it and every
+    model derived from it are retrained.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    cfg = config or (quick_config(seed) if quick else TrainConfig(seed=seed))
+    digest = cfg.digest()
+    root = Path(work_dir) / "models"
+    paths = {name: root / name for name in MODEL_NAMES}
+    if all(_cached(p, digest) for p in paths.values()):
+        if log:
+            log(f"toy_world models cached in {root} (config {digest})")
+        return paths
+    log = log or (lambda s: None)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    splits = world.make_splits(cfg.seed)
+    train = splits["train"]
+    docs = base_corpus(cfg, train)
+    ja_data, math_data = ja_sft(cfg, 3000), math_sft(cfg, train)
+    t0 = time.perf_counter()
+    if _cached(paths["base"], digest):
+        tok = PreTrainedTokenizerFast.from_pretrained(paths["base"])
+        base = AutoModelForCausalLM.from_pretrained(paths["base"])
+    else:
+        texts = docs + [p + r for p, r in ja_data + math_data]
+        tok = train_tokenizer(texts, cfg.vocab)
+        base = make_model(cfg.model, tok, cfg.seed)
+        n = sum(p.numel() for p in base.parameters())
+        log(f"tokenizer: {len(tok)} tokens; model: {n / 1e6:.2f}M parameters")
+        data = encode_docs(tok, docs, cfg.model.max_len)
+        losses = train_phase(base, data, cfg.base, tok.pad_token_id, cfg.seed, "base", progress, log=log)
+        _save(base, tok, paths["base"], {"digest": digest, "loss": losses[-20:], "seconds": time.perf_counter() - t0})
+        log(f"base: {time.perf_counter() - t0:.0f} s")
+    replay = encode_docs(tok, docs[:5000], cfg.model.max_len) if cfg.replay else ()
+    for name, sft, phase in (("ja", ja_data, cfg.ja), ("math_en", math_data, cfg.math_en)):
+        if _cached(paths[name], digest):
+            continue
+        t1 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(paths["base"])
+        data = encode_examples(tok, sft, cfg.model.max_len)
+        losses = train_phase(model, data, phase, tok.pad_token_id, cfg.seed + 1, name, progress,
+                             replay=replay, replay_frac=cfg.replay, log=log)
+        _save(model, tok, paths[name], {"digest": digest, "loss": losses[-20:], "seconds": time.perf_counter() - t1})
+        log(f"{name}: {time.perf_counter() - t1:.0f} s")
+    log(f"toy_world models ready in {root} ({time.perf_counter() - t0:.0f} s)")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train the toy world's base, ja and math_en models (cached).")
+    ap.add_argument("--work", type=Path, default=HERE / "work", help="models go to WORK/models/{base,ja,math_en}")
+    ap.add_argument("--quick", action="store_true", help="smaller models, fewer steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = build_models(args.work, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    for name, p in paths.items():
+        print(f"{name}: {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
