@@ -1,0 +1,668 @@
+"""Evolutionary model merging (DESIGN.md section 7): CMA-ES over merge recipes, in parameter space
+(PS), data-flow space (DFS) or both (PS then DFS, the PS merge becoming model A).
+
+The loop, per generation: ask CMA-ES for ``popsize`` genomes in [0, 1]^n -> decode each -> merge
+it in place (``Merger``) or switch the layer path (``PathModel``) -> evaluate -> tell. Why this
+shape:
+
+- The models are loaded once per process and every candidate is written into the same live
+  module, so a trial costs one in-memory merge plus one evaluation, never a checkpoint on disk.
+- Every trial is one JSON line in ``trials.jsonl``; after each generation the optimizer (pickled
+  ``cmaes.CMA``, whose RNG is its own), the best trial and the number of logged trials are written
+  atomically to ``state.pkl``. ``resume`` drops log lines of the generation that was cut off and
+  re-asks it from the saved optimizer, so the log equals that of an uninterrupted run (evaluation
+  is deterministic: greedy decoding, a fixed DARE seed).
+- ``workers > 1`` scores a generation's candidates in a ``torch.multiprocessing`` (spawn) pool,
+  each worker holding its own Merger/PathModel; results come back in order, so the log and the
+  optimizer see exactly what one worker would give them.
+- The library reports progress through a callback; only the CLI draws.
+
+Layout of ``out``: ``config.yml``, ``result.json`` and one directory per stage (``ps/``, ``dfs/``)
+holding ``trials.jsonl``, ``state.pkl``, ``space.json``, ``fitness.png`` and the best candidate
+(``best.yml``, a mergekit recipe, or ``best_path.json``), plus ``model/`` when materialized.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import queue
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .errors import FastmergeError
+from .evolve_config import Budget, EvolveConfig, _is_hub_id
+from .space import DFSSpace, PSSpace
+
+STATE_VERSION = 1
+#: what CMA-ES is told for a failed (NaN) fitness: worse than any real one, still finite
+_FAILED = 1e30
+#: trial fields that are timings, not results (a resumed run's log equals an uninterrupted one's without them)
+TIMING_FIELDS = ("merge_s", "eval_s")
+
+
+# ----------------------------------------------------------------------------------------- public results
+
+
+@dataclass
+class EvolveProgress:
+    """One progress report: after each trial (``kind="trial"``), generation, and at stage ends."""
+
+    stage: str
+    kind: str  # "start" | "trial" | "generation" | "end"
+    generation: int  # the generation in progress (0-based), or the number completed at "generation"/"end"
+    trials: int  # trials logged in this stage (including those of a resumed run)
+    trials_total: int | None  # from the budget, when it is a count
+    best: float | None
+    mean: float | None  # mean fitness of the last completed generation
+    trials_per_min: float  # in this session
+    merge_s: float  # seconds merging / evaluating in this session
+    eval_s: float
+
+
+@dataclass
+class StageResult:
+    stage: str
+    best_fitness: float
+    best_metrics: dict
+    best_x: list[float]
+    best_decoded: dict
+    best_file: Path
+    trials: int
+    generations: int
+    stop_reason: str
+    plot: Path | None = None
+    model_dir: Path | None = None
+
+
+@dataclass
+class EvolveResult:
+    out: Path
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def best(self) -> StageResult:
+        return self.stages[-1]
+
+
+ProgressFn = Callable[[EvolveProgress], None]
+
+
+# ----------------------------------------------------------------------------------------- entry point
+
+
+def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, materialize: bool = False,
+           out: str | Path | None = None, progress: ProgressFn | None = None) -> EvolveResult:
+    """Run (or with ``resume`` continue) the evolution a config describes; returns the best per stage.
+
+    ``config``: an ``EvolveConfig`` or what ``EvolveConfig.from_yaml`` reads. ``out`` overrides the
+    config's output directory. ``materialize`` also writes the best candidate as a checkpoint
+    (``<stage>/model``). Every config error is raised before a model is loaded.
+    """
+    if not isinstance(config, EvolveConfig):
+        config = EvolveConfig.from_yaml(config, out=out)
+    elif out is not None:
+        config = config.model_copy(update={"out": str(Path(out).resolve())})
+        config.check()
+    root = Path(config.out)
+    _claim_out_dir(root, config, resume)
+    config = _localize(config)
+    result = EvolveResult(root)
+    ps_model: Path | None = None
+    for stage in config.stages:
+        stage_dir = root / stage
+        if stage == "ps":
+            space = ps_space(config)
+            spec = _RunnerSpec("ps", space, config.evaluator, config.metric, _tokenizer_dirs(config, config.ps_models),
+                               config.device, config.backend)
+        else:
+            models = ([str(ps_model)] if ps_model is not None else []) + config.dfs_models
+            space = dfs_space(config, models)
+            spec = _RunnerSpec("dfs", space, config.evaluator, config.metric,
+                               _tokenizer_dirs(config, [models[space.head], *models]), config.device, config.backend)
+        res = _run_stage(stage, config, space, spec, stage_dir, resume, progress)
+        if stage == "ps" and (materialize or "dfs" in config.stages):
+            res.model_dir = _materialize_ps(res.best_file, stage_dir / "model", config.device)
+            ps_model = res.model_dir
+        elif stage == "dfs" and materialize:
+            res.model_dir = _materialize_dfs(res.best_file, stage_dir / "model", config.device)
+        result.stages.append(res)
+        _write_result(result)
+    return result
+
+
+def _claim_out_dir(root: Path, config: EvolveConfig, resume: bool) -> None:
+    """Refuse to mix a new run into an old one; keep the config next to its results."""
+    used = [root / s / f for s in ("ps", "dfs") for f in ("trials.jsonl", "state.pkl")]
+    if not resume and any(p.exists() for p in used):
+        raise FastmergeError(f"{root}: already holds an evolve run; pass --resume to continue it, "
+                             "or choose another output directory")
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write(root / "config.yml", yaml.safe_dump(config.model_dump(), sort_keys=False).encode())
+
+
+def _localize(config: EvolveConfig) -> EvolveConfig:
+    """Hub ids -> local snapshot directories (the only network access, before anything else)."""
+
+    def local(name: str | None) -> str | None:
+        if name is None or not _is_hub_id(name) or Path(name).exists():
+            return name
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                           "*.txt", "*.jinja"])
+        except Exception as e:  # noqa: BLE001 - any hub failure is the same one-line error
+            raise FastmergeError(f"{name}: not a local directory, and the hub could not provide it "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    if not any(_is_hub_id(m) for m in [*config.models, config.base_model or "", *(config.dfs.models or []),
+                                          config.tokenizer or ""]):
+        return config
+    c = config.model_copy(deep=True)
+    c.models = [local(m) for m in c.models]
+    c.base_model = local(c.base_model)
+    c.tokenizer = local(c.tokenizer)
+    if c.dfs.models is not None:
+        c.dfs.models = [local(m) for m in c.dfs.models]
+    return c
+
+
+# ----------------------------------------------------------------------------------------- search spaces
+
+
+def _config_json(model: str) -> dict:
+    return json.loads((Path(model) / "config.json").read_text())
+
+
+def ps_space(config: EvolveConfig) -> PSSpace:
+    """The PS genes of a config (layer count from the base model's config.json)."""
+    ps = config.ps
+    return PSSpace(method=config.merge_method, models=list(config.models), base_model=config.base_model,
+                   num_layers=int(_config_json(config.ps_models[0])["num_hidden_layers"]), group_size=ps.group_size,
+                   filters=list(ps.filters), weight_range=tuple(ps.weight), density_range=tuple(ps.density),
+                   parameters=dict(ps.parameters), random_seed=ps.random_seed)
+
+
+def dfs_space(config: EvolveConfig, models: Sequence[str]) -> DFSSpace:
+    """The DFS genome over ``models`` (model A first for ps+dfs)."""
+    d = config.dfs
+    layers = [int(_config_json(m)["num_hidden_layers"]) for m in models]
+    return DFSSpace(models=list(models), layers=layers, repetitions=d.repetitions, fix_ends=d.fix_ends,
+                    head=d.head, scale_range=tuple(d.scale_range), init=d.init)
+
+
+def _decoded_json(space: PSSpace | DFSSpace, x: np.ndarray) -> dict:
+    if isinstance(space, PSSpace):
+        return space.decode(x).to_json()
+    return space.decode(x).to_dict()
+
+
+def _space_json(space: PSSpace | DFSSpace) -> dict:
+    """What the genes mean, so a trial line's ``x`` and ``decoded`` can be read without the code."""
+    if isinstance(space, PSSpace):
+        groups = [[g * (space.group_size or space.num_layers), min((g + 1) * (space.group_size or space.num_layers),
+                                                                   space.num_layers)] for g in range(space.groups)]
+        return {"space": "ps", "size": space.size, "method": space.method, "base_model": space.base_model,
+                "models": space.models, "layer_groups": groups, "filters": [*space.filters, "*"] if space.filters else ["*"],
+                "weight_range": list(space.weight_range),
+                "density_range": list(space.density_range) if space.searches_density else None,
+                "layout": "x = weights then densities, each (group, filter, model) in C order; decoded the same"}
+    return {"space": "dfs", "size": space.size, "models": space.models, "layers": space.layers,
+            "repetitions": space.repetitions, "fix_ends": space.fix_ends, "head": space.head,
+            "scale_range": list(space.scale_range), "init": space.init}
+
+
+# ----------------------------------------------------------------------------------------- trial runners
+
+
+@dataclass
+class _RunnerSpec:
+    """Everything a process needs to score genomes (picklable: it travels to spawned workers)."""
+
+    stage: str
+    space: PSSpace | DFSSpace
+    evaluator: dict | str
+    metric: str
+    tokenizer_dirs: list[str]
+    device: str = "cpu"
+    backend: str | None = None
+    threads: int | None = None
+
+
+def _tokenizer_dirs(config: EvolveConfig, models: Sequence[str]) -> list[str]:
+    return [config.tokenizer] if config.tokenizer else list(dict.fromkeys(models))
+
+
+def _load_tokenizer(dirs: Sequence[str]):
+    """The first tokenizer found in ``dirs`` (None when none has one: a user evaluator may not need it)."""
+    from transformers import AutoTokenizer
+
+    for d in dirs:
+        if any((Path(d) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            try:
+                return AutoTokenizer.from_pretrained(d)
+            except (OSError, ValueError, TypeError) as e:
+                raise FastmergeError(f"{d}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    return None
+
+
+class _Runner:
+    """Scores genomes in one process: models loaded once, each candidate merged/switched in place."""
+
+    def __init__(self, spec: _RunnerSpec):
+        from .evaluate import load_evaluator
+
+        self.spec = spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.evaluate = load_evaluator(spec.evaluator)
+        self.tokenizer = _load_tokenizer(spec.tokenizer_dirs)
+        if self.tokenizer is None and not (isinstance(spec.evaluator, str) or ":" in str(spec.evaluator.get("name"))):
+            raise FastmergeError(f"no tokenizer in {', '.join(spec.tokenizer_dirs)}; set tokenizer: in the config")
+        if spec.stage == "ps":
+            from .merger import Merger
+
+            self.merger = Merger(spec.space.base_recipe(), device=spec.device, backend=spec.backend,
+                                 threads=spec.threads)
+            self.model = self.merger.module
+        else:
+            from .dfs import PathModel, load_sources
+
+            space: DFSSpace = spec.space
+            dtype = torch.float32 if spec.device == "cpu" else "auto"
+            sources, _ = load_sources(space.models, head=space.head, device=spec.device, dtype=dtype)
+            self.model = PathModel(sources, space.decode(space.x0()), head=space.head).eval()
+
+    def _apply(self, x: np.ndarray) -> None:
+        space = self.spec.space
+        if isinstance(space, PSSpace):
+            self.merger.merge(space.candidate(space.decode(x)))
+        else:
+            self.model.set_path(space.decode(x))
+
+    def __call__(self, x: Sequence[float]) -> dict:
+        x = np.asarray(x, dtype=np.float64)
+        t0 = time.perf_counter()
+        self._apply(x)
+        _sync(self.spec.device)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            metrics = dict(self.evaluate(self.model, self.tokenizer))
+        _sync(self.spec.device)
+        t2 = time.perf_counter()
+        if self.spec.metric not in metrics:
+            raise FastmergeError(f"metric {self.spec.metric!r} is not among the evaluator's metrics "
+                                 f"({', '.join(map(str, metrics)) or 'none'})")
+        fitness = float(metrics[self.spec.metric])
+        return {"fitness": fitness, "metrics": _jsonable(metrics), "merge_s": t1 - t0, "eval_s": t2 - t1}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _jsonable(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[str(k)] = v
+        elif hasattr(v, "item"):
+            out[str(k)] = v.item()
+        else:
+            out[str(k)] = str(v)
+    return out
+
+
+# One runner per worker process, built on its first genome (a failing Pool initializer would be
+# restarted forever; a failing task is reported to the parent).
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(spec: _RunnerSpec, devices) -> None:
+    try:
+        spec.device = devices.get(timeout=10)
+    except queue.Empty:  # a worker restarted after a crash: the configured device
+        pass
+    _WORKER["spec"] = spec
+
+
+def _worker_run(x: list[float]) -> dict:
+    if "runner" not in _WORKER:
+        _WORKER["runner"] = _Runner(_WORKER["spec"])
+    return _WORKER["runner"](x)
+
+
+class _Scorer:
+    """Scores a generation's genomes, in order: in this process, or in a spawn pool of workers."""
+
+    def __init__(self, spec: _RunnerSpec, workers: int):
+        self.spec, self.workers = spec, workers
+        self._runner: _Runner | None = None
+        self._pool = None
+
+    def __enter__(self) -> _Scorer:
+        if self.workers == 1:
+            self._runner = _Runner(self.spec)
+            return self
+        ctx = torch.multiprocessing.get_context("spawn")
+        devices = ctx.Queue()
+        for i in range(self.workers):
+            devices.put(_worker_device(self.spec.device, i))
+        spec = _RunnerSpec(**{**self.spec.__dict__, "threads": self.spec.threads or _threads_per_worker(self.workers)})
+        self._pool = ctx.Pool(self.workers, initializer=_worker_init, initargs=(spec, devices))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            if exc[0] is None:
+                self._pool.close()
+            else:
+                self._pool.terminate()
+            self._pool.join()
+
+    def __call__(self, xs: Sequence[np.ndarray]) -> Iterator[dict]:
+        if self._runner is not None:
+            return (self._runner(x) for x in xs)
+        return self._pool.imap(_worker_run, [np.asarray(x).tolist() for x in xs], chunksize=1)
+
+
+def _worker_device(device: str, i: int) -> str:
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{i % torch.cuda.device_count()}"
+    return device
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+def _popsize(config: EvolveConfig, n: int) -> int:
+    return config.cma.popsize or 4 + math.floor(3 * math.log(n))
+
+
+def _new_state(config: EvolveConfig, stage: str, space: PSSpace | DFSSpace) -> dict:
+    from cmaes import CMA
+
+    x0 = space.x0(config.cma.x0) if stage == "ps" else space.x0()
+    n = space.size
+    cma = CMA(mean=np.asarray(x0, dtype=np.float64), sigma=config.cma.sigma0, bounds=np.tile([0.0, 1.0], (n, 1)),
+              seed=config.cma.seed, population_size=_popsize(config, n))
+    return {"version": STATE_VERSION, "fingerprint": _fingerprint(config, stage, space), "cma": cma,
+            "generation": 0, "trials": 0, "elapsed": 0.0, "best": None, "history": [], "done": False,
+            "stop_reason": None}
+
+
+def _fingerprint(config: EvolveConfig, stage: str, space: PSSpace | DFSSpace) -> str:
+    return f"{config.fingerprint(stage)}:{space.size}"
+
+
+def _budget_total(budget: Budget, popsize: int) -> int | None:
+    counts = []
+    if budget.trials is not None:
+        counts.append(math.ceil(budget.trials / popsize) * popsize)
+    if budget.generations is not None:
+        counts.append(budget.generations * popsize)
+    return min(counts) if counts else None
+
+
+def _stop_reason(state: dict, budget: Budget, popsize: int) -> str | None:
+    """Why the stage ends now (checked between generations), or None to run another generation."""
+    total = _budget_total(budget, popsize)
+    if total is not None and state["trials"] >= total:
+        return "budget"
+    wall = budget.seconds()
+    if wall is not None and state["elapsed"] >= wall:
+        return "wall_time"
+    if state["generation"] > 0 and state["cma"].should_stop():
+        return "converged"
+    return None
+
+
+def _run_stage(stage: str, config: EvolveConfig, space: PSSpace | DFSSpace, spec: _RunnerSpec, out: Path,
+               resume: bool, progress: ProgressFn | None) -> StageResult:
+    out.mkdir(parents=True, exist_ok=True)
+    log_file, state_file = out / "trials.jsonl", out / "state.pkl"
+    state = _resume_state(config, stage, space, out, resume)
+    _atomic_write(out / "space.json", (json.dumps(_space_json(space), indent=1) + "\n").encode())
+    budget = config.budget_for(stage)
+    cma = state["cma"]
+    popsize = cma.population_size
+    clock = _Clock(state, budget, popsize, stage, progress)
+    clock.report("start")
+    if not state["done"]:
+        with _Scorer(spec, config.workers) as score, open(log_file, "a") as log:
+            while (reason := _stop_reason(state, budget, popsize)) is None:
+                _generation(state, space, score, log, clock)
+                _save_state(state_file, state)
+                clock.report("generation")
+        state["done"], state["stop_reason"] = True, reason
+        _save_state(state_file, state)
+    best = state["best"]
+    if best is None:
+        raise FastmergeError(f"{stage}: the budget ended before a single generation was scored")
+    best_file = _write_best(stage, space, np.asarray(best["x"]), out)
+    plot = _plot(state["history"], out / "fitness.png", f"{stage.upper()} search")
+    clock.report("end")
+    return StageResult(stage, best["fitness"], best["metrics"], best["x"], best["decoded"], best_file,
+                       state["trials"], state["generation"], state["stop_reason"], plot)
+
+
+def _generation(state: dict, space: PSSpace | DFSSpace, score, log, clock: _Clock) -> None:
+    """Ask, score in order, log every trial as it comes, tell; then update best and history."""
+    cma = state["cma"]
+    g = state["generation"]
+    t0 = time.perf_counter()
+    xs = [cma.ask() for _ in range(cma.population_size)]
+    told, fitnesses = [], []
+    for i, (x, res) in enumerate(zip(xs, score(xs))):
+        rec = {"generation": g, "trial": state["trials"] + i, "x": x.tolist(), "decoded": _decoded_json(space, x),
+               "fitness": res["fitness"], "metrics": res["metrics"], "merge_s": res["merge_s"], "eval_s": res["eval_s"]}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        f = res["fitness"]
+        fitnesses.append(f)
+        told.append((x, -f if math.isfinite(f) else _FAILED))
+        if math.isfinite(f) and (state["best"] is None or f > state["best"]["fitness"]):
+            state["best"] = {k: rec[k] for k in ("generation", "trial", "x", "decoded", "fitness", "metrics")}
+        clock.trial(res["merge_s"], res["eval_s"])
+    cma.tell(told)
+    finite = [f for f in fitnesses if math.isfinite(f)]
+    state["history"].append({"generation": g, "best": max(finite) if finite else None,
+                             "mean": float(np.mean(finite)) if finite else None,
+                             "best_so_far": state["best"]["fitness"] if state["best"] else None})
+    state["generation"] += 1
+    state["trials"] += len(xs)
+    state["elapsed"] += time.perf_counter() - t0
+
+
+class _Clock:
+    """Session counters behind the progress reports."""
+
+    def __init__(self, state: dict, budget: Budget, popsize: int, stage: str, progress: ProgressFn | None):
+        self.state, self.stage, self.progress = state, stage, progress
+        self.total = _budget_total(budget, popsize)
+        self.start = time.perf_counter()
+        self.done = 0
+        self.in_gen = 0
+        self.merge_s = self.eval_s = 0.0
+
+    def trial(self, merge_s: float, eval_s: float) -> None:
+        self.done += 1
+        self.in_gen += 1
+        self.merge_s += merge_s
+        self.eval_s += eval_s
+        self.report("trial")
+
+    def report(self, kind: str) -> None:
+        if kind == "generation":
+            self.in_gen = 0
+        if self.progress is None:
+            return
+        st = self.state
+        minutes = (time.perf_counter() - self.start) / 60
+        hist = st["history"]
+        self.progress(EvolveProgress(
+            stage=self.stage, kind=kind, generation=st["generation"], trials=st["trials"] + self.in_gen,
+            trials_total=self.total, best=st["best"]["fitness"] if st["best"] else None,
+            mean=hist[-1]["mean"] if hist else None, trials_per_min=self.done / minutes if minutes > 0 else 0.0,
+            merge_s=self.merge_s, eval_s=self.eval_s))
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def _resume_state(config: EvolveConfig, stage: str, space: PSSpace | DFSSpace, out: Path, resume: bool) -> dict:
+    """A fresh state, or the saved one with the log cut back to the trials it accounts for."""
+    log_file, state_file = out / "trials.jsonl", out / "state.pkl"
+    if not state_file.exists():
+        if log_file.exists():  # cut off inside the first generation: nothing to keep
+            log_file.unlink()
+        return _new_state(config, stage, space)
+    if not resume:
+        raise FastmergeError(f"{out}: already holds an evolve run; pass --resume to continue it")
+    try:
+        with open(state_file, "rb") as f:
+            state = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, KeyError, TypeError) as e:
+        raise FastmergeError(f"{state_file}: unreadable checkpoint ({e})") from None
+    if state.get("version") != STATE_VERSION:
+        raise FastmergeError(f"{state_file}: checkpoint version {state.get('version')}, expected {STATE_VERSION}")
+    state["cma"] = _cma_load(state["cma"])
+    if state["fingerprint"] != _fingerprint(config, stage, space):
+        raise FastmergeError(f"{out}: the config changed since this run started (only budget, workers, device and "
+                             "out may change on --resume); start a new run in another directory")
+    lines = log_file.read_bytes().split(b"\n") if log_file.exists() else []
+    if len(lines) < state["trials"] or any(not ln for ln in lines[: state["trials"]]):
+        raise FastmergeError(f"{log_file}: holds fewer trials than its checkpoint ({state['trials']}); cannot resume")
+    keep = b"".join(ln + b"\n" for ln in lines[: state["trials"]])
+    _atomic_write(log_file, keep)
+    state["done"] = state["done"] and _stop_reason(state, config.budget_for(stage), state["cma"].population_size) \
+        is not None
+    return state
+
+
+def _save_state(file: Path, state: dict) -> None:
+    _atomic_write(file, pickle.dumps({**state, "cma": _cma_dump(state["cma"])}))
+
+
+def _cma_dump(cma) -> dict:
+    """The optimizer's exact state. Not ``pickle(cma)``: cmaes's own pickling drops the RNG (a fresh
+    unseeded one comes back) and stores the covariance as a symmetrized triangle (C is only symmetric
+    to ~1e-16), so a resumed run would ask different genomes than an uninterrupted one."""
+    attrs = {k: v for k, v in cma.__dict__.items() if k != "_rng"}
+    return {"class": type(cma), "attrs": attrs, "rng": cma._rng.get_state()}
+
+
+def _cma_load(d: dict):
+    cma = d["class"].__new__(d["class"])
+    cma.__dict__.update(d["attrs"])
+    cma._rng = np.random.RandomState()
+    cma._rng.set_state(d["rng"])
+    return cma
+
+
+def _atomic_write(file: Path, data: bytes) -> None:
+    """tmp + fsync + rename: a crash leaves the old file or the new one, never half of one."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_trials(file: str | Path, timings: bool = True) -> list[dict]:
+    """The trial log as dicts (``timings=False`` drops merge/eval seconds, e.g. to compare runs)."""
+    rows = [json.loads(ln) for ln in Path(file).read_text().splitlines() if ln]
+    if not timings:
+        rows = [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+
+def _write_best(stage: str, space: PSSpace | DFSSpace, x: np.ndarray, out: Path) -> Path:
+    if isinstance(space, PSSpace):
+        from .recipe import load_recipe
+
+        recipe = space.recipe(space.decode(x))
+        load_recipe(recipe)  # what we write must be what `fastmerge merge` accepts
+        file = out / "best.yml"
+        _atomic_write(file, yaml.safe_dump(recipe, sort_keys=False).encode())
+        return file
+    file = out / "best_path.json"
+    space.decode(x).save(file, models=space.models, head=space.head)
+    return file
+
+
+def _plot(history: list[dict], file: Path, title: str) -> Path | None:
+    """Best and mean fitness per generation (Agg: no display needed)."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key, style, label in (("best", "o-", "best in generation"), ("mean", "s--", "mean"),
+                              ("best_so_far", "-", "best so far")):
+        ys = [np.nan if h[key] is None else h[key] for h in history]
+        ax.plot(gens, ys, style, label=label, markersize=3)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = file.with_name(f".{file.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, file)
+    return file
+
+
+def _materialize_ps(best: Path, out: Path, device: str) -> Path:
+    from .engine import MergeOptions, merge
+
+    merge(best, out, MergeOptions(device="cuda" if device.startswith("cuda") else "cpu", force=True))
+    return out
+
+
+def _materialize_dfs(best: Path, out: Path, device: str) -> Path:
+    from .dfs import export, load_path_file, load_sources
+
+    path, models, head = load_path_file(best)
+    sources, tokenizer = load_sources(models, head=head)
+    export(sources, path, out, head=head, tokenizer=tokenizer, force=True)
+    return out
+
+
+def _write_result(result: EvolveResult) -> None:
+    def conv(v):
+        return str(v) if isinstance(v, Path) else v
+
+    stages = [{k: conv(v) for k, v in asdict(s).items() if k not in ("best_x",)} for s in result.stages]
+    _atomic_write(result.out / "result.json", (json.dumps({"stages": stages}, indent=1) + "\n").encode())

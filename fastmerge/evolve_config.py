@@ -1,0 +1,385 @@
+"""The evolve config (``fastmerge evolve CONFIG.yml``): schema, defaults and validation.
+
+Why validation is its own step: an evolutionary run loads several models and may run for hours,
+so every mistake that can be found from the YAML and the files' headers (a missing model, an
+unknown method or metric, an empty range, no budget) is reported before any weight is read.
+
+Relative paths in the config (models, base model, tokenizer, evaluator data) are resolved against
+the config file's directory, so a config and its models can move together; ``out`` given on the
+command line is relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import FastmergeError
+from .recipe import METHODS, VALIDATORS
+
+#: the merge methods a PS search can drive: one fused task-arithmetic op with per-model weights
+PS_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+#: methods whose per-model density is a searched gene (the others have weights only)
+SPARSIFYING = ("ties", "dare_ties", "dare_linear")
+#: Llama-family architectures the DFS executor runs (fastmerge.dfs.FAMILIES)
+DFS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+#: metrics the built-in evaluators report; a ``module:function`` evaluator is checked on its first trial
+BUILTIN_METRICS = {"math": ("acc", "acc_lang", "n"), "loglik": ("loglik", "ppl", "n", "tokens")}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Budget(_Strict):
+    """When a stage stops: whichever of these comes first, checked between generations.
+
+    ``trials`` rounds up to whole generations (CMA-ES learns from complete generations only).
+    ``wall_time`` is seconds, or a string such as ``90s``, ``30m``, ``2h``.
+    """
+
+    trials: int | None = None
+    generations: int | None = None
+    wall_time: float | str | None = None
+
+    def seconds(self) -> float | None:
+        return None if self.wall_time is None else parse_duration(self.wall_time)
+
+
+class CMAConfig(_Strict):
+    """CMA-ES settings; the defaults are the paper's (Optuna's CmaEsSampler defaults)."""
+
+    x0: float = 0.5
+    sigma0: float = 1 / 6
+    popsize: int | None = None  # default 4 + floor(3 ln n)
+    seed: int = 0
+
+
+class PSConfig(_Strict):
+    """Parameter-space search: per-model weight (and density) genes, optionally per layer group
+    (``group_size`` layers each) and per filter (substrings of tensor names, e.g. ``self_attn``,
+    ``mlp``; tensors matching none share one more set of genes)."""
+
+    group_size: int | None = None  # None: one gene set for the whole model
+    filters: list[str] = Field(default_factory=list)
+    weight: tuple[float, float] = (0.0, 1.0)
+    density: tuple[float, float] = (0.0, 1.0)
+    parameters: dict[str, Any] = Field(default_factory=dict)  # shared method parameters (normalize, lambda, ...)
+    random_seed: int = 0  # the DARE seed written into the recipe
+    budget: Budget | None = None
+
+
+class DFSConfig(_Strict):
+    """Data-flow-space search (fastmerge.dfs.DFSGenome). ``models``: the collection the path
+    draws from (default: the config's ``models``); with ``ps+dfs`` the best PS merge is put in
+    front of it as model A (the head)."""
+
+    models: list[str] | None = None
+    repetitions: int = 3
+    fix_ends: bool = True
+    head: int = 0
+    scale_range: tuple[float, float] = (0.0, 2.0)
+    init: Literal["paper", "uniform"] = "paper"
+    budget: Budget | None = None
+
+
+class EvolveConfig(_Strict):
+    """What to evolve, how to score it and for how long (DESIGN.md section 7)."""
+
+    models: list[str]
+    base_model: str | None = None
+    merge_method: str = "dare_ties"
+    space: Literal["ps", "dfs", "ps+dfs"] = "ps"
+    ps: PSConfig = Field(default_factory=PSConfig)
+    dfs: DFSConfig = Field(default_factory=DFSConfig)
+    evaluator: dict[str, Any] | str
+    metric: str
+    tokenizer: str | None = None
+    cma: CMAConfig = Field(default_factory=CMAConfig)
+    budget: Budget | None = None
+    out: str | None = None
+    workers: int = 1
+    device: str = "cpu"
+    backend: Literal["cpu", "triton"] | None = None
+
+    # -- loading
+
+    @classmethod
+    def from_yaml(cls, source: str | Path | dict, out: str | Path | None = None) -> EvolveConfig:
+        """Parse, resolve relative paths and validate (no model is loaded)."""
+        where, root, data = "config", Path.cwd(), source
+        if not isinstance(source, dict):
+            text = str(source)
+            path = Path(text)
+            if "\n" not in text and path.suffix in (".yml", ".yaml", ".json"):
+                if not path.is_file():
+                    raise FastmergeError(f"{path}: config file not found")
+                where, root, text = str(path), path.resolve().parent, path.read_text()
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise FastmergeError(f"{where}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise FastmergeError(f"{where}: an evolve config is a mapping (models, evaluator, metric, budget, ...)")
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            raise FastmergeError(f"{where}: {loc}: {msg}") from None
+        config = config._resolved(root)
+        if out is not None:
+            config.out = str(Path(out).resolve())
+        config.check(where)
+        return config
+
+    def _resolved(self, root: Path) -> EvolveConfig:
+        def fix(p: str | None) -> str | None:
+            if p is None:
+                return None
+            q = Path(p).expanduser()
+            if q.is_absolute():
+                return str(q)
+            if (root / q).exists() or not _HUB_ID.match(p):
+                return str((root / q).resolve())
+            return p  # a hub id
+
+        c = self.model_copy(deep=True)
+        c.models = [fix(m) for m in c.models]
+        c.base_model = fix(c.base_model)
+        c.tokenizer = fix(c.tokenizer)
+        if c.dfs.models is not None:
+            c.dfs.models = [fix(m) for m in c.dfs.models]
+        if isinstance(c.evaluator, dict) and isinstance(c.evaluator.get("data"), str):
+            c.evaluator["data"] = str((root / Path(c.evaluator["data"]).expanduser()).resolve())
+        if c.out is not None:
+            c.out = str((root / Path(c.out).expanduser()).resolve())
+        return c
+
+    # -- validation
+
+    def check(self, where: str = "config") -> None:
+        """Every error findable without loading a model, as one clear line."""
+
+        def fail(msg: str) -> None:
+            raise FastmergeError(f"{where}: {msg}")
+
+        if not self.models:
+            fail("models: give at least one source model")
+        if len(set(self.models)) != len(self.models):
+            fail("models: a model is listed twice")
+        if self.out is None:
+            fail("out: no output directory (set out: in the config or pass --out)")
+        for key, b in self.stage_budgets().items():
+            _check_budget(b, key, fail)
+        _check_cma(self.cma, fail)
+        if self.workers < 1:
+            fail(f"workers: must be >= 1, got {self.workers}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            fail(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if self.backend == "cpu" and self.device != "cpu":
+            fail("backend: the cpu backend merges CPU tensors; use backend: triton on a GPU")
+        self._check_evaluator(fail)
+        if self.tokenizer is not None and not _is_hub_id(self.tokenizer) and not Path(self.tokenizer).is_dir():
+            fail(f"tokenizer: {self.tokenizer}: directory not found")
+        if "ps" in self.stages:
+            self._check_ps(fail)
+        if "dfs" in self.stages:
+            self._check_dfs(fail)
+
+    def _check_evaluator(self, fail) -> None:
+        ev = self.evaluator
+        if isinstance(ev, str):
+            if ":" not in ev and ev not in BUILTIN_METRICS:
+                fail(f"evaluator: {ev!r} is neither a built-in evaluator ({', '.join(BUILTIN_METRICS)}) "
+                     "nor 'package.module:function'")
+            name = ev
+        else:
+            name = ev.get("name")
+            if not isinstance(name, str):
+                fail("evaluator: a mapping needs a 'name' (math, loglik or 'package.module:function')")
+            data = ev.get("data")
+            if data is not None and not Path(data).is_file():
+                fail(f"evaluator.data: {data}: file not found")
+        if not self.metric:
+            fail("metric: name the evaluator metric to maximise (e.g. acc_lang)")
+        known = BUILTIN_METRICS.get(name)
+        if known is not None and self.metric not in known:
+            fail(f"metric: {self.metric!r} is not reported by the {name!r} evaluator (it reports {', '.join(known)})")
+
+    def _check_ps(self, fail) -> None:
+        method = self.merge_method
+        if method not in PS_METHODS:
+            fail(f"merge_method: {method!r} cannot be searched in parameter space (use one of {', '.join(PS_METHODS)})")
+        spec = METHODS[method]
+        if spec.needs_base and self.base_model is None:
+            fail(f"base_model: merge_method {method!r} needs a base_model")
+        if not spec.needs_base and self.base_model is not None:
+            fail(f"base_model: merge_method {method!r} has no base model; list every model under models")
+        if self.base_model in self.models:
+            fail("base_model: the base model is also listed under models")
+        ps = self.ps
+        if ps.group_size is not None and ps.group_size < 1:
+            fail(f"ps.group_size: must be >= 1 layers, got {ps.group_size}")
+        if len(set(ps.filters)) != len(ps.filters) or any(not f for f in ps.filters):
+            fail("ps.filters: filters must be distinct non-empty substrings of tensor names")
+        _check_range(ps.weight, "ps.weight", fail)
+        if method in SPARSIFYING:
+            _check_range(ps.density, "ps.density", fail)
+            if ps.density[0] < 0 or ps.density[1] > 1:
+                fail(f"ps.density: a density is a keep fraction in [0, 1], got {list(ps.density)}")
+        for key, value in ps.parameters.items():
+            if key not in spec.shared:
+                fail(f"ps.parameters: unknown parameter {key!r} for merge_method {method!r} "
+                     f"(known: {', '.join(sorted(spec.shared))})")
+            try:
+                VALIDATORS[key](value)
+            except (ValidationError, FastmergeError):
+                fail(f"ps.parameters.{key}: invalid value {value!r}")
+        layers = {m: _num_layers(m, fail) for m in self.ps_models}
+        if len(set(layers.values()) - {None}) > 1:
+            fail(f"models: the PS models have different layer counts ({layers}); a PS merge needs one architecture")
+        n = self.ps_num_genes(next((v for v in layers.values() if v), 1))
+        if n < 1:
+            fail("ps: the search space is empty")
+
+    def _check_dfs(self, fail) -> None:
+        d = self.dfs
+        models = self.dfs_models
+        if d.repetitions < 1:
+            fail(f"dfs.repetitions: must be >= 1, got {d.repetitions}")
+        n_models = len(models) + (1 if self.space == "ps+dfs" else 0)
+        if not 0 <= d.head < n_models:
+            fail(f"dfs.head: {d.head} is not one of the {n_models} DFS models")
+        if self.space == "ps+dfs" and d.head != 0:
+            fail("dfs.head: with ps+dfs the PS merge is model A (head 0)")
+        _check_range(d.scale_range, "dfs.scale_range", fail)
+        kinds = {}
+        for m in models:
+            cfg = _config_json(m, fail)
+            if cfg is not None:
+                if cfg.get("model_type") not in DFS_FAMILIES:
+                    fail(f"dfs.models: {m} is {cfg.get('model_type')!r}; DFS runs {', '.join(DFS_FAMILIES)}")
+                kinds[m] = (cfg.get("model_type"), cfg.get("hidden_size"))
+        if len(set(kinds.values())) > 1:
+            fail(f"dfs.models: a path needs one family and hidden size, got {sorted(set(kinds.values()))}")
+
+    # -- derived
+
+    @property
+    def stages(self) -> list[str]:
+        return {"ps": ["ps"], "dfs": ["dfs"], "ps+dfs": ["ps", "dfs"]}[self.space]
+
+    @property
+    def ps_models(self) -> list[str]:
+        return ([self.base_model] if self.base_model else []) + list(self.models)
+
+    @property
+    def dfs_models(self) -> list[str]:
+        """The DFS collection (without the PS merge that ps+dfs puts in front)."""
+        return list(self.dfs.models) if self.dfs.models is not None else list(self.models)
+
+    def stage_budgets(self) -> dict[str, Budget | None]:
+        own = {"ps": self.ps.budget, "dfs": self.dfs.budget}
+        return {f"{s}.budget" if own[s] else "budget": own[s] or self.budget for s in self.stages}
+
+    def budget_for(self, stage: str) -> Budget:
+        b = {"ps": self.ps.budget, "dfs": self.dfs.budget}[stage] or self.budget
+        assert b is not None  # check() guarantees it
+        return b
+
+    def ps_num_genes(self, num_layers: int) -> int:
+        groups = 1 if not self.ps.group_size else math.ceil(num_layers / self.ps.group_size)
+        per = 2 if self.merge_method in SPARSIFYING else 1
+        return groups * (len(self.ps.filters) + 1 if self.ps.filters else 1) * len(self.models) * per
+
+    def fingerprint(self, stage: str) -> str:
+        """What a resumed stage must share with the run it continues (not the budget, workers or out)."""
+        keep = self.model_dump(exclude={"budget", "workers", "out", "device", "backend"})
+        keep["ps"].pop("budget", None)
+        keep["dfs"].pop("budget", None)
+        keep["stage"] = stage
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def parse_duration(value: float | str) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([smhd]?)\s*", str(value))
+    if not m:
+        raise FastmergeError(f"wall_time: expected seconds or a duration like 30m or 2h, got {value!r}")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+
+
+def _check_budget(b: Budget | None, key: str, fail) -> None:
+    if b is None or (b.trials is None and b.generations is None and b.wall_time is None):
+        fail(f"{key}: give a budget (trials, generations or wall_time)")
+    for name in ("trials", "generations"):
+        v = getattr(b, name)
+        if v is not None and v < 1:
+            fail(f"{key}.{name}: must be >= 1, got {v}")
+    if b.wall_time is not None:
+        try:
+            s = b.seconds()
+        except FastmergeError as e:
+            fail(f"{key}.{e}")
+        if not s > 0:
+            fail(f"{key}.wall_time: must be > 0, got {b.wall_time!r}")
+
+
+def _check_cma(c: CMAConfig, fail) -> None:
+    if not 0.0 <= c.x0 <= 1.0:
+        fail(f"cma.x0: the search space is [0, 1]; x0 must lie in it, got {c.x0}")
+    if not (c.sigma0 > 0 and math.isfinite(c.sigma0)):
+        fail(f"cma.sigma0: must be > 0, got {c.sigma0}")
+    if c.popsize is not None and c.popsize < 2:
+        fail(f"cma.popsize: must be >= 2, got {c.popsize}")
+
+
+def _check_range(r: tuple[float, float], key: str, fail) -> None:
+    lo, hi = r
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
+        fail(f"{key}: expected [low, high] with low < high, got {list(r)}")
+
+
+def _is_hub_id(name: str) -> bool:
+    return not Path(name).is_absolute() and bool(_HUB_ID.match(name))
+
+
+def _config_json(model: str, fail) -> dict | None:
+    """A local model's config.json (None for a hub id: it is fetched when the run starts)."""
+    if _is_hub_id(model):
+        return None
+    path = Path(model)
+    if not path.is_dir():
+        fail(f"{model}: model directory not found")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        fail(f"{model}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"{cfg}: invalid JSON ({e})")
+    return None
+
+
+def _num_layers(model: str, fail) -> int | None:
+    cfg = _config_json(model, fail)
+    if cfg is None:
+        return None
+    n = cfg.get("num_hidden_layers")
+    if not isinstance(n, int) or n < 1:
+        fail(f"{model}/config.json: no num_hidden_layers")
+    return n
