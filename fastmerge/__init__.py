@@ -6,13 +6,16 @@ Public API:
     Genome(weights, densities) -> per-model or per-layer-group parameters of a candidate
     load_recipe(path_or_yaml_or_dict) -> Recipe
     MergeOptions, MergeResult, FastmergeError
+    evolve(config, resume=False, materialize=False, out=None, progress=None) -> EvolveResult (CMA-ES merge search)
+    EvolveConfig.from_yaml(path) -> the validated evolve config
 """
 
 from .engine import MergeOptions, MergeResult, Progress, merge
 from .errors import FastmergeError
+from .evolve import EvolveConfig, EvolveResult, evolve
 from .merger import Genome, Merger
 from .recipe import Recipe, load_recipe
 
 __all__ = ["merge", "load_recipe", "MergeOptions", "MergeResult", "Progress", "Recipe", "FastmergeError", "Merger",
-           "Genome"]
+           "Genome", "evolve", "EvolveConfig", "EvolveResult"]
 __version__ = "0.1.0"

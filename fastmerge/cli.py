@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("evolve", help="evolve a merge recipe (CMA-ES over PS, DFS or PS+DFS) per a config YAML")
+    ev.add_argument("config", help="evolve config YAML (models, evaluator, metric, space, budget, out, ...)")
+    ev.add_argument("--resume", action="store_true", help="continue the run in the output directory")
+    ev.add_argument("--materialize", action="store_true", help="also write the best candidate as a checkpoint")
+    ev.add_argument("--out", default=None, help="output directory (overrides the config's out)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -152,6 +159,47 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evolve(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .evolve import evolve
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(ev) -> None:
+        if args.no_progress:
+            return
+        bar = bars.get(ev.stage)
+        if bar is None:
+            bar = bars[ev.stage] = tqdm(total=ev.trials_total, initial=ev.trials, unit="trial",
+                                        desc=f"evolve {ev.stage}", dynamic_ncols=True)
+        bar.update(ev.trials - bar.n)
+        spent = ev.merge_s + ev.eval_s
+        parts = [f"gen {ev.generation}", f"best {ev.best:.4g}" if ev.best is not None else "best -"]
+        if ev.mean is not None:
+            parts.append(f"mean {ev.mean:.4g}")
+        parts.append(f"{ev.trials_per_min:.1f}/min")
+        if spent > 0:
+            parts.append(f"merge {100 * ev.merge_s / spent:.1f}% eval {100 * ev.eval_s / spent:.1f}%")
+        bar.set_postfix_str(" ".join(parts))
+        if ev.kind == "end":
+            bar.close()
+
+    try:
+        result = evolve(args.config, resume=args.resume, materialize=args.materialize, out=args.out, progress=progress)
+    except KeyboardInterrupt:
+        print("fastmerge: interrupted; the last complete generation is saved, continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        for bar in bars.values():
+            bar.close()
+    for s in result.stages:
+        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.best_metrics.items())
+        print(f"{s.stage}: best {s.best_fitness:.6g} ({metrics}) after {s.trials} trials, {s.generations} generations "
+              f"({s.stop_reason}): {s.best_file}" + (f"; model {s.model_dir}" if s.model_dir else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -163,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "dfs" and args.dfs_command == "export":
             return _dfs_export(args)
+        if args.command == "evolve":
+            return _evolve(args)
     except FastmergeError as e:
         print(f"fastmerge: error: {e}", file=sys.stderr)
         return 2
