@@ -2,15 +2,16 @@
 
 The paper's setup in miniature (Shisa Gamma / WizardMath / Abel, all fine-tunes of Mistral-7B):
 
-- ``base``: pre-trained from scratch on "web text" of both languages -- problem statements in English
-  and Japanese (no solutions), parallel EN/JA pairs (so the two languages share representations),
-  short stories stating counts, and language-neutral arithmetic facts (``"7 × 8 = 56"``). It knows
-  both languages and arithmetic, but has never seen a question answered.
+- ``base``: pre-trained from scratch on "web text" of both languages, like an English-centric base
+  model: problem statements in English and Japanese, parallel EN/JA pairs (so the two languages share
+  representations), short stories stating counts, language-neutral arithmetic facts (``"7 × 8 = 56"``),
+  and a small share of question/answer documents in the prompt format -- look-up questions and solved
+  word problems -- where Japanese questions are answered in Japanese only half of the time. It knows
+  every format, but answers Japanese in English half the time and solves poorly.
 - ``ja``: the base fine-tuned on Japanese chat -- Japanese look-up questions answered in Japanese
-  (``"<restated fact>\\n答え: N"``). It answers Japanese questions in Japanese, but never learned to
-  solve a word problem.
-- ``math_en``: the base fine-tuned on English word problems with step-by-step solutions. It solves,
-  but in English.
+  (``"<restated fact>\\n答え: N"``). It answers Japanese questions in Japanese, but is no better at math.
+- ``math_en``: the base fine-tuned on English word problems with step-by-step solutions. It solves
+  better, and answers in English.
 
 Fine-tunes are short (a few hundred steps, small learning rate) so they stay small deltas of the base,
 which is what lets task arithmetic compose them. Each model is a normal Hugging Face checkpoint
@@ -43,7 +44,7 @@ import world  # noqa: E402
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 #: bump when the world or the training code changes in a way that invalidates cached models
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 @dataclass
@@ -79,12 +80,16 @@ class TrainConfig:
     ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=150, lr=5e-4, batch=32))
     math_en: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=5e-4, batch=32))
     #: base corpus mixture (fractions of documents)
-    mix_facts: float = 0.3
-    mix_questions: float = 0.25
-    mix_parallel: float = 0.25
-    mix_stories: float = 0.2
-    #: language-neutral solved problems (question + bare equations) in the base corpus, both languages
-    mix_neutral_solved: float = 0.0
+    mix_facts: float = 0.25
+    mix_questions: float = 0.15
+    mix_parallel: float = 0.2
+    mix_stories: float = 0.1
+    #: look-up QA in the prompt format (EN questions answered in EN; JA questions in JA or EN, see below)
+    mix_qa: float = 0.15
+    #: solved word problems in the prompt format (EN in EN; JA in JA or EN): the base's weak math
+    mix_solved: float = 0.15
+    #: probability that a Japanese question in the base corpus is answered in Japanese (else English)
+    ja_answer_in_ja: float = 0.5
     #: fraction of base-corpus documents replayed in each fine-tune batch (keeps fine-tunes near the base)
     replay: float = 0.0
     corpus_docs: int = 40000
@@ -105,14 +110,22 @@ def quick_config(seed: int = 0) -> TrainConfig:
 # --- corpora -------------------------------------------------------------------------------------
 
 def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str]:
-    """The base's pre-training documents (see the module docstring). Uses only train-split problems."""
+    """The base's pre-training documents (see the module docstring). Uses only train-split problems.
+
+    Like a multilingual web crawl seen by an English-centric base model: Japanese questions are answered
+    in Japanese only part of the time (``ja_answer_in_ja``), and solved problems are a small share. The
+    base thus knows every format (so the fine-tunes are small nudges, which is what makes them
+    composable) but prefers neither answering Japanese in Japanese nor solving well.
+    """
     rng = random.Random(f"{cfg.seed}:base")
     keys = world.split_keys(cfg.seed)["train"]
-    kinds = ["facts", "questions", "parallel", "stories", "neutral_solved"]
-    weights = [cfg.mix_facts, cfg.mix_questions, cfg.mix_parallel, cfg.mix_stories, cfg.mix_neutral_solved]
+    kinds = ["facts", "questions", "parallel", "stories", "qa", "solved"]
+    weights = [cfg.mix_facts, cfg.mix_questions, cfg.mix_parallel, cfg.mix_stories, cfg.mix_qa, cfg.mix_solved]
     docs = []
     for _ in range(cfg.corpus_docs):
         kind = rng.choices(kinds, weights)[0]
+        lang = rng.choice(world.LANGS)
+        answer_lang = "en" if lang == "en" or rng.random() >= cfg.ja_answer_in_ja else "ja"
         if kind == "facts":
             docs.append("\n".join(world.arithmetic_fact(rng) for _ in range(rng.randint(4, 8))))
         elif kind == "questions":
@@ -123,11 +136,15 @@ def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str]:
             a, b = (en, ja) if rng.random() < 0.5 else (ja, en)
             docs.append(f"{a.question}\n{b.question}")
         elif kind == "stories":
-            lang = rng.choice(world.LANGS)
             docs.append(world.lookup_qa(rng, lang).question)
+        elif kind == "qa":
+            q, a = world.lookup_qa_pair(rng)
+            docs.append(world.prompt((q if lang == "en" else a).question) + (q if answer_lang == "en" else a).response)
         else:
-            p = rng.choice(train)
-            docs.append(p.question + "\n" + "\n".join(p.solution.split("\n")[1:-1]))
+            t = rng.choice(list(world.TEMPLATES))
+            en, ja = world.render_pair(t, rng.choice(keys[t]), rng)
+            docs.append(world.prompt((en if lang == "en" else ja).question)
+                        + (en if answer_lang == "en" else ja).solution)
     return docs
 
 

@@ -399,6 +399,14 @@ def lookup_qa(rng: random.Random, lang: str) -> LookupQA:
     return LookupQA(lang, q, r, c)
 
 
+def lookup_qa_pair(rng: random.Random) -> tuple[LookupQA, LookupQA]:
+    """The same look-up question in English and in Japanese (same people, items and counts)."""
+    state = rng.getstate()
+    en = lookup_qa(rng, "en")
+    rng.setstate(state)
+    return en, lookup_qa(rng, "ja")
+
+
 def prompt(question: str) -> str:
     """The zero-shot prompt for a question (see PROMPT_TEMPLATE)."""
     return PROMPT_TEMPLATE.format(question=question)
