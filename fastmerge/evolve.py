@@ -59,7 +59,7 @@ class EvolveProgress:
     """One progress report: after each trial (``kind="trial"``), generation, and at stage ends."""
 
     stage: str
-    kind: str  # "start" | "trial" | "generation" | "end"
+    kind: str  # "start" | "ready" (models loaded) | "trial" | "generation" | "end"
     generation: int  # the generation in progress (0-based), or the number completed at "generation"/"end"
     trials: int  # trials logged in this stage (including those of a resumed run)
     trials_total: int | None  # from the budget, when it is a count
@@ -132,10 +132,10 @@ def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, ma
                                _tokenizer_dirs(config, [models[space.head], *models]), config.device, config.backend)
         res = _run_stage(stage, config, space, spec, stage_dir, resume, progress)
         if stage == "ps" and (materialize or "dfs" in config.stages):
-            res.model_dir = _materialize_ps(res.best_file, stage_dir / "model", config.device)
+            res.model_dir = _materialize(res.best_file, stage_dir / "model", _materialize_ps, config.device)
             ps_model = res.model_dir
         elif stage == "dfs" and materialize:
-            res.model_dir = _materialize_dfs(res.best_file, stage_dir / "model", config.device)
+            res.model_dir = _materialize(res.best_file, stage_dir / "model", _materialize_dfs, config.device)
         result.stages.append(res)
         _write_result(result)
     return result
@@ -446,6 +446,7 @@ def _run_stage(stage: str, config: EvolveConfig, space: PSSpace | DFSSpace, spec
     clock.report("start")
     if not state["done"]:
         with _Scorer(spec, config.workers) as score, open(log_file, "a") as log:
+            clock.ready()
             while (reason := _stop_reason(state, budget, popsize)) is None:
                 _generation(state, space, score, log, clock)
                 _save_state(state_file, state)
@@ -500,6 +501,11 @@ class _Clock:
         self.done = 0
         self.in_gen = 0
         self.merge_s = self.eval_s = 0.0
+
+    def ready(self) -> None:
+        """Models loaded (in this process; workers load on their first genome): trials start now."""
+        self.start = time.perf_counter()
+        self.report("ready")
 
     def trial(self, merge_s: float, eval_s: float) -> None:
         self.done += 1
@@ -642,6 +648,20 @@ def _plot(history: list[dict], file: Path, title: str) -> Path | None:
     plt.close(fig)
     os.replace(tmp, file)
     return file
+
+
+def _materialize(best: Path, out: Path, write: Callable[[Path, Path, str], Path], device: str) -> Path:
+    """Write the best candidate's checkpoint once: a resumed, finished run (e.g. ps+dfs continuing
+    into its DFS stage) reuses the model already written for the same best file."""
+    import hashlib
+
+    digest = hashlib.sha256(best.read_bytes()).hexdigest()
+    marker = out.with_name(f"{out.name}.source")
+    if (out / "config.json").exists() and marker.exists() and marker.read_text().strip() == digest:
+        return out
+    write(best, out, device)
+    _atomic_write(marker, (digest + "\n").encode())
+    return out
 
 
 def _materialize_ps(best: Path, out: Path, device: str) -> Path:

@@ -182,6 +182,14 @@ def test_workers_give_what_one_process_gives(families, tmp_path):
     assert one.best.best_x == two.best.best_x
 
 
+def test_wall_time_budget_stops_between_generations(families, tmp_path):
+    family = families("llama", layers=4)
+    cfg = config(family, tmp_path / "out", budget={"wall_time": 0.001, "generations": 50}, cma={"popsize": 3})
+    cfg["evaluator"]["target"] = str(make_target(cfg, np.full(2, 0.5), tmp_path / "target.safetensors"))
+    res = evolve(cfg)
+    assert res.best.stop_reason == "wall_time" and res.best.generations == 1 and res.best.trials == 3
+
+
 # ----------------------------------------------------------------------------------------- real evaluators
 
 WORDS = ("Q: A: the answer is how many cats dogs legs eggs box boxes are in has one two three four five six . ? "
@@ -270,9 +278,14 @@ def test_ps_then_dfs(world, tmp_path):
     assert models == [str(tmp_path / "run/ps/model"), *cfg["models"]] and head == 0  # the PS merge is model A
     assert ps.model_dir == tmp_path / "run/ps/model" and (ps.model_dir / "tokenizer.json").exists()
     assert len(read_trials(tmp_path / "run/dfs/trials.jsonl")) == 8
-    # the DFS stage starts from the paper's init (model A's layers in order), so it scores the PS best first
-    first = read_trials(tmp_path / "run/dfs/trials.jsonl")[0]
-    assert first["generation"] == 0
+    assert dfs.best_decoded["hops"][0][:2] == [0, 0]  # fix_ends: every path starts with model A's first layer
+    # resuming the finished run (with a larger DFS budget) keeps the PS result and its model, and goes on
+    stamp = (ps.model_dir / "config.json").stat().st_mtime_ns
+    before = read_trials(tmp_path / "run/dfs/trials.jsonl")
+    more = evolve({**cfg, "dfs": {**cfg["dfs"], "budget": {"generations": 3}}}, resume=True)
+    assert (ps.model_dir / "config.json").stat().st_mtime_ns == stamp
+    assert more.stages[0].best_x == ps.best_x and more.stages[1].trials == 12
+    assert read_trials(tmp_path / "run/dfs/trials.jsonl")[:8] == before
 
 
 def test_cli_evolve(world, tmp_path, capsys):

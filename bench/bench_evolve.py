@@ -1,0 +1,185 @@
+"""Evolve on the CPU: trials per minute, and how a trial's time splits between merging and evaluation.
+
+    python bench/bench_evolve.py [--workdir /tmp/fastmerge-bench-evolve] [--generations 3] [--popsize 8]
+                                 [--evals 100x64 32x32] [--models BASE FT0 FT1 --data MATH.jsonl]
+
+The question it answers: is the in-memory merge negligible next to the fitness evaluation, as it must
+be for the search to be evaluation-bound (target: merging under 5% of the trial time)? It runs
+``fastmerge.evolve`` end to end -- CMA-ES, decode, ``Merger`` in place (PS) or ``PathModel.set_path``
+(DFS), the real ``math`` evaluator (batched greedy generation), logging and checkpoints -- and reads
+the per-trial ``merge_s`` / ``eval_s`` from ``trials.jsonl``.
+
+Default models: a toy-world-sized Llama family (hidden 192, 6 layers, vocabulary 2048, tied embeddings,
+base + 2 fine-tunes, fp32) with a word-level tokenizer, made here. Evaluation workloads (``--evals
+QxT``: Q questions, T new tokens each): 100x64 is the toy-world demo's search fitness (100 problems,
+64 new tokens); 32x32 a deliberately small one, to show how the merge share grows as evaluation
+shrinks; ``--models`` benches any local family
+instead (e.g. the toy world's trained base/ja/math_en with its ``test_ja.jsonl``). Random weights
+generate nonsense, but nonsense costs the same forward passes as sense: the timing is what counts.
+
+Writes bench/results/evolve_cpu.json and .csv (one row per search space) with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+WORDS = ("Q: A: Tom Ann Ken has have buys sells gives more less apples pens eggs boxes cats in each how many "
+         "are is the and of . ? , + - = x answer 答え りんご ペン 個 本 です は が を に").split()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_world(root: Path, vocab: int, hidden: int, layers: int, questions: int) -> tuple[list[Path], Path]:
+    """A base + 2 fine-tunes of a toy-world-sized Llama with a word-level tokenizer, and math questions."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from fastmerge.synth import ModelSpec, make_family
+
+    paths = [root / "models" / n for n in ("base", "ft0", "ft1")]
+    data = root / "math.jsonl"
+    if not all((p / "tokenizer.json").exists() for p in paths):
+        words = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
+        for w in WORDS + [str(i) for i in range(200)]:
+            words.setdefault(w, len(words))
+        while len(words) < vocab:
+            words[f"w{len(words)}"] = len(words)
+        t = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+        t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        t.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+        # no EOS anywhere: every answer runs the full max_new_tokens, so the evaluation's cost is fixed
+        # (questions x max_new_tokens decode steps) rather than whatever a random model happens to stop at
+        tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", bos_token="[BOS]", unk_token="[UNK]")
+        spec = ModelSpec(hidden=hidden, layers=layers, heads=6, kv_heads=2, vocab=vocab, intermediate=hidden * 8 // 3,
+                         tie_embeddings=True)
+        paths = make_family(root / "models", spec, finetunes=2, delta_scale=0.01, shard_size="2GB")
+        for p in paths:
+            tok.save_pretrained(p)
+            cfg = json.loads((p / "config.json").read_text())
+            cfg.update(eos_token_id=None, bos_token_id=1, pad_token_id=0)
+            (p / "config.json").write_text(json.dumps(cfg, indent=2))
+            (p / "generation_config.json").unlink(missing_ok=True)
+    rng = random.Random(0)
+    with open(data, "w") as f:
+        for _ in range(questions):
+            a, b = rng.randint(2, 60), rng.randint(2, 60)
+            who, what = rng.choice(["Tom", "Ann", "Ken"]), rng.choice(["apples", "pens", "eggs"])
+            q = f"{who} has {a} {what} and buys {b} more . how many {what} does {who} have ?"
+            f.write(json.dumps({"question": q, "answer": a + b}) + "\n")
+    return paths, data
+
+
+def run_space(space: str, models: list[Path], data: Path, out: Path, questions: int, tokens: int, args) -> dict:
+    from fastmerge.evolve import evolve, read_trials
+
+    base, *fts = models
+    cfg = {
+        "models": [str(p) for p in fts], "base_model": str(base), "merge_method": "dare_ties", "space": space,
+        "ps": {"group_size": args.group_size},
+        "dfs": {"repetitions": 2},
+        "evaluator": {"name": "math", "data": str(data), "batch_size": args.batch_size, "max_new_tokens": tokens,
+                      "limit": questions},
+        "metric": "acc", "budget": {"generations": args.generations},
+        "cma": {"popsize": args.popsize, "seed": 0}, "out": str(out),
+    }
+    if space == "dfs":
+        cfg.pop("base_model")
+        cfg["models"] = [str(p) for p in models[1:]]
+    marks: dict[str, float] = {}
+
+    def progress(ev) -> None:
+        marks[ev.kind] = time.perf_counter()  # the last of each kind
+
+    t0 = time.perf_counter()
+    evolve(cfg, progress=progress)
+    total = time.perf_counter() - t0
+    trials = read_trials(out / space / "trials.jsonl")
+    merge = [t["merge_s"] for t in trials]
+    ev = [t["eval_s"] for t in trials]
+    loop = marks["generation"] - marks["ready"]  # ask/decode/merge/eval/log/tell/checkpoint, no model loading
+    return {
+        "space": space, "questions": questions, "new_tokens": tokens, "trials": len(trials), "generations": args.generations, "popsize": args.popsize,
+        "setup_s": round(marks["ready"] - t0, 3), "loop_s": round(loop, 3), "total_s": round(total, 3),
+        "trials_per_min": round(len(trials) / loop * 60, 2),
+        "merge_s_median": round(statistics.median(merge), 5), "eval_s_median": round(statistics.median(ev), 4),
+        "merge_pct_of_trial": round(100 * sum(merge) / (sum(merge) + sum(ev)), 3),
+        "overhead_pct_of_loop": round(100 * (loop - sum(merge) - sum(ev)) / loop, 3),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/fastmerge-bench-evolve"))
+    ap.add_argument("--models", type=Path, nargs=3, default=None, help="BASE FT0 FT1 (default: made here)")
+    ap.add_argument("--data", type=Path, default=None, help="math JSONL for --models")
+    ap.add_argument("--spaces", nargs="+", default=["ps", "dfs"], choices=["ps", "dfs"])
+    ap.add_argument("--generations", type=int, default=3)
+    ap.add_argument("--popsize", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=2)
+    ap.add_argument("--evals", nargs="+", default=["100x64", "32x32"], help="QUESTIONSxNEW_TOKENS workloads")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "evolve_cpu")
+    args = ap.parse_args()
+
+    if args.models:
+        models, data = list(args.models), args.data
+        if data is None:
+            raise SystemExit("--models needs --data MATH.jsonl")
+    else:
+        models, data = make_world(args.workdir, args.vocab, args.hidden, args.layers, 100)
+    from fastmerge.io import CheckpointReader
+
+    n_params = sum(meta.numel for meta in CheckpointReader(models[0]).tensors.values())
+    rows = []
+    load_before = os.getloadavg()
+    for workload in args.evals:
+        questions, tokens = (int(v) for v in workload.split("x"))
+        for space in args.spaces:
+            out = args.workdir / f"run-{space}-{workload}-{time.time_ns()}"
+            row = run_space(space, models, data, out, questions, tokens, args)
+            rows.append(row)
+            print(json.dumps(row))
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "torch": torch.__version__, "python": platform.python_version(),
+               "loadavg_before": [round(x, 2) for x in load_before],
+               "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    setup = {"models": "made here" if not args.models else [str(m) for m in models], "params_per_model": n_params,
+             "batch_size": args.batch_size, "method": "dare_ties", "group_size": args.group_size,
+             "generation": "greedy, KV cache, no EOS: every answer is max_new_tokens long"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "setup": setup, "rows": rows}, indent=1)
+                                             + "\n")
+    with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["cpu", "cores"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "cpu": machine["cpu"], "cores": machine["cores"]})
+    print(f"wrote {args.out.with_suffix('.json')} and .csv")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
