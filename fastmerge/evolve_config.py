@@ -344,8 +344,8 @@ def _check_cma(c: CMAConfig, fail) -> None:
         fail(f"cma.x0: the search space is [0, 1]; x0 must lie in it, got {c.x0}")
     if not (c.sigma0 > 0 and math.isfinite(c.sigma0)):
         fail(f"cma.sigma0: must be > 0, got {c.sigma0}")
-    if c.popsize is not None and c.popsize < 2:
-        fail(f"cma.popsize: must be >= 2, got {c.popsize}")
+    if c.popsize is not None and c.popsize < 4:  # below 4, CMA-ES's rank-mu update has zero weight (0/0)
+        fail(f"cma.popsize: must be >= 4, got {c.popsize}")
 
 
 def _check_range(r: tuple[float, float], key: str, fail) -> None:

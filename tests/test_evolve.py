@@ -184,10 +184,10 @@ def test_workers_give_what_one_process_gives(families, tmp_path):
 
 def test_wall_time_budget_stops_between_generations(families, tmp_path):
     family = families("llama", layers=4)
-    cfg = config(family, tmp_path / "out", budget={"wall_time": 0.001, "generations": 50}, cma={"popsize": 3})
+    cfg = config(family, tmp_path / "out", budget={"wall_time": 0.001, "generations": 50}, cma={"popsize": 4})
     cfg["evaluator"]["target"] = str(make_target(cfg, np.full(2, 0.5), tmp_path / "target.safetensors"))
     res = evolve(cfg)
-    assert res.best.stop_reason == "wall_time" and res.best.generations == 1 and res.best.trials == 3
+    assert res.best.stop_reason == "wall_time" and res.best.generations == 1 and res.best.trials == 4
 
 
 # ----------------------------------------------------------------------------------------- real evaluators
@@ -327,7 +327,7 @@ BAD = [
     ({"merge_method": "linear"}, "has no base model"),
     ({"cma": {"sigma0": 0}}, "sigma0: must be > 0"),
     ({"cma": {"x0": 1.5}}, "x0 must lie in it"),
-    ({"cma": {"popsize": 1}}, "popsize: must be >= 2"),
+    ({"cma": {"popsize": 3}}, "popsize: must be >= 4"),
     ({"workers": 0}, "workers: must be >= 1"),
     ({"device": "tpu"}, "device: expected cpu"),
     ({"out": None}, "no output directory"),
@@ -353,6 +353,15 @@ def test_bad_configs_fail_before_loading_models(families, tmp_path, monkeypatch,
     with pytest.raises(FastmergeError, match=msg):
         evolve(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_annotated_example_config_is_valid(world, tmp_path):
+    data = yaml.safe_load((ROOT / "examples/evolve/config.yml").read_text())
+    base, ft0, ft1 = world["models"]
+    data.update(models=[str(ft0), str(ft1)], base_model=str(base), out=str(tmp_path / "out"))
+    data["evaluator"]["data"] = str(world["math"])
+    config = EvolveConfig.from_yaml(data)
+    assert config.ps_num_genes(2) == 4 and config.budget.trials == 1000
 
 
 def test_config_errors_name_the_file(tmp_path):
