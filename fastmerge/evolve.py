@@ -111,8 +111,9 @@ def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, ma
     """
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config, out=out)
-    elif out is not None:
-        config = config.model_copy(update={"out": str(Path(out).resolve())})
+    else:
+        if out is not None:
+            config = config.model_copy(update={"out": str(Path(out).resolve())})
         config.check()
     root = Path(config.out)
     _claim_out_dir(root, config, resume)
@@ -298,7 +299,9 @@ class _Runner:
         _sync(self.spec.device)
         t1 = time.perf_counter()
         with torch.no_grad():
-            metrics = dict(self.evaluate(self.model, self.tokenizer))
+            metrics = self.evaluate(self.model, self.tokenizer)
+        if not isinstance(metrics, dict):
+            raise FastmergeError(f"the evaluator returned {type(metrics).__name__}, not a dict of metrics")
         _sync(self.spec.device)
         t2 = time.perf_counter()
         if self.spec.metric not in metrics:
@@ -455,7 +458,8 @@ def _run_stage(stage: str, config: EvolveConfig, space: PSSpace | DFSSpace, spec
         _save_state(state_file, state)
     best = state["best"]
     if best is None:
-        raise FastmergeError(f"{stage}: the budget ended before a single generation was scored")
+        raise FastmergeError(f"{stage}: no trial gave a finite {config.metric} ({state['trials']} trials); "
+                             f"see {log_file}")
     best_file = _write_best(stage, space, np.asarray(best["x"]), out)
     plot = _plot(state["history"], out / "fitness.png", f"{stage.upper()} search")
     clock.report("end")
