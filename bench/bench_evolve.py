@@ -2,6 +2,7 @@
 
     python bench/bench_evolve.py [--workdir /tmp/fastmerge-bench-evolve] [--generations 3] [--popsize 8]
                                  [--evals 100x64 32x32] [--models BASE FT0 FT1 --data MATH.jsonl]
+                                 [--toy-world examples/toy_world/work/A]
 
 The question it answers: is the in-memory merge negligible next to the fitness evaluation, as it must
 be for the search to be evaluation-bound (target: merging under 5% of the trial time)? It runs
@@ -14,7 +15,9 @@ base + 2 fine-tunes, fp32) with a word-level tokenizer, made here. Evaluation wo
 QxT``: Q questions, T new tokens each): 100x64 is the toy-world demo's search fitness (100 problems,
 64 new tokens); 32x32 a deliberately small one, to show how the merge share grows as evaluation
 shrinks; ``--models`` benches any local family
-instead (e.g. the toy world's trained base/ja/math_en with its ``test_ja.jsonl``). Random weights
+instead; ``--toy-world DIR`` benches the toy world's trained ``models/{base,ja,math_en}`` on its
+``search_ja`` split with its prompt and ``lang: ja`` -- real answers that stop at EOS, so a cheaper
+evaluation than the fixed-length one. Random weights
 generate nonsense, but nonsense costs the same forward passes as sense: the timing is what counts.
 
 Writes bench/results/evolve_cpu.json and .csv (one row per search space) with the machine.
@@ -89,7 +92,23 @@ def make_world(root: Path, vocab: int, hidden: int, layers: int, questions: int)
     return paths, data
 
 
-def run_space(space: str, models: list[Path], data: Path, out: Path, questions: int, tokens: int, args) -> dict:
+def toy_world(work: Path, out: Path) -> tuple[list[Path], Path, dict]:
+    """The toy world's trained models, its search split (Japanese) and its prompt."""
+    import sys
+
+    sys.path.insert(0, str(HERE.parent / "examples" / "toy_world"))
+    import world
+
+    models = [work / "models" / n for n in ("base", "ja", "math_en")]
+    for m in models:
+        if not (m / "config.json").exists():
+            raise SystemExit(f"{m}: not trained (run examples/toy_world/train.py)")
+    data = world.write_splits(out / "toy-data")["search_ja"]
+    return models, data, {"lang": "ja", "template": world.PROMPT_TEMPLATE}
+
+
+def run_space(space: str, models: list[Path], data: Path, out: Path, questions: int, tokens: int, args,
+              extra: dict) -> dict:
     from fastmerge.evolve import evolve, read_trials
 
     base, *fts = models
@@ -98,7 +117,7 @@ def run_space(space: str, models: list[Path], data: Path, out: Path, questions: 
         "ps": {"group_size": args.group_size},
         "dfs": {"repetitions": 2},
         "evaluator": {"name": "math", "data": str(data), "batch_size": args.batch_size, "max_new_tokens": tokens,
-                      "limit": questions},
+                      "limit": questions, **extra},
         "metric": "acc", "budget": {"generations": args.generations},
         "cma": {"popsize": args.popsize, "seed": 0}, "out": str(out),
     }
@@ -132,6 +151,7 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fastmerge-bench-evolve"))
     ap.add_argument("--models", type=Path, nargs=3, default=None, help="BASE FT0 FT1 (default: made here)")
     ap.add_argument("--data", type=Path, default=None, help="math JSONL for --models")
+    ap.add_argument("--toy-world", type=Path, default=None, help="toy world work dir (models/{base,ja,math_en})")
     ap.add_argument("--spaces", nargs="+", default=["ps", "dfs"], choices=["ps", "dfs"])
     ap.add_argument("--generations", type=int, default=3)
     ap.add_argument("--popsize", type=int, default=8)
@@ -144,7 +164,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "evolve_cpu")
     args = ap.parse_args()
 
-    if args.models:
+    extra: dict = {}
+    if args.toy_world:
+        models, data, extra = toy_world(args.toy_world, args.workdir)
+    elif args.models:
         models, data = list(args.models), args.data
         if data is None:
             raise SystemExit("--models needs --data MATH.jsonl")
@@ -159,16 +182,18 @@ def main() -> int:
         questions, tokens = (int(v) for v in workload.split("x"))
         for space in args.spaces:
             out = args.workdir / f"run-{space}-{workload}-{time.time_ns()}"
-            row = run_space(space, models, data, out, questions, tokens, args)
+            row = run_space(space, models, data, out, questions, tokens, args, extra)
             rows.append(row)
             print(json.dumps(row))
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "python": platform.python_version(),
                "loadavg_before": [round(x, 2) for x in load_before],
                "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
-    setup = {"models": "made here" if not args.models else [str(m) for m in models], "params_per_model": n_params,
+    made = not (args.models or args.toy_world)
+    setup = {"models": "made here" if made else [str(m) for m in models], "params_per_model": n_params, **extra,
              "batch_size": args.batch_size, "method": "dare_ties", "group_size": args.group_size,
-             "generation": "greedy, KV cache, no EOS: every answer is max_new_tokens long"}
+             "generation": "greedy, KV cache, " + ("no EOS: every answer is max_new_tokens long" if made
+                                                   else "up to max_new_tokens, stopping at EOS")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "setup": setup, "rows": rows}, indent=1)
                                              + "\n")
