@@ -69,7 +69,7 @@ def test_answers_are_last_number_and_correct(splits):
         assert int(re.findall(r"\d+", p.solution)[-1]) == p.answer
         lines = p.solution.split("\n")
         assert lines[-1] == f"{world.ANSWER_WORD[p.lang]}: {p.answer}"
-        for eq in lines[1:-1]:  # every middle line is one correct operation
+        for eq in lines[:-2]:  # every line before the conclusion is one correct operation
             a, op, b, _, r = eq.split(" ")
             assert world.Step(int(a), op, int(b)).result == int(r)
 

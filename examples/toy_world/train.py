@@ -44,17 +44,17 @@ import world  # noqa: E402
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 #: bump when the world or the training code changes in a way that invalidates cached models
-WORLD_VERSION = 2
+WORLD_VERSION = 4
 
 
 @dataclass
 class ModelConfig:
     """The tiny Llama: a few million parameters, tied embeddings (half the parameters otherwise)."""
 
-    hidden: int = 192
-    layers: int = 6
-    heads: int = 6
-    intermediate: int = 512
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 384
     max_len: int = 192
 
 
@@ -76,9 +76,9 @@ class TrainConfig:
     seed: int = 0
     vocab: int = 2048
     model: ModelConfig = field(default_factory=ModelConfig)
-    base: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=1200, lr=3e-3, batch=32, warmup=50))
+    base: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=900, lr=3e-3, batch=32, warmup=40))
     ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=150, lr=5e-4, batch=32))
-    math_en: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=5e-4, batch=32))
+    math_en: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=400, lr=7e-4, batch=32))
     #: base corpus mixture (fractions of documents)
     mix_facts: float = 0.25
     mix_questions: float = 0.15
@@ -89,10 +89,12 @@ class TrainConfig:
     #: solved word problems in the prompt format (EN in EN; JA in JA or EN): the base's weak math
     mix_solved: float = 0.15
     #: probability that a Japanese question in the base corpus is answered in Japanese (else English)
-    ja_answer_in_ja: float = 0.5
+    ja_answer_in_ja: float = 0.15
+    #: share of the Japanese fine-tune that is word problems answered without solving (the rest: look-ups)
+    ja_math_frac: float = 0.3
     #: fraction of base-corpus documents replayed in each fine-tune batch (keeps fine-tunes near the base)
-    replay: float = 0.0
-    corpus_docs: int = 40000
+    replay: float = 0.1
+    corpus_docs: int = 30000
 
     def digest(self) -> str:
         blob = json.dumps({"v": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -148,10 +150,24 @@ def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str]:
     return docs
 
 
-def ja_sft(cfg: TrainConfig, n: int) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of Japanese chat: look-up questions answered in Japanese."""
+def ja_sft(cfg: TrainConfig, n: int, train: Sequence[world.Problem]) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of Japanese chat, never a solved problem.
+
+    Look-up questions answered in Japanese, and (``ja_math_frac`` of them) Japanese word problems
+    answered the way a chatty model that cannot do math would: it restates the given facts in Japanese
+    without computing anything (so the last number is a given, not the answer).
+    """
     rng = random.Random(f"{cfg.seed}:ja")
-    return [(world.prompt(q.question), q.response) for q in (world.lookup_qa(rng, "ja") for _ in range(n))]
+    ja_probs = [p for p in train if p.lang == "ja"]
+    out = []
+    for _ in range(n):
+        if rng.random() < cfg.ja_math_frac:
+            p = rng.choice(ja_probs)
+            out.append((world.prompt(p.question), p.question[:p.question.rindex("。") + 1]))
+        else:
+            q = world.lookup_qa(rng, "ja")
+            out.append((world.prompt(q.question), q.response))
+    return out
 
 
 def math_sft(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[tuple[str, str]]:
@@ -301,6 +317,8 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
                  config: TrainConfig | None = None, log: Callable[[str], None] | None = print) -> dict[str, Path]:
     """Train (or reuse) base, ja and math_en under ``work_dir/models``; returns {name: checkpoint dir}.
 
+    ``quick`` trains the smaller ``quick_config`` models under ``work_dir/models-quick`` instead.
+
     A model is reused when its ``toy_world.json`` holds the same config digest; otherwise it and every
     model derived from it are retrained.
     """
@@ -308,7 +326,8 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
 
     cfg = config or (quick_config(seed) if quick else TrainConfig(seed=seed))
     digest = cfg.digest()
-    root = Path(work_dir) / "models"
+    # quick models live apart so that a --quick run never evicts the full models from the cache
+    root = Path(work_dir) / ("models-quick" if quick and config is None else "models")
     paths = {name: root / name for name in MODEL_NAMES}
     if all(_cached(p, digest) for p in paths.values()):
         if log:
@@ -320,7 +339,7 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
     splits = world.make_splits(cfg.seed)
     train = splits["train"]
     docs = base_corpus(cfg, train)
-    ja_data, math_data = ja_sft(cfg, 3000), math_sft(cfg, train)
+    ja_data, math_data = ja_sft(cfg, 3000, train), math_sft(cfg, train)
     t0 = time.perf_counter()
     if _cached(paths["base"], digest):
         tok = PreTrainedTokenizerFast.from_pretrained(paths["base"])

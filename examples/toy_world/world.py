@@ -4,14 +4,14 @@ This is the miniature of MGSM (the paper's benchmark). Every problem is one *tem
 quantities, rates, multi-step) filled with small numbers, and can be rendered in English or in
 Japanese. Solutions are written the same way in both languages so that a merge can combine skills:
 
-    <lead sentence in the language>            e.g. "We find how many dollars Tom spends." / "太郎が使ったお金を求めます。"
     <one equation per line, language-neutral>  e.g. "3 × 4 = 12"
+    <conclusion sentence in the language>      e.g. "So Tom spends 12 dollars." / "太郎が使ったお金は12円です。"
     <answer line in the language>              "Answer: 12" / "答え: 12"
 
-The arithmetic is written the same in both languages (so an English math model's skill has a chance to
-carry over to Japanese questions), while the words around it carry the language (so fastText lid.176
-reads a Japanese solution as "ja"; bare equations alone read as "en", which is why the lead sentence
-is there). The last number of a solution is always its answer.
+The arithmetic comes first and is written the same in both languages, so an English math model's
+skill applies to Japanese questions token for token; the language is carried by the words after it
+(fastText lid.176 reads bare equations as "en", which is why the conclusion sentence is there). The
+last number of a solution is always its answer.
 
 Splits are disjoint by the *underlying problem* -- the key (template, numbers) -- not by the rendered
 text: a test problem never shares its numbers and template with a train or search problem in either
@@ -126,7 +126,7 @@ class Template:
     name: str
     keys: Callable[[], list[tuple[int, ...]]]
     steps: Callable[[tuple[int, ...]], list[Step]]
-    #: render(lang, numbers, rng) -> (question, lead sentence, indices of chosen names/items)
+    #: render(lang, numbers, rng) -> (question, conclusion with an {ans} slot, indices of chosen names/items)
     render: Callable[[str, tuple[int, ...], random.Random], tuple[str, str, tuple[int, ...]]]
 
 
@@ -149,10 +149,10 @@ def _price_render(lang: str, nums: tuple[int, ...], rng: random.Random):
     if lang == "en":
         N = NAMES_EN[n]
         q = f"{N} buys {a} {it.en_pl} that cost {p} dollars each. How many dollars does {N} spend?"
-        return q, f"We find how many dollars {N} spends.", (n, i)
+        return q, f"So {N} spends {{ans}} dollars.", (n, i)
     N = NAMES_JA[n]
     q = f"{N}は{it.ja}を{a}{it.counter}買いました。{it.ja}は1{it.counter}{p}円です。全部で何円使いましたか?"
-    return q, f"{N}が使ったお金を求めます。", (n, i)
+    return q, f"{N}が使ったお金は{{ans}}円です。", (n, i)
 
 
 def _change_render(lang: str, nums: tuple[int, ...], rng: random.Random):
@@ -163,10 +163,10 @@ def _change_render(lang: str, nums: tuple[int, ...], rng: random.Random):
         N = NAMES_EN[n]
         q = (f"{N} buys {a} {it.en_pl} at {p} dollars each and pays with {m} dollars. "
              f"How many dollars of change does {N} get?")
-        return q, "We find the change.", (n, i)
+        return q, "So the change is {ans} dollars.", (n, i)
     N = NAMES_JA[n]
     q = f"{N}は{it.ja}を{a}{it.counter}買いました。{it.ja}は1{it.counter}{p}円です。{m}円払うと、おつりは何円ですか?"
-    return q, "おつりを求めます。", (n, i)
+    return q, "おつりは{ans}円です。", (n, i)
 
 
 def _quantity_render(lang: str, nums: tuple[int, ...], rng: random.Random):
@@ -177,11 +177,11 @@ def _quantity_render(lang: str, nums: tuple[int, ...], rng: random.Random):
         N = NAMES_EN[n]
         q = (f"{N} has {a} {it.en_pl}. {N} gets {b} more and then gives {c} to a friend. "
              f"How many {it.en_pl} does {N} have now?")
-        return q, f"We find how many {it.en_pl} {N} has now.", (n, i)
+        return q, f"So {N} has {{ans}} {it.en_pl} now.", (n, i)
     N = NAMES_JA[n]
     k = it.counter
     q = f"{N}は{it.ja}を{a}{k}持っています。{b}{k}もらって、友だちに{c}{k}あげました。{N}の{it.ja}は今何{k}ですか?"
-    return q, f"{N}の{it.ja}の数を求めます。", (n, i)
+    return q, f"{N}の{it.ja}は今{{ans}}{k}です。", (n, i)
 
 
 def _distance_render(lang: str, nums: tuple[int, ...], rng: random.Random):
@@ -189,9 +189,9 @@ def _distance_render(lang: str, nums: tuple[int, ...], rng: random.Random):
     v = rng.randrange(len(MOVERS))
     if lang == "en":
         q = f"A {MOVERS[v][0]} moves {s} meters every minute. How many meters does it move in {h} minutes?"
-        return q, f"We find how far the {MOVERS[v][0]} moves.", (v,)
+        return q, f"So the {MOVERS[v][0]} moves {{ans}} meters.", (v,)
     q = f"{MOVERS[v][1]}は1分に{s}メートル進みます。{h}分では何メートル進みますか?"
-    return q, f"{MOVERS[v][1]}が進む道のりを求めます。", (v,)
+    return q, f"{MOVERS[v][1]}は{{ans}}メートル進みます。", (v,)
 
 
 def _fill_render(lang: str, nums: tuple[int, ...], rng: random.Random):
@@ -199,9 +199,9 @@ def _fill_render(lang: str, nums: tuple[int, ...], rng: random.Random):
     t = r * q_
     if lang == "en":
         q = f"A tap fills {r} liters of water every minute. How many minutes does it take to fill a tank of {t} liters?"
-        return q, "We find how many minutes it takes.", ()
+        return q, "So it takes {ans} minutes.", ()
     q = f"じゃぐちから1分に{r}リットルの水が出ます。{t}リットルのタンクをいっぱいにするには何分かかりますか?"
-    return q, "かかる時間を求めます。", ()
+    return q, "{ans}分かかります。", ()
 
 
 def _share_render(lang: str, nums: tuple[int, ...], rng: random.Random):
@@ -213,11 +213,11 @@ def _share_render(lang: str, nums: tuple[int, ...], rng: random.Random):
         N = NAMES_EN[n]
         q = (f"{N} has {a} {it.en_pl} and shares them equally among {k} friends. "
              f"How many {it.en_pl} does each friend get?")
-        return q, "We find how many each friend gets.", (n, i)
+        return q, f"So each friend gets {{ans}} {it.en_pl}.", (n, i)
     N = NAMES_JA[n]
     c = it.counter
     q = f"{N}は{it.ja}を{a}{c}持っていて、{k}人の友だちに同じ数ずつ分けます。1人何{c}もらえますか?"
-    return q, "1人分の数を求めます。", (n, i)
+    return q, f"1人{{ans}}{c}もらえます。", (n, i)
 
 
 def _boxes_render(lang: str, nums: tuple[int, ...], rng: random.Random):
@@ -228,12 +228,12 @@ def _boxes_render(lang: str, nums: tuple[int, ...], rng: random.Random):
         N = NAMES_EN[n]
         q = (f"{N} has {b} boxes with {k} {it.en_pl} in each box and {x} more {it.en_pl} outside the boxes. "
              f"How many {it.en_pl} does {N} have in all?")
-        return q, f"We find how many {it.en_pl} {N} has in all.", (n, i)
+        return q, f"So {N} has {{ans}} {it.en_pl} in all.", (n, i)
     N = NAMES_JA[n]
     c = it.counter
     q = (f"{N}は箱を{b}箱持っていて、1箱に{it.ja}が{k}{c}ずつ入っています。箱の外にも{it.ja}が{x}{c}あります。"
          f"{it.ja}は全部で何{c}ありますか?")
-    return q, f"{N}の{it.ja}の数を全部求めます。", (n, i)
+    return q, f"{it.ja}は全部で{{ans}}{c}あります。", (n, i)
 
 
 def _two_items_render(lang: str, nums: tuple[int, ...], rng: random.Random):
@@ -244,11 +244,11 @@ def _two_items_render(lang: str, nums: tuple[int, ...], rng: random.Random):
         N = NAMES_EN[n]
         q = (f"{N} buys {a} {x.en_pl} at {p} dollars each and {b} {y.en_pl} at {q_} dollars each. "
              f"How many dollars does {N} spend in all?")
-        return q, f"We find how many dollars {N} spends in all.", (n, i, j)
+        return q, f"So {N} spends {{ans}} dollars in all.", (n, i, j)
     N = NAMES_JA[n]
     q = (f"{N}は{x.ja}を{a}{x.counter}と{y.ja}を{b}{y.counter}買いました。"
          f"{x.ja}は1{x.counter}{p}円、{y.ja}は1{y.counter}{q_}円です。全部で何円使いましたか?")
-    return q, f"{N}が使ったお金を全部求めます。", (n, i, j)
+    return q, f"{N}が使ったお金は全部で{{ans}}円です。", (n, i, j)
 
 
 def _grid(*ranges: Iterable[int], ok: Callable[..., bool] = lambda *a: True) -> Callable[[], list[tuple[int, ...]]]:
@@ -287,9 +287,9 @@ def render(template: str, numbers: tuple[int, ...], lang: str, rng: random.Rando
     """Render one underlying problem in one language (names/items drawn from rng)."""
     t = TEMPLATES[template]
     steps = t.steps(numbers)
-    question, lead, names = t.render(lang, numbers, rng)
+    question, conclusion, names = t.render(lang, numbers, rng)
     answer = steps[-1].result
-    lines = [lead, *(s.render() for s in steps), f"{ANSWER_WORD[lang]}: {answer}"]
+    lines = [*(s.render() for s in steps), conclusion.format(ans=answer), f"{ANSWER_WORD[lang]}: {answer}"]
     return Problem(template, lang, question, "\n".join(lines), answer, tuple(numbers), names)
 
 
