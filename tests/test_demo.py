@@ -18,8 +18,10 @@ def demo():
     sys.path.insert(0, str(DEMO.parent))
     spec = importlib.util.spec_from_file_location("toy_world_demo", DEMO)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     yield mod
+    sys.modules.pop(spec.name, None)
     sys.path.remove(str(DEMO.parent))
 
 
