@@ -5,7 +5,7 @@ PY ?= python3
 PIP = $(PY) -m pip
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test demo test lint bench clean
+.PHONY: install install-test demo demo-quick merge-demo test lint bench clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
@@ -15,7 +15,16 @@ install-test:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test]"
 
+# the paper's experiment in miniature: trains tiny models (cached), evolves PS / PS+DFS / DFS merges,
+# scores everything on held-out problems, writes examples/toy_world/RESULTS.md
 demo: install
+	$(PY) examples/toy_world/demo.py
+
+demo-quick: install
+	$(PY) examples/toy_world/demo.py --quick
+
+# a plain merge of a locally generated tiny Llama family, four recipes, then load + generate
+merge-demo: install
 	$(PY) examples/tiny_merge/run.py
 
 lint: install-test
