@@ -197,8 +197,36 @@ def train_tokenizer(texts: Sequence[str], vocab: int):
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL.values()), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    _add_bos_processor(tok)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIAL["pad"], bos_token=SPECIAL["bos"],
-                                   eos_token=SPECIAL["eos"], padding_side="left")
+                                   eos_token=SPECIAL["eos"], padding_side="left", add_bos_token=True)
+
+
+def _add_bos_processor(tok) -> None:
+    """Make ``tokenizer(text)`` prepend ``<s>``: the models are trained with it, and evaluators that call
+    the tokenizer with default arguments must see the same first token."""
+    from tokenizers import processors
+
+    bos = SPECIAL["bos"]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+
+
+def _ensure_bos(model_dir: Path) -> None:
+    """Give a cached tokenizer saved before the bos post-processor existed that post-processor (idempotent)."""
+    from tokenizers import Tokenizer
+
+    path = model_dir / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    if tok.encode("a").ids[:1] != [tok.token_to_id(SPECIAL["bos"])]:
+        _add_bos_processor(tok)
+        tok.save(str(path))
+    # transformers rebuilds the post-processor from this flag, ignoring tokenizer.json's, when it is absent
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if not cfg.get("add_bos_token"):
+        cfg["add_bos_token"] = True
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
 
 # --- model and training loop ---------------------------------------------------------------------
@@ -330,6 +358,8 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
     root = Path(work_dir) / ("models-quick" if quick and config is None else "models")
     paths = {name: root / name for name in MODEL_NAMES}
     if all(_cached(p, digest) for p in paths.values()):
+        for p in paths.values():
+            _ensure_bos(p)
         if log:
             log(f"toy_world models cached in {root} (config {digest})")
         return paths
@@ -364,6 +394,8 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
         losses = train_phase(model, data, phase, tok.pad_token_id, cfg.seed + 1, name, progress,
                              replay=replay, replay_frac=cfg.replay, log=log)
         _save(model, tok, paths[name], {"digest": digest, "loss": losses[-20:], "seconds": time.perf_counter() - t1})
+    for p in paths.values():
+        _ensure_bos(p)
         log(f"{name}: {time.perf_counter() - t1:.0f} s")
     log(f"toy_world models ready in {root} ({time.perf_counter() - t0:.0f} s)")
     return paths
