@@ -55,16 +55,6 @@ def _build(kind: str, models, path):
     return PathModel(models, path).eval() if kind == "path" else materialize(models, path)
 
 
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _decode(model, ids, steps: int):
     from transformers import DynamicCache
 
@@ -88,7 +78,7 @@ def measure_memory(kind: str, hidden: int, layers: int, vocab: int, length: int,
         cache = _decode(model, ids, steps)
     storage = {p.data_ptr(): p.numel() * p.element_size() for m in [*models, model] for p in m.parameters()}
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"peak_rss_mb": _peak_rss_mb(),
             "param_storage_mb": sum(storage.values()) / 2**20, "kv_cache_mb": kv / 2**20}
 
 
@@ -101,7 +91,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32, help="greedy decode steps")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memory-child", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,11 +109,25 @@ def main() -> None:
     for length in args.lengths:
         path = _path(length, args.layers)
         row = {"path_length": length, "unique_layers": len(path.unique_layers())}
+        built = {kind: _build(kind, models, path) for kind in ("path", "materialized")}
+        # alternate the two models rep by rep, so load changes on the machine hit both alike
+        times: dict[str, list[float]] = {f"{k}_{w}": [] for k in built for w in ("forward", "decode")}
+        with torch.inference_mode():
+            for model in built.values():  # warm-up
+                model(ids)
+                _decode(model, ids, args.steps)
+            for _ in range(args.reps):
+                for kind, model in built.items():
+                    t = time.perf_counter()
+                    model(ids)
+                    times[f"{kind}_forward"].append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    _decode(model, ids, args.steps)
+                    times[f"{kind}_decode"].append(time.perf_counter() - t)
+        for key, ts in times.items():
+            row[f"{key}_s"] = statistics.median(ts)
+        del built
         for kind in ("path", "materialized"):
-            model = _build(kind, models, path)
-            with torch.inference_mode():
-                row[f"{kind}_forward_s"] = _time(lambda m=model: m(ids), args.reps)
-                row[f"{kind}_decode_s"] = _time(lambda m=model: _decode(m, ids, args.steps), args.reps)
             child = subprocess.run([sys.executable, __file__, "--memory-child", kind, str(length),
                                     "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab",
                                     str(args.vocab), "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
@@ -131,7 +135,6 @@ def main() -> None:
                                    capture_output=True, text=True, check=True)
             for k, v in json.loads(child.stdout.strip().splitlines()[-1]).items():
                 row[f"{kind}_{k}"] = v
-            del model
         row["forward_ratio"] = row["path_forward_s"] / row["materialized_forward_s"]
         row["decode_ratio"] = row["path_decode_s"] / row["materialized_decode_s"]
         rows.append(row)
@@ -152,6 +155,15 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {RESULTS / 'dfs_cpu.json'} and .csv ({machine['cpu']}, {machine['cores']} threads)")
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM of this process: unlike ru_maxrss, it starts afresh at exec, so a child does not
+    inherit the parent's peak (the parent holds the materialized models of earlier rows)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cpu_model() -> str:
