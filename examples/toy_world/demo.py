@@ -41,14 +41,14 @@ import world  # noqa: E402
 class Budgets:
     """Evolution budgets and evaluation sizes of one demo run."""
 
-    search_size: int = 60  # Japanese search problems per fitness evaluation
+    search_size: int = 100  # Japanese search problems per fitness evaluation
     test_size: int = 300  # test problems per language
-    ps_generations: int = 8
-    dfs_generations: int = 4
-    psdfs_generations: int = 4
+    ps_generations: int = 12
+    dfs_generations: int = 5
+    psdfs_generations: int = 5
     popsize: int | None = None
     max_new_tokens: int = 48
-    repetitions: int = 2
+    repetitions: int = 3
     extra: dict = field(default_factory=dict)
 
 
@@ -206,6 +206,15 @@ def _write_results(s: dict, results_dir: Path, tag: str) -> None:
                        + (f", {v['evolve_wall_s']:.0f} s of evolution (this call)" if "evolve_wall_s" in v else "")
                        for k, v in s["stages"].items())
     m = s["machine"]
+    sources = [r for r in s["rows"] if r["type"].startswith("source")]
+    merges = [r for r in s["rows"] if r["type"].startswith("merge")]
+    bs = max(sources, key=lambda r: r["ja_acc_lang"])
+    bm = max(merges, key=lambda r: r["ja_acc_lang"])
+    margin = bm["ja_acc_lang"] - bs["ja_acc_lang"]
+    verdict = (f"The best merge ({bm['model']}, JA acc_lang {bm['ja_acc_lang']:.3f}) "
+               + ("beats" if margin > 0 else "does not beat")
+               + f" the best source ({bs['model']}, {bs['ja_acc_lang']:.3f}) by {margin:+.3f} on the test split"
+               + (f" ({n_ja} problems: one problem is {1 / n_ja:.3f})." if n_ja else "."))
     text = f"""# Toy world results{' (--quick smoke run: tiny budgets, not a result)' if s['quick'] else ''}
 
 Measured by `python examples/toy_world/demo.py{' --quick' if s['quick'] else ''}` on {m['cpu']} ({m['threads']} threads),
@@ -219,6 +228,9 @@ Budgets (fitness = Japanese `acc_lang` on {s['budgets']['search_size']} search p
 {stages}
 
 ![results](results{suffix}.png)
+
+{verdict} Why the world is or is not mergeable, every design tried and its measurements:
+[NOTES.md](NOTES.md).
 """
     (results_dir / f"RESULTS{suffix}.md").write_text(text)
     _plot(s, results_dir / f"results{suffix}.png")
