@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_evolve import cpu_name  # the bench scripts' one CPU-name reader
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -145,7 +146,7 @@ def main() -> None:
               f"{row['path_peak_rss_mb']:.0f} vs {row['materialized_peak_rss_mb']:.0f} MB  KV "
               f"{row['path_kv_cache_mb']:.1f} MB", flush=True)
 
-    machine = {"cpu": _cpu_model(), "cores": torch.get_num_threads(), "torch": torch.__version__,
+    machine = {"cpu": cpu_name(), "cores": torch.get_num_threads(), "torch": torch.__version__,
                "python": platform.python_version()}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "dfs_cpu.json").write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows},
@@ -164,16 +165,6 @@ def _peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
