@@ -170,13 +170,7 @@ def _localize(config: EvolveConfig) -> EvolveConfig:
     if not any(_is_hub_id(m) for m in [*config.models, config.base_model or "", *(config.dfs.models or []),
                                           config.tokenizer or ""]):
         return config
-    c = config.model_copy(deep=True)
-    c.models = [local(m) for m in c.models]
-    c.base_model = local(c.base_model)
-    c.tokenizer = local(c.tokenizer)
-    if c.dfs.models is not None:
-        c.dfs.models = [local(m) for m in c.dfs.models]
-    return c
+    return config.with_model_paths(local)
 
 
 # ----------------------------------------------------------------------------------------- search spaces
@@ -197,10 +191,13 @@ def ps_space(config: EvolveConfig) -> PSSpace:
 
 def dfs_space(config: EvolveConfig, models: Sequence[str]) -> DFSSpace:
     """The DFS genome over ``models`` (model A first for ps+dfs)."""
+    from .dfs import DFSGenome
+
     d = config.dfs
     layers = [int(_config_json(m)["num_hidden_layers"]) for m in models]
-    return DFSSpace(models=list(models), layers=layers, repetitions=d.repetitions, fix_ends=d.fix_ends,
-                    head=d.head, scale_range=tuple(d.scale_range), init=d.init)
+    genome = DFSGenome(layers, repetitions=d.repetitions, fix_ends=d.fix_ends, head=d.head,
+                       scale_range=tuple(d.scale_range), init=d.init)
+    return DFSSpace(models=list(models), genome=genome)
 
 
 def _decoded_json(space: PSSpace | DFSSpace, x: np.ndarray) -> dict:
@@ -219,9 +216,10 @@ def _space_json(space: PSSpace | DFSSpace) -> dict:
                 "weight_range": list(space.weight_range),
                 "density_range": list(space.density_range) if space.searches_density else None,
                 "layout": "x = weights then densities, each (group, filter, model) in C order; decoded the same"}
-    return {"space": "dfs", "size": space.size, "models": space.models, "layers": space.layers,
-            "repetitions": space.repetitions, "fix_ends": space.fix_ends, "head": space.head,
-            "scale_range": list(space.scale_range), "init": space.init}
+    g = space.genome
+    return {"space": "dfs", "size": space.size, "models": space.models, "layers": g.layers,
+            "repetitions": g.repetitions, "fix_ends": g.fix_ends, "head": g.head,
+            "scale_range": list(g.scale_range), "init": g.init}
 
 
 # ----------------------------------------------------------------------------------------- trial runners

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,6 +111,17 @@ class EvolveConfig(_Strict):
     device: str = "cpu"
     backend: Literal["cpu", "triton"] | None = None
 
+    def with_model_paths(self, f: Callable[[str | None], str | None]) -> EvolveConfig:
+        """A copy with ``f`` applied to every model location (models, base, tokenizer, DFS models):
+        the one list of those fields, for resolving relative paths and for downloading hub ids."""
+        c = self.model_copy(deep=True)
+        c.models = [f(m) for m in c.models]
+        c.base_model = f(c.base_model)
+        c.tokenizer = f(c.tokenizer)
+        if c.dfs.models is not None:
+            c.dfs.models = [f(m) for m in c.dfs.models]
+        return c
+
     # -- loading
 
     @classmethod
@@ -153,12 +165,7 @@ class EvolveConfig(_Strict):
                 return str((root / q).resolve())
             return p  # a hub id
 
-        c = self.model_copy(deep=True)
-        c.models = [fix(m) for m in c.models]
-        c.base_model = fix(c.base_model)
-        c.tokenizer = fix(c.tokenizer)
-        if c.dfs.models is not None:
-            c.dfs.models = [fix(m) for m in c.dfs.models]
+        c = self.with_model_paths(fix)
         if isinstance(c.evaluator, dict) and isinstance(c.evaluator.get("data"), str):
             c.evaluator["data"] = str((root / Path(c.evaluator["data"]).expanduser()).resolve())
         if c.out is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from .evolve_config import SPARSIFYING
 from .plan import LAYER_RE, TensorPlan, _is_pre
 from .recipe import METHODS
 from .spec import FusedOptions
+
+if TYPE_CHECKING:  # fastmerge.dfs imports transformers: only when a DFS space is built
+    from .dfs import DFSGenome
 
 
 @dataclass
@@ -169,21 +172,15 @@ class PSSpace:
 
 @dataclass
 class DFSSpace:
-    """The DFS genome (fastmerge.dfs.DFSGenome) over ``models`` (paths; ``head`` is model A)."""
+    """The DFS genome (fastmerge.dfs.DFSGenome) over ``models`` (paths; the genome's ``head`` is
+    model A). The genome holds the options; this only adds where the models are."""
 
     models: list[str]
-    layers: list[int]
-    repetitions: int = 3
-    fix_ends: bool = True
-    head: int = 0
-    scale_range: tuple[float, float] = (0.0, 2.0)
-    init: str = "paper"
+    genome: DFSGenome
 
-    def __post_init__(self) -> None:
-        from .dfs import DFSGenome
-
-        self.genome = DFSGenome(self.layers, repetitions=self.repetitions, fix_ends=self.fix_ends, head=self.head,
-                                scale_range=tuple(self.scale_range), init=self.init)
+    @property
+    def head(self) -> int:
+        return self.genome.head
 
     @property
     def size(self) -> int:
