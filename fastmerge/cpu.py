@@ -18,6 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import rng
@@ -132,9 +133,21 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _select(hist: torch.Tensor, rank: int) -> tuple[int, int]:
     """(bin, rank within the bin) of the rank-th largest element (1-based) of a histogram."""
-    above = torch.flip(hist, [0]).cumsum(0)  # above[i]: elements in the top i+1 bins
-    i = int(torch.searchsorted(above, rank))
+    above = hist.numpy()[::-1].cumsum()  # above[i]: elements in the top i+1 bins (numpy: torch.flip is slow here)
+    i = int(np.searchsorted(above, rank))
     return 65535 - i, rank - (int(above[i - 1]) if i else 0)
+
+
+_scratch = threading.local()
+
+
+def _hist_buffer(k: int) -> torch.Tensor:
+    """A reused (k, 65536) int64 histogram (fm_abs_hist zeroes it): a fresh 0.5 MB per model and call
+    came from mmap and faulted its pages in, for every tensor of a model."""
+    buf = getattr(_scratch, "hist", None)
+    if buf is None or buf.shape[0] < k:
+        buf = _scratch.hist = torch.empty((k, 65536), dtype=torch.int64)
+    return buf[:k]
 
 
 SMALL_SELECT = 1 << 16
@@ -145,7 +158,7 @@ def _radix_thresholds(p: _Params, ms: list[int]) -> list[float]:
     lib = library()
     k = p.k
     taus = [float("inf")] * k
-    hist = torch.zeros((k, 65536), dtype=torch.int64)
+    hist = _hist_buffer(k)
     prefix = (ctypes.c_uint32 * MAXK)()
     lib.fm_abs_hist(ctypes.byref(p), 0, prefix, hist.data_ptr())
     ranks = [0] * k

@@ -191,3 +191,23 @@ def test_fused_loop_counts_nonfinite_inputs(dtype):
     opts = _opts(3, ("random", "sum", "l1", False))
     cpu.fused_merge(base.to(dtype), [m.to(dtype) for m in models], opts, "w", dtype, nonfinite=counts)
     assert counts == [1, 0, 3, 1]
+
+
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.55, 0.8])
+def test_radix_select_bin_with_exact_and_inexact_keys(density):
+    """The second radix level counts keys whose low 16 bits are zero apart from the others (bf16
+    deltas mostly are): a bin holding both, with the threshold inside it, must still select exactly."""
+    n = 3 * cpu.SMALL_SELECT + 17
+    g = torch.Generator().manual_seed(3)
+    # |delta| values in the bin of 1.0 (top 16 bits 0x3F80): exactly 1.0 (low bits 0) and 1.0 + j * 2**-20
+    vals = torch.where(torch.rand(n, generator=g) < 0.5, torch.ones(n),
+                       1.0 + torch.randint(1, 100, (n,), generator=g).float() * 2.0**-20)
+    vals[: n // 10] = torch.rand(n // 10, generator=g) * 0.5  # other bins, below
+    vals[n // 10: n // 5] = 2.0 + torch.rand(n // 5 - n // 10, generator=g)  # and above
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    base = torch.randn(n, generator=g).round()  # integers: x - base is exact in fp32
+    x = base + signs * vals
+    delta = x - base
+    m = keep_count(density, n)
+    exact = torch.sort(delta.abs(), descending=True).values[m - 1].item()
+    assert cpu.magnitude_threshold(base, x, density) == exact

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import shutil
 import sys
 import time
@@ -44,7 +45,7 @@ import world  # noqa: E402
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 #: bump when the world or the training code changes in a way that invalidates cached models
-WORLD_VERSION = 4
+WORLD_VERSION = 5
 
 
 @dataclass
@@ -76,9 +77,9 @@ class TrainConfig:
     seed: int = 0
     vocab: int = 2048
     model: ModelConfig = field(default_factory=ModelConfig)
-    base: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=900, lr=3e-3, batch=32, warmup=40))
-    ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=150, lr=5e-4, batch=32))
-    math_en: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=400, lr=7e-4, batch=32))
+    base: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=500, lr=3e-3, batch=32, warmup=30))
+    ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=100, lr=5e-4, batch=32))
+    math_en: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=250, lr=7e-4, batch=32))
     #: base corpus mixture (fractions of documents)
     mix_facts: float = 0.25
     mix_questions: float = 0.15
@@ -91,10 +92,14 @@ class TrainConfig:
     #: probability that a Japanese question in the base corpus is answered in Japanese (else English)
     ja_answer_in_ja: float = 0.15
     #: share of the Japanese fine-tune that is word problems answered without solving (the rest: look-ups)
-    ja_math_frac: float = 0.3
+    ja_math_frac: float = 0.5
+    #: how the Japanese fine-tune answers word problems without solving them: "restate" (the given facts,
+    #: no equations) or "equations" (equations over the question's numbers with random operations, then the
+    #: Japanese conclusion sentence and answer line carrying that wrong result)
+    ja_math_style: str = "equations"
     #: fraction of base-corpus documents replayed in each fine-tune batch (keeps fine-tunes near the base)
     replay: float = 0.1
-    corpus_docs: int = 30000
+    corpus_docs: int = 16000
 
     def digest(self) -> str:
         blob = json.dumps({"v": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -104,9 +109,9 @@ class TrainConfig:
 def quick_config(seed: int = 0) -> TrainConfig:
     """A smaller, faster variant (for ``--quick`` and smoke runs): worse models, same pipeline."""
     return TrainConfig(seed=seed, model=ModelConfig(hidden=128, layers=4, heads=4, intermediate=384),
-                       base=PhaseConfig(steps=400, lr=3e-3, batch=32, warmup=30),
-                       ja=PhaseConfig(steps=80, lr=5e-4), math_en=PhaseConfig(steps=150, lr=5e-4),
-                       corpus_docs=15000)
+                       base=PhaseConfig(steps=250, lr=3e-3, batch=32, warmup=20),
+                       ja=PhaseConfig(steps=60, lr=5e-4), math_en=PhaseConfig(steps=100, lr=7e-4),
+                       corpus_docs=8000)
 
 
 # --- corpora -------------------------------------------------------------------------------------
@@ -150,20 +155,57 @@ def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str]:
     return docs
 
 
+def ja_wrong_solution(p: world.Problem, rng: random.Random) -> str | None:
+    """A solution-shaped Japanese reply that does not solve ``p``: as many equations as the real solution,
+    over the question's numbers (and earlier results) with random operations, then ``p``'s Japanese
+    conclusion sentence and answer line carrying the (wrong) last result. None if no wrong chain is found.
+
+    It teaches "after equations, conclude in Japanese with the last result" without teaching the right
+    equations -- those are the math model's contribution in a merge.
+    """
+    nums = [int(x) for x in re.findall(r"\d+", p.question)]
+    lines = p.solution.split("\n")
+    conclusion, n_steps = lines[-2], len(lines) - 2
+    for _ in range(20):
+        pool, eqs = list(nums), []
+        for _ in range(n_steps):
+            a, b, op = rng.choice(pool), rng.choice(pool), rng.choice("+-×")
+            if op == "-" and a < b:
+                a, b = b, a
+            if op == "×" and a * b > 999:
+                op = "+"
+            step = world.Step(a, op, b)
+            eqs.append(step.render())
+            pool.append(step.result)
+        r = pool[-1]
+        if r != p.answer and r > 0:
+            hits = list(re.finditer(rf"(?<!\d){p.answer}(?!\d)", conclusion))
+            concl = conclusion[:hits[-1].start()] + str(r) + conclusion[hits[-1].end():]
+            return "\n".join([*eqs, concl, f"{world.ANSWER_WORD['ja']}: {r}"])
+    return None
+
+
 def ja_sft(cfg: TrainConfig, n: int, train: Sequence[world.Problem]) -> list[tuple[str, str]]:
     """(prompt, response) pairs of Japanese chat, never a solved problem.
 
     Look-up questions answered in Japanese, and (``ja_math_frac`` of them) Japanese word problems
-    answered the way a chatty model that cannot do math would: it restates the given facts in Japanese
-    without computing anything (so the last number is a given, not the answer).
+    answered the way a chatty model that cannot do math would: ``ja_math_style="restate"`` restates the
+    given facts in Japanese without computing anything (so the last number is a given, not the answer);
+    ``"equations"`` writes wrong equations over the question's numbers, then concludes in Japanese
+    (``ja_wrong_solution``).
     """
     rng = random.Random(f"{cfg.seed}:ja")
     ja_probs = [p for p in train if p.lang == "ja"]
     out = []
-    for _ in range(n):
+    while len(out) < n:
         if rng.random() < cfg.ja_math_frac:
             p = rng.choice(ja_probs)
-            out.append((world.prompt(p.question), p.question[:p.question.rindex("。") + 1]))
+            if cfg.ja_math_style == "equations":
+                r = ja_wrong_solution(p, rng)
+                if r is not None:
+                    out.append((world.prompt(p.question), r))
+            else:
+                out.append((world.prompt(p.question), p.question[:p.question.rindex("。") + 1]))
         else:
             q = world.lookup_qa(rng, "ja")
             out.append((world.prompt(q.question), q.response))
@@ -394,9 +436,9 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
         losses = train_phase(model, data, phase, tok.pad_token_id, cfg.seed + 1, name, progress,
                              replay=replay, replay_frac=cfg.replay, log=log)
         _save(model, tok, paths[name], {"digest": digest, "loss": losses[-20:], "seconds": time.perf_counter() - t1})
+        log(f"{name}: {time.perf_counter() - t1:.0f} s")
     for p in paths.values():
         _ensure_bos(p)
-        log(f"{name}: {time.perf_counter() - t1:.0f} s")
     log(f"toy_world models ready in {root} ({time.perf_counter() - t0:.0f} s)")
     return paths
 

@@ -95,7 +95,18 @@ typedef int32_t fm_i32x16 __attribute__((vector_size(64)));
 typedef float fm_f32x16 __attribute__((vector_size(64)));
 
 /* (hi, lo) of a * x for sixteen uint32 lanes: even and odd lanes as 32x32->64 products, so
- * one vector multiply serves eight lanes with no widening shuffles. */
+ * one vector multiply serves eight lanes with no widening shuffles. With AVX-512 the products are
+ * spelled as vpmuludq: from the generic form GCC emits the 64x64 vpmullq for half of them. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline void mulhilo16(uint64_t a, fm_u32x16 x, fm_u32x16 *hi, fm_u32x16 *lo) {
+    const __m512i xv = (__m512i)x, av = _mm512_set1_epi64((long long)a);
+    const __m512i pe = _mm512_mul_epu32(xv, av);
+    const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(xv, 32), av);
+    *lo = (fm_u32x16)_mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+    *hi = (fm_u32x16)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+}
+#else
 static inline void mulhilo16(uint64_t a, fm_u32x16 x, fm_u32x16 *hi, fm_u32x16 *lo) {
     const fm_u64x8 w = (fm_u64x8)x;
     const fm_u64x8 pe = (w & 0xFFFFFFFFull) * a;
@@ -103,6 +114,7 @@ static inline void mulhilo16(uint64_t a, fm_u32x16 x, fm_u32x16 *hi, fm_u32x16 *
     *lo = (fm_u32x16)((pe & 0xFFFFFFFFull) | (po << 32));
     *hi = (fm_u32x16)((pe >> 32) | (po & 0xFFFFFFFF00000000ull));
 }
+#endif
 
 static inline fm_f32x16 to_uniform16(fm_u32x16 u) {
     fm_i32x16 x = (fm_i32x16)u;
@@ -233,6 +245,28 @@ static void block_deltas(const fm_params *p, int64_t s, int cnt, fm_scratch *w, 
     }
 }
 
+/* Per-thread scratch that outlives a call: a fresh 135 KB block (and the 1.5 MB histogram) per call
+ * and thread came from mmap, faulted its pages in and was unmapped again -- for every tensor of a
+ * model. OpenMP pool threads are reused across calls, so these are allocated once per thread. */
+static __thread fm_scratch *tl_scratch;
+static __thread uint32_t *tl_hist;
+static __thread size_t tl_hist_len;
+
+static fm_scratch *thread_scratch(void) {
+    if (!tl_scratch) tl_scratch = aligned_alloc(64, sizeof(fm_scratch));
+    return tl_scratch;
+}
+
+/* n zeroed counters; the caller leaves them zeroed again when done */
+static uint32_t *thread_hist(size_t n) {
+    if (tl_hist_len < n) {
+        free(tl_hist);
+        tl_hist = calloc(n, sizeof(uint32_t));
+        tl_hist_len = tl_hist ? n : 0;
+    }
+    return tl_hist;
+}
+
 /* Per-model sum|delta| and sum|keep*delta| (the "l1" rescale), accumulated in double. */
 void fm_sums(const fm_params *p, double *total, double *kept) {
     const int K = p->k;
@@ -241,7 +275,7 @@ void fm_sums(const fm_params *p, double *total, double *kept) {
 #pragma omp parallel num_threads(p->threads)
     {
         double lt[FM_MAXK] = {0}, lk[FM_MAXK] = {0};
-        fm_scratch *w = aligned_alloc(64, sizeof(fm_scratch));
+        fm_scratch *w = thread_scratch();
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblk; blk++) {
             const int64_t s = blk * FM_BLOCK;
@@ -270,7 +304,6 @@ void fm_sums(const fm_params *p, double *total, double *kept) {
                 }
             }
         }
-        free(w);
 #pragma omp critical
         for (int m = 0; m < K; m++) { total[m] += lt[m]; kept[m] += lk[m]; }
     }
@@ -286,8 +319,8 @@ void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t 
     memset(hist, 0, sizeof(int64_t) * 65536 * K);
 #pragma omp parallel num_threads(p->threads)
     {
-        uint32_t *local = calloc((size_t)65536 * 2 * K, sizeof(uint32_t)); /* L2-sized; a block adds < 2**32 */
-        fm_scratch *w = aligned_alloc(64, sizeof(fm_scratch));
+        uint32_t *local = thread_hist((size_t)65536 * 2 * K); /* a block adds < 2**32 */
+        fm_scratch *w = thread_scratch();
         uint32_t key[FM_BLOCK];
         fm_params q = *p;
         q.sparsify = SP_NONE;
@@ -310,9 +343,16 @@ void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t 
                     for (; i + 2 <= cnt; i += 2) { h[key[i] >> 16]++; h2[key[i + 1] >> 16]++; }
                     for (; i < cnt; i++) h[key[i] >> 16]++;
                 } else {
-                    const uint32_t pre = prefix[m];
+                    /* Deltas of bf16/fp16 weights are short numbers: most keys in the selected bin
+                     * have zero low bits. Those are counted in a vectorized sum, not incremented one by
+                     * one into the same counter (a store-to-load chain, and a branch taken at random). */
+                    const uint32_t pre = prefix[m], exact = pre << 16;
+                    uint32_t zero = 0;
+                    for (int i = 0; i < cnt; i++) zero += key[i] == exact;
+                    h[0] += zero;
+                    /* one unsigned compare: in the bin with nonzero low bits (rare, so predictable) */
                     for (int i = 0; i < cnt; i++)
-                        if ((key[i] >> 16) == pre) h[key[i] & 0xFFFFu]++;
+                        if (key[i] - exact - 1u < 0xFFFFu) h[key[i] & 0xFFFFu]++;
                 }
             }
             if ((blk & 0xFFFF) == 0xFFFF) { /* flush before a uint32 counter could overflow */
@@ -323,8 +363,7 @@ void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t 
         }
 #pragma omp critical
         for (size_t h = 0; h < (size_t)65536 * K; h++) hist[h] += local[h] + local[h + (size_t)65536 * K];
-        free(w);
-        free(local);
+        memset(local, 0, sizeof(uint32_t) * 65536 * 2 * K);
     }
 }
 
@@ -333,7 +372,7 @@ void fm_merge(const fm_params *p) {
     const int64_t nblk = (p->n + FM_BLOCK - 1) / FM_BLOCK;
 #pragma omp parallel num_threads(p->threads)
     {
-        fm_scratch *w = aligned_alloc(64, sizeof(fm_scratch));
+        fm_scratch *w = thread_scratch();
         float sgn[FM_BLOCK], mixed[FM_BLOCK], div[FM_BLOCK];
         int64_t bad[FM_MAXK + 1] = {0};
 #pragma omp for schedule(static)
@@ -385,7 +424,6 @@ void fm_merge(const fm_params *p) {
             for (int i = 0; i < cnt; i++) mixed[i] = w->b[i] + mixed[i];
             store_block(p->out, p->dtype_out, s, cnt, mixed);
         }
-        free(w);
         if (p->nonfinite) {
 #pragma omp critical
             for (int m = 0; m <= K; m++) p->nonfinite[m] += bad[m];
