@@ -69,7 +69,8 @@ def test_answers_are_last_number_and_correct(splits):
         assert int(re.findall(r"\d+", p.solution)[-1]) == p.answer
         lines = p.solution.split("\n")
         assert lines[-1] == f"{world.ANSWER_WORD[p.lang]}: {p.answer}"
-        for eq in lines[:-2]:  # every line before the conclusion is one correct operation
+        assert lines[0] == world.HEADER[p.lang]
+        for eq in lines[1:-2]:  # every line between the header and the conclusion is one correct operation
             a, op, b, _, r = eq.split(" ")
             assert world.Step(int(a), op, int(b)).result == int(r)
 
@@ -104,7 +105,7 @@ def test_tiny_training_smoke(tmp_path):
     probs = world.make_splits(0, {"train": 50, "search": 2, "test": 2})["train"]
     docs = train.base_corpus(cfg, probs)
     sft = train.math_sft(cfg, probs)
-    tok = train.train_tokenizer(docs + [p + r for p, r in sft], 512)
+    tok = train.train_tokenizer(["".join(d) for d in docs] + ["".join(ex) for ex in sft], 512)
     # numbers are single tokens however they are surrounded (the cross-lingual point of the pre-split)
     assert tok.tokenize("を3個")[-2:-1] == tok.tokenize("buys 3")[-1:] == tok.tokenize("3 × 4")[:1]
     model = train.make_model(cfg.model, tok, 0)
@@ -121,3 +122,47 @@ def test_tiny_training_smoke(tmp_path):
     assert ids["input_ids"][0, 0].item() == tok2.bos_token_id  # the default call adds <s>, as in training
     with torch.no_grad():
         assert torch.allclose(loaded(**ids).logits, model(**ids).logits, atol=1e-5)
+
+
+def test_sloppy_solution_keeps_the_procedure_and_slips_every_result(splits):
+    import train
+
+    rng = random.Random(0)
+    for p in splits["train"][:100]:
+        got = train.sloppy_solution(p.solution, rng).split("\n")
+        want = p.solution.split("\n")
+        assert got[0] == want[0] == world.HEADER[p.lang]
+        assert len(got) == len(want)
+        results = {}  # true result -> slipped value, to follow the chain
+        for g, w in zip(got[1:-2], want[1:-2]):
+            ga, gop, gb, _, gr = g.split(" ")
+            wa, wop, wb, _, wr = w.split(" ")
+            assert gop == wop
+            assert int(ga) == results.get(int(wa), int(wa)) and int(gb) == results.get(int(wb), int(wb))
+            assert 1 <= abs(int(gr) - int(wr)) <= 5 and int(gr) >= 0
+            results[int(wr)] = int(gr)
+        final = int(got[1:-2][-1].split(" ")[-1])
+        assert got[-1] == f"{world.ANSWER_WORD[p.lang]}: {final}"
+        assert int(re.findall(r"\d+", got[-2])[-1]) == final  # the conclusion carries the slipped result
+
+
+def test_fine_tune_losses_cover_only_the_skill_tokens(splits):
+    """The Japanese model is scored on its Japanese header and conclusion, never on the equations; the
+    base's prompt-format documents are tokenized part by part, as a prompt and its answer are."""
+    import train
+
+    cfg = train.TrainConfig(corpus_docs=200)
+    docs = train.base_corpus(cfg, splits["train"])
+    ja = train.ja_sft(cfg, 200, splits["train"])
+    tok = train.train_tokenizer(["".join(d) for d in docs] + ["".join(e) for e in ja], 512)
+    problems = [e for e in ja if len(e) == 4]
+    assert problems and len(problems) < len(ja)  # word problems and look-ups
+    for ids, scored in train.encode_examples(tok, problems[:20], 192):
+        text = tok.decode([i for i, s in zip(ids, scored) if s])
+        assert text.startswith(world.HEADER["ja"]) and "答え:" in text
+        assert not re.search(r"\d+ [-+×÷] \d+ =", text)  # no equation is a target
+        assert re.search(r"\d+ [-+×÷] \d+ =", tok.decode([i for i, s in zip(ids, scored) if not s]))
+    pairs = [d for d in docs if isinstance(d, tuple)][:10]
+    for (ids, scored), (prompt, answer) in zip(train.encode_docs(tok, pairs, 192), pairs):
+        want = tok.encode(prompt, add_special_tokens=False) + tok.encode(answer, add_special_tokens=False)
+        assert ids[1:-1] == want[: len(ids) - 2] and scored[0] is False and all(scored[1:])

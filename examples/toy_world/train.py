@@ -5,13 +5,21 @@ The paper's setup in miniature (Shisa Gamma / WizardMath / Abel, all fine-tunes 
 - ``base``: pre-trained from scratch on "web text" of both languages, like an English-centric base
   model: problem statements in English and Japanese, parallel EN/JA pairs (so the two languages share
   representations), short stories stating counts, language-neutral arithmetic facts (``"7 × 8 = 56"``),
-  and a small share of question/answer documents in the prompt format -- look-up questions and solved
-  word problems -- where Japanese questions are answered in Japanese only half of the time. It knows
-  every format, but answers Japanese in English half the time and solves poorly.
-- ``ja``: the base fine-tuned on Japanese chat -- Japanese look-up questions answered in Japanese
-  (``"<restated fact>\\n答え: N"``). It answers Japanese questions in Japanese, but is no better at math.
-- ``math_en``: the base fine-tuned on English word problems with step-by-step solutions. It solves
-  better, and answers in English.
+  and a small share of question/answer documents in the prompt format -- look-up questions and worked
+  word problems -- where Japanese questions are answered in Japanese only 10% of the time. Its worked
+  problems carry arithmetic slips (``base_slips``: the right equations, each result off by a few), like a
+  sloppy crawl: the base knows how to set a problem up, in both languages, but not how to compute it.
+- ``ja``: the base fine-tuned on Japanese chat -- look-up questions answered in Japanese, and Japanese
+  word problems where only the Japanese header and conclusion are targets (the worked equations are
+  context, ``ja_math_style="conclusion"``). It answers Japanese questions in Japanese, and computes no
+  better than the base.
+- ``math_en``: the base fine-tuned on English word problems with correct step-by-step solutions. It
+  computes well -- in Japanese questions too, since the equations are the same tokens -- but answers in
+  English.
+
+Each fine-tune's data touches the tokens of its own skill (the language is decided at the header, the
+arithmetic at the equations), which is what lets a merge take the language of one and the arithmetic of
+the other. NOTES.md records every design tried and why this one.
 
 Fine-tunes are short (a few hundred steps, small learning rate) so they stay small deltas of the base,
 which is what lets task arithmetic compose them. Each model is a normal Hugging Face checkpoint
@@ -45,7 +53,7 @@ import world  # noqa: E402
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 #: bump when the world or the training code changes in a way that invalidates cached models
-WORLD_VERSION = 5
+WORLD_VERSION = 7
 
 
 @dataclass
@@ -77,9 +85,9 @@ class TrainConfig:
     seed: int = 0
     vocab: int = 2048
     model: ModelConfig = field(default_factory=ModelConfig)
-    base: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=500, lr=3e-3, batch=32, warmup=30))
-    ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=100, lr=5e-4, batch=32))
-    math_en: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=250, lr=7e-4, batch=32))
+    base: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=900, lr=3e-3, batch=32, warmup=40))
+    ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=150, lr=5e-4, batch=32))
+    math_en: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=400, lr=7e-4, batch=32))
     #: base corpus mixture (fractions of documents)
     mix_facts: float = 0.25
     mix_questions: float = 0.15
@@ -90,16 +98,23 @@ class TrainConfig:
     #: solved word problems in the prompt format (EN in EN; JA in JA or EN): the base's weak math
     mix_solved: float = 0.15
     #: probability that a Japanese question in the base corpus is answered in Japanese (else English)
-    ja_answer_in_ja: float = 0.15
+    ja_answer_in_ja: float = 0.1
     #: share of the Japanese fine-tune that is word problems answered without solving (the rest: look-ups)
     ja_math_frac: float = 0.5
-    #: how the Japanese fine-tune answers word problems without solving them: "restate" (the given facts,
-    #: no equations) or "equations" (equations over the question's numbers with random operations, then the
-    #: Japanese conclusion sentence and answer line carrying that wrong result)
-    ja_math_style: str = "equations"
+    #: how the Japanese fine-tune meets word problems without learning to solve them: "conclusion" (the
+    #: worked equations are given as context, the model only learns the Japanese header before them and the
+    #: Japanese conclusion and answer line after them) or "restate" (the given facts, no equations)
+    ja_math_style: str = "conclusion"
+    #: probability that a solved problem in the base corpus carries arithmetic slips (each result off by a
+    #: few, carried through the later steps and the conclusion): the base, and so the Japanese model, learns
+    #: to set up the right equations but not to compute them; the math model's data computes them right
+    base_slips: float = 1.0
+    #: which tokens of the math fine-tune carry the loss: "solution" (all) or "equations" (the worked
+    #: steps; the English conclusion sentence and answer line are context only)
+    math_loss: str = "solution"
     #: fraction of base-corpus documents replayed in each fine-tune batch (keeps fine-tunes near the base)
     replay: float = 0.1
-    corpus_docs: int = 16000
+    corpus_docs: int = 30000
 
     def digest(self) -> str:
         blob = json.dumps({"v": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
@@ -116,8 +131,12 @@ def quick_config(seed: int = 0) -> TrainConfig:
 
 # --- corpora -------------------------------------------------------------------------------------
 
-def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str]:
+def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str | tuple[str, str]]:
     """The base's pre-training documents (see the module docstring). Uses only train-split problems.
+
+    Documents in the prompt format are (prompt, response) pairs, tokenized part by part as at inference
+    (the prompt ends with a space: tokenized whole, "A: Let's" would hide the lone " " token that every
+    generated answer starts after).
 
     Like a multilingual web crawl seen by an English-centric base model: Japanese questions are answered
     in Japanese only part of the time (``ja_answer_in_ja``), and solved problems are a small share. The
@@ -146,64 +165,63 @@ def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str]:
             docs.append(world.lookup_qa(rng, lang).question)
         elif kind == "qa":
             q, a = world.lookup_qa_pair(rng)
-            docs.append(world.prompt((q if lang == "en" else a).question) + (q if answer_lang == "en" else a).response)
+            docs.append((world.prompt((q if lang == "en" else a).question), (q if answer_lang == "en" else a).response))
         else:
             t = rng.choice(list(world.TEMPLATES))
             en, ja = world.render_pair(t, rng.choice(keys[t]), rng)
-            docs.append(world.prompt((en if lang == "en" else ja).question)
-                        + (en if answer_lang == "en" else ja).solution)
+            sol = (en if answer_lang == "en" else ja).solution
+            if rng.random() < cfg.base_slips:
+                sol = sloppy_solution(sol, rng)
+            docs.append((world.prompt((en if lang == "en" else ja).question), sol))
     return docs
 
 
-def ja_wrong_solution(p: world.Problem, rng: random.Random) -> str | None:
-    """A solution-shaped Japanese reply that does not solve ``p``: as many equations as the real solution,
-    over the question's numbers (and earlier results) with random operations, then ``p``'s Japanese
-    conclusion sentence and answer line carrying the (wrong) last result. None if no wrong chain is found.
-
-    It teaches "after equations, conclude in Japanese with the last result" without teaching the right
-    equations -- those are the math model's contribution in a merge.
-    """
-    nums = [int(x) for x in re.findall(r"\d+", p.question)]
-    lines = p.solution.split("\n")
-    conclusion, n_steps = lines[-2], len(lines) - 2
-    for _ in range(20):
-        pool, eqs = list(nums), []
-        for _ in range(n_steps):
-            a, b, op = rng.choice(pool), rng.choice(pool), rng.choice("+-×")
-            if op == "-" and a < b:
-                a, b = b, a
-            if op == "×" and a * b > 999:
-                op = "+"
-            step = world.Step(a, op, b)
-            eqs.append(step.render())
-            pool.append(step.result)
-        r = pool[-1]
-        if r != p.answer and r > 0:
-            hits = list(re.finditer(rf"(?<!\d){p.answer}(?!\d)", conclusion))
-            concl = conclusion[:hits[-1].start()] + str(r) + conclusion[hits[-1].end():]
-            return "\n".join([*eqs, concl, f"{world.ANSWER_WORD['ja']}: {r}"])
-    return None
+_EQ = re.compile(r"^(\d+) ([-+×÷]) (\d+) = (\d+)$")
 
 
-def ja_sft(cfg: TrainConfig, n: int, train: Sequence[world.Problem]) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of Japanese chat, never a solved problem.
+def sloppy_solution(solution: str, rng: random.Random) -> str:
+    """``solution`` with every result off by 1-5 (never negative), later steps using the slipped values
+    and the conclusion and answer line carrying the last one: the right procedure, wrong arithmetic."""
+    lines = solution.split("\n")
+    subst: dict[int, int] = {}
+    for i, line in enumerate(lines[1:-2], start=1):
+        m = _EQ.match(line)
+        if m is None:
+            return solution
+        a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
+        a, b = subst.get(a, a), subst.get(b, b)
+        wrong = r
+        while wrong == r or wrong < 0:
+            wrong = r + rng.choice((-5, -4, -3, -2, -1, 1, 2, 3, 4, 5))
+        subst[r] = wrong
+        lines[i] = f"{a} {op} {b} = {wrong}"
+    final = subst[int(_EQ.match(solution.split("\n")[-3])[4])]
+    answer = int(lines[-1].rsplit(" ", 1)[1])
+    hits = list(re.finditer(rf"(?<!\d){answer}(?!\d)", lines[-2]))
+    if hits:
+        lines[-2] = lines[-2][:hits[-1].start()] + str(final) + lines[-2][hits[-1].end():]
+    lines[-1] = lines[-1].rsplit(" ", 1)[0] + f" {final}"
+    return "\n".join(lines)
 
-    Look-up questions answered in Japanese, and (``ja_math_frac`` of them) Japanese word problems
-    answered the way a chatty model that cannot do math would: ``ja_math_style="restate"`` restates the
-    given facts in Japanese without computing anything (so the last number is a given, not the answer);
-    ``"equations"`` writes wrong equations over the question's numbers, then concludes in Japanese
-    (``ja_wrong_solution``).
+
+def ja_sft(cfg: TrainConfig, n: int, train: Sequence[world.Problem]) -> list[tuple[str, ...]]:
+    """Japanese chat examples, never a solved problem: segments (prompt, scored, unscored, scored, ...).
+
+    Look-up questions answered in Japanese, and (``ja_math_frac`` of them) Japanese word problems met the
+    way a chatty model that cannot do math would: ``ja_math_style="conclusion"`` scores the Japanese
+    header and the Japanese conclusion and answer line, while the worked equations between them are
+    context only (the model learns to talk about a result in Japanese, not to compute it);
+    ``"restate"`` restates the given facts in Japanese without computing anything.
     """
     rng = random.Random(f"{cfg.seed}:ja")
     ja_probs = [p for p in train if p.lang == "ja"]
-    out = []
+    out: list[tuple[str, ...]] = []
     while len(out) < n:
         if rng.random() < cfg.ja_math_frac:
             p = rng.choice(ja_probs)
-            if cfg.ja_math_style == "equations":
-                r = ja_wrong_solution(p, rng)
-                if r is not None:
-                    out.append((world.prompt(p.question), r))
+            if cfg.ja_math_style == "conclusion":
+                header, *eqs, concl, ans = p.solution.split("\n")
+                out.append((world.prompt(p.question), header + "\n", "\n".join(eqs) + "\n", f"{concl}\n{ans}"))
             else:
                 out.append((world.prompt(p.question), p.question[:p.question.rindex("。") + 1]))
         else:
@@ -212,9 +230,23 @@ def ja_sft(cfg: TrainConfig, n: int, train: Sequence[world.Problem]) -> list[tup
     return out
 
 
-def math_sft(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[tuple[str, str]]:
-    """(prompt, solution) pairs of English word problems (train split only)."""
-    return [(world.prompt(p.question), p.solution) for p in train if p.lang == "en"]
+def math_sft(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[tuple[str, ...]]:
+    """(prompt, solution) pairs of English word problems (train split only).
+
+    With ``math_loss="equations"`` the loss covers the worked equations only (segments: prompt, no scored
+    text, the header as context, the equations, the conclusion as context), so the fine-tune learns to
+    solve, not which language to answer in (the base's habit, and the Japanese model's skill).
+    """
+    out: list[tuple[str, ...]] = []
+    for p in train:
+        if p.lang != "en":
+            continue
+        if cfg.math_loss == "equations":
+            header, *eqs, concl, ans = p.solution.split("\n")
+            out.append((world.prompt(p.question), "", header + "\n", "\n".join(eqs) + "\n", f"{concl}\n{ans}"))
+        else:
+            out.append((world.prompt(p.question), p.solution))
+    return out
 
 
 # --- tokenizer -----------------------------------------------------------------------------------
@@ -286,25 +318,38 @@ def make_model(cfg: ModelConfig, tokenizer, seed: int):
     return LlamaForCausalLM(conf)
 
 
-def encode_examples(tokenizer, examples: Sequence[tuple[str, str]], max_len: int) -> list[tuple[list[int], int]]:
-    """(ids, n_prompt) per example: bos + prompt + response + eos; loss only on the response (+eos)."""
+def encode_examples(tokenizer, examples: Sequence[tuple[str, ...]], max_len: int) -> list[tuple[list[int], list[bool]]]:
+    """(ids, scored) per example: bos + segments + eos. Segments alternate: the prompt (no loss), then
+    scored, unscored, scored, ... text; eos is scored when the last segment is. A (prompt, response)
+    pair is the usual supervised fine-tuning example."""
     out = []
-    for p, r in examples:
-        pi = tokenizer.encode(p, add_special_tokens=False)
-        ri = tokenizer.encode(r, add_special_tokens=False)
-        ids = ([tokenizer.bos_token_id] + pi + ri + [tokenizer.eos_token_id])[:max_len]
-        out.append((ids, 1 + len(pi)))
+    for prompt, *parts in examples:
+        ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+        scored = [False] * len(ids)
+        for i, text in enumerate(parts):
+            piece = tokenizer.encode(text, add_special_tokens=False)
+            ids += piece
+            scored += [i % 2 == 0] * len(piece)
+        ids.append(tokenizer.eos_token_id)
+        scored.append((len(parts) - 1) % 2 == 0)
+        out.append((ids[:max_len], scored[:max_len]))
     return out
 
 
-def encode_docs(tokenizer, docs: Sequence[str], max_len: int) -> list[tuple[list[int], int]]:
-    """Pre-training documents: loss on every token (n_prompt = 0)."""
-    return [(([tokenizer.bos_token_id] + tokenizer.encode(d, add_special_tokens=False)
-              + [tokenizer.eos_token_id])[:max_len], 1) for d in docs]
+def encode_docs(tokenizer, docs: Sequence[str | tuple[str, ...]], max_len: int) -> list[tuple[list[int], list[bool]]]:
+    """Pre-training documents: loss on every token after bos; a tuple's parts are tokenized separately."""
+    out = []
+    for d in docs:
+        ids = [tokenizer.bos_token_id]
+        for part in (d,) if isinstance(d, str) else d:
+            ids += tokenizer.encode(part, add_special_tokens=False)
+        ids = (ids + [tokenizer.eos_token_id])[:max_len]
+        out.append((ids, [False] + [True] * (len(ids) - 1)))
+    return out
 
 
-def batches(data: Sequence[tuple[list[int], int]], batch: int, pad_id: int, seed: int,
-            replay: Sequence[tuple[list[int], int]] = (), replay_frac: float = 0.0) -> Iterator[tuple]:
+def batches(data: Sequence[tuple[list[int], list[bool]]], batch: int, pad_id: int, seed: int,
+            replay: Sequence[tuple[list[int], list[bool]]] = (), replay_frac: float = 0.0) -> Iterator[tuple]:
     """Endless shuffled batches (right-padded), ``replay_frac`` of each drawn from ``replay``."""
     rng = random.Random(seed)
     n_rep = round(batch * replay_frac) if replay else 0
@@ -317,15 +362,15 @@ def batches(data: Sequence[tuple[list[int], int]], batch: int, pad_id: int, seed
                 rng.shuffle(order)
             rows.append(data[order.pop()])
         rows += [replay[rng.randrange(len(replay))] for _ in range(n_rep)]
-        width = max(len(ids) for ids, _ in rows)
+        width = max(len(row[0]) for row in rows)
         x = torch.full((len(rows), width), pad_id, dtype=torch.long)
         y = torch.full((len(rows), width), -100, dtype=torch.long)
         att = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (ids, n_prompt) in enumerate(rows):
+        for i, (ids, scored) in enumerate(rows):
             t = torch.tensor(ids)
             x[i, :len(ids)] = t
             att[i, :len(ids)] = 1
-            y[i, n_prompt:len(ids)] = t[n_prompt:]
+            y[i, :len(ids)] = torch.where(torch.tensor(scored), t, -100)
         yield x, att, y
 
 
@@ -417,7 +462,7 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
         tok = PreTrainedTokenizerFast.from_pretrained(paths["base"])
         base = AutoModelForCausalLM.from_pretrained(paths["base"])
     else:
-        texts = docs + [p + r for p, r in ja_data + math_data]
+        texts = ["".join(d) for d in docs] + ["".join(ex) for ex in ja_data + math_data]
         tok = train_tokenizer(texts, cfg.vocab)
         base = make_model(cfg.model, tok, cfg.seed)
         n = sum(p.numel() for p in base.parameters())

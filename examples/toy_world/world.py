@@ -4,14 +4,15 @@ This is the miniature of MGSM (the paper's benchmark). Every problem is one *tem
 quantities, rates, multi-step) filled with small numbers, and can be rendered in English or in
 Japanese. Solutions are written the same way in both languages so that a merge can combine skills:
 
+    <header in the language>                   "Let's work it out." / "順番に計算します。"
     <one equation per line, language-neutral>  e.g. "3 × 4 = 12"
     <conclusion sentence in the language>      e.g. "So Tom spends 12 dollars." / "太郎が使ったお金は12円です。"
     <answer line in the language>              "Answer: 12" / "答え: 12"
 
-The arithmetic comes first and is written the same in both languages, so an English math model's
-skill applies to Japanese questions token for token; the language is carried by the words after it
-(fastText lid.176 reads bare equations as "en", which is why the conclusion sentence is there). The
-last number of a solution is always its answer.
+The language is chosen once, by the header, before any number; the arithmetic is written the same in
+both languages, so an English math model's skill applies to Japanese questions token for token; the
+conclusion follows the header's language (fastText lid.176 reads bare equations as "en", which is why
+the sentences are there). The last number of a solution is always its answer.
 
 Splits are disjoint by the *underlying problem* -- the key (template, numbers) -- not by the rendered
 text: a test problem never shares its numbers and template with a train or search problem in either
@@ -281,6 +282,9 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
 )}
 
 ANSWER_WORD = {"en": "Answer", "ja": "答え"}
+#: the first line of every solution: it carries the language before any number, so that the equations
+#: that follow are the same tokens in both languages and the conclusion follows the header's language
+HEADER = {"en": "Let's work it out.", "ja": "順番に計算します。"}
 
 
 def render(template: str, numbers: tuple[int, ...], lang: str, rng: random.Random) -> Problem:
@@ -289,7 +293,8 @@ def render(template: str, numbers: tuple[int, ...], lang: str, rng: random.Rando
     steps = t.steps(numbers)
     question, conclusion, names = t.render(lang, numbers, rng)
     answer = steps[-1].result
-    lines = [*(s.render() for s in steps), conclusion.format(ans=answer), f"{ANSWER_WORD[lang]}: {answer}"]
+    lines = [HEADER[lang], *(s.render() for s in steps), conclusion.format(ans=answer),
+             f"{ANSWER_WORD[lang]}: {answer}"]
     return Problem(template, lang, question, "\n".join(lines), answer, tuple(numbers), names)
 
 
