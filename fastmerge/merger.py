@@ -115,6 +115,9 @@ class Merger:
         dtype = next((t.dtype for t in plan.tensors if t.dtype.is_floating_point), torch.float32)
         with no_init_weights(), self.device:
             module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # no_init_weights also skips the tying that post_init does: an untied lm_head would stay
+        # uninitialized memory when the checkpoint holds only the embeddings
+        module.tie_weights()
         return module.eval()
 
     def _bind(self, plan: Plan) -> dict[str, torch.Tensor]:

@@ -23,11 +23,13 @@ def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("arch,method,dtype", [
-    ("llama", "dare_ties", torch.float32), ("mistral", "ties", torch.bfloat16), ("qwen2", "task_arithmetic", torch.float32),
+@pytest.mark.parametrize("arch,method,dtype,tied", [
+    ("llama", "dare_ties", torch.float32, False), ("mistral", "ties", torch.bfloat16, False),
+    ("qwen2", "task_arithmetic", torch.float32, False),
+    ("llama", "task_arithmetic", torch.float32, True),  # lm_head is the embeddings: not in the checkpoint
 ])
-def test_in_place_merge_equals_disk_merge(families, tmp_path, arch, method, dtype):
-    base, ft0, ft1 = families(arch, dtype)
+def test_in_place_merge_equals_disk_merge(families, tmp_path, arch, method, dtype, tied):
+    base, ft0, ft1 = families(arch, dtype, tie_embeddings=tied) if tied else families(arch, dtype)
     r = recipe(base, ft0, ft1, method)
     merger = Merger(r)
     fastmerge.merge(r, tmp_path / "out")
