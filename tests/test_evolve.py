@@ -374,3 +374,22 @@ def test_config_errors_name_the_file(tmp_path):
     f.write_text("models: [m]\nevaluator: math\n")
     with pytest.raises(FastmergeError, match=r"c\.yml: metric: Field required"):
         EvolveConfig.from_yaml(f)
+
+
+def test_the_paper_ps_config_is_valid_with_local_stand_ins(families, tmp_path):
+    """examples/evolve/paper_ps_ja_math.yml with tiny Mistral stand-ins for the hub ids: the config
+    parses and gives the paper's layer-wise genome (weight and density per model and layer)."""
+    data = yaml.safe_load((ROOT / "examples/evolve/paper_ps_ja_math.yml").read_text())
+    base, *fts = families("mistral", finetunes=3)
+    assert len(data["models"]) == 3
+    data.update(models=[str(f) for f in fts], base_model=str(base), out=str(tmp_path / "out"))
+    (tmp_path / "search.jsonl").write_text('{"question": "1 + 1 は?", "answer": "2"}\n')
+    data["evaluator"]["data"] = str(tmp_path / "search.jsonl")
+    config = EvolveConfig.from_yaml(data)
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    assert config.ps_num_genes(layers) == layers * 3 * 2
+    space = ps_space(config)
+    assert len(space.x0()) == layers * 3 * 2
+    recipe = space.base_recipe()
+    assert recipe["merge_method"] == "dare_ties"
+    assert recipe["parameters"]["normalize"] is False and recipe["parameters"]["rescale"] is True
