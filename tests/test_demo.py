@@ -38,6 +38,17 @@ def test_demo_quick_end_to_end(demo, tmp_path):
     for name in ("PS", "PS+DFS", "DFS"):
         st = s["stages"][name]
         assert st["trials"] >= demo.QUICK.popsize and Path(st["model"]).is_dir()
+    # the materialized PS model (tied embeddings, like every toy model) scores on the search split
+    # exactly what the in-place trial scored: the live module is the checkpoint
+    from fastmerge.evaluate import evaluate_checkpoint
+
+    world = sys.modules["world"]
+    spec = {"name": "math", "data": str(tmp_path / "work" / "data" / "search_ja.jsonl"), "lang": "ja",
+            "template": world.PROMPT_TEMPLATE, "batch_size": 32, "max_new_tokens": demo.QUICK.max_new_tokens,
+            "limit": demo.QUICK.search_size}
+    ps = s["stages"]["PS"]
+    again = evaluate_checkpoint(Path(ps["model"]), spec, tokenizer=tmp_path / "work" / "models-quick" / "base")
+    assert again["acc_lang"] == pytest.approx(ps["search_fitness"], abs=1e-9)
     # the PS+DFS path starts from the PS merge (model A of the DFS stage)
     hops = s["stages"]["PS+DFS"]["decoded"]
     assert hops  # a decoded path

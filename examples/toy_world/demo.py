@@ -43,7 +43,7 @@ class Budgets:
 
     search_size: int = 100  # Japanese search problems per fitness evaluation
     test_size: int = 300  # test problems per language
-    ps_generations: int = 12
+    ps_generations: int = 20
     dfs_generations: int = 5
     psdfs_generations: int = 5
     popsize: int | None = None
@@ -203,7 +203,9 @@ def _write_results(s: dict, results_dir: Path, tag: str) -> None:
                      f"| {fit} | {r.get('trials', '')} |")
     n_ja, n_en = s["rows"][0]["ja_n"], s["rows"][0]["en_n"]
     stages = "\n".join(f"- {k}: {v['trials']} trials in {v['generations']} generations"
-                       + (f", {v['evolve_wall_s']:.0f} s of evolution (this call)" if "evolve_wall_s" in v else "")
+                       + (f", {v['evolve_wall_s']:.0f} s of evolution"
+                          + (" (PS and PS+DFS together: one evolve call)" if k == "PS+DFS" else "")
+                          if "evolve_wall_s" in v else "")
                        for k, v in s["stages"].items())
     m = s["machine"]
     sources = [r for r in s["rows"] if r["type"].startswith("source")]
@@ -211,10 +213,13 @@ def _write_results(s: dict, results_dir: Path, tag: str) -> None:
     bs = max(sources, key=lambda r: r["ja_acc_lang"])
     bm = max(merges, key=lambda r: r["ja_acc_lang"])
     margin = bm["ja_acc_lang"] - bs["ja_acc_lang"]
+    # standard error of a difference of two proportions on n problems each (unpaired: conservative)
+    se = ((bm["ja_acc_lang"] * (1 - bm["ja_acc_lang"]) + bs["ja_acc_lang"] * (1 - bs["ja_acc_lang"])) / max(n_ja, 1)) ** 0.5
     verdict = (f"The best merge ({bm['model']}, JA acc_lang {bm['ja_acc_lang']:.3f}) "
                + ("beats" if margin > 0 else "does not beat")
                + f" the best source ({bs['model']}, {bs['ja_acc_lang']:.3f}) by {margin:+.3f} on the test split"
-               + (f" ({n_ja} problems: one problem is {1 / n_ja:.3f})." if n_ja else "."))
+               + (f" ({n_ja} problems: one problem is {1 / n_ja:.3f}; the margin is {margin / se:.1f} standard "
+                  f"errors of the difference)." if n_ja and se > 0 else "."))
     text = f"""# Toy world results{' (--quick smoke run: tiny budgets, not a result)' if s['quick'] else ''}
 
 Measured by `python examples/toy_world/demo.py{' --quick' if s['quick'] else ''}` on {m['cpu']} ({m['threads']} threads),
