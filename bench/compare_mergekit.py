@@ -10,8 +10,11 @@ What it does:
      alternately as child processes, ``--reps`` times each, timing the wall clock of each child and
      its peak RSS (the kernel's high-water mark, read by a one-child wrapper process through
      ``getrusage(RUSAGE_CHILDREN)``; plus the process tree's summed RSS polled every 20 ms);
-  4. measures the I/O floor: reading every input tensor of the 4 models with safetensors and
-     writing an output of the same size with ``safetensors.torch.save_file``, nothing else;
+  4. measures the I/O floor: reading every byte of every input tensor of the 4 models through
+     safetensors' maps (copied into one reused buffer, as a merge reads them) and writing an output
+     of the same size with ``safetensors.torch.save_file``, nothing else; and, for reference, the
+     same with every input cloned into fresh memory (``io_floor_alloc``: the simplest safetensors
+     code, which also pays ~2 GB of anonymous page faults whose cost varies with the kernel's state);
   5. writes bench/results/compare_mergekit{.csv,_summary.csv,.png,.md,_machine.txt} and prints a
      Markdown table.
 
@@ -77,19 +80,29 @@ def _measure_main(argv: list[str]) -> int:
 
 
 def _iofloor_main(argv: list[str]) -> int:
-    """``_iofloor OUT MODEL...``: read every tensor of every model, write one model-sized output."""
+    """``_iofloor reuse|clone OUT MODEL...``: read every tensor of every model, write one model-sized
+    output. ``reuse`` copies each input into one reused buffer (the base's tensors stay mapped and
+    save_file reads them); ``clone`` copies every input into fresh memory."""
+    import torch
     from safetensors.torch import load_file, save_file
 
-    out, models = Path(argv[0]), [Path(m) for m in argv[1:]]
+    mode, out, models = argv[0], Path(argv[1]), [Path(m) for m in argv[2:]]
     keep = {}
     read = 0
+    buf = torch.empty(0, dtype=torch.uint8)
     for i, m in enumerate(models):
         for shard in sorted(m.glob("*.safetensors")):
-            # load_file maps the file lazily: clone() makes the read real (bytes copied into process
-            # memory, as any merge must); without it the fine-tunes' pages would never be touched
+            # load_file maps the file lazily: a copy makes the read real (every byte through the page
+            # cache, as any merge must); without it the fine-tunes' pages would never be touched
             for name, t in load_file(shard).items():
-                t = t.clone()
                 read += t.numel() * t.element_size()
+                if mode == "clone":
+                    t = t.clone()
+                elif i > 0:
+                    b = t.reshape(-1).view(torch.uint8)
+                    if buf.numel() < b.numel():
+                        buf = torch.empty(b.numel(), dtype=torch.uint8)
+                    buf[: b.numel()].copy_(b)
                 if i == 0:  # the base's tensors are the output (same names, shapes, dtypes)
                     keep[name] = t
     out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +405,8 @@ def commands(tool: str, recipe: Path, out: Path, models: list[Path]) -> list[str
         ]
     if tool == "startup":
         return [sys.executable, "-c", "import torch, safetensors.torch"]
-    return [sys.executable, str(Path(__file__).resolve()), "_iofloor", str(out), *map(str, models)]
+    mode = "clone" if tool == "io_floor_alloc" else "reuse"
+    return [sys.executable, str(Path(__file__).resolve()), "_iofloor", mode, str(out), *map(str, models)]
 
 
 def compare_outputs(mk: Path, fm: Path, base: Path) -> str:
@@ -452,9 +466,11 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
                 "fastmerge_s": round(fm, 3),
                 "fastmerge_internal_s": round(med(rows, "fastmerge", m, "internal_s"), 3),
                 "io_floor_s": round(io, 3),
+                "io_floor_alloc_s": round(med(rows, "io_floor_alloc", "io", "seconds"), 3),
                 "speedup_mergekit_over_fastmerge": round(mk / fm, 2),
                 "fastmerge_over_io_floor": round(fm / io, 2),
                 "mergekit_over_io_floor": round(mk / io, 2),
+                "fastmerge_over_io_floor_alloc": round(fm / med(rows, "io_floor_alloc", "io", "seconds"), 2),
                 "mergekit_rss_mb": round(mk_rss, 1),
                 "fastmerge_rss_mb": round(fm_rss, 1),
                 "io_floor_rss_mb": round(med(rows, "io_floor", "io", "peak_rss_mb"), 1),
@@ -471,14 +487,15 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
 def markdown(summary: list[dict]) -> str:
     head = (
         "| method | mergekit s | fastmerge s | speed-up | IO floor s | fastmerge/floor "
-        "| mergekit RSS MB | fastmerge RSS MB |"
+        "| floor with fresh copies s | fastmerge/that floor | mergekit RSS MB | fastmerge RSS MB |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         lines.append(
             f"| {s['method']} | {s['mergekit_s']:.2f} | {s['fastmerge_s']:.2f} | "
             f"{s['speedup_mergekit_over_fastmerge']:.1f}x | {s['io_floor_s']:.2f} | "
-            f"{s['fastmerge_over_io_floor']:.2f}x | {s['mergekit_rss_mb']:.0f} | {s['fastmerge_rss_mb']:.0f} |"
+            f"{s['fastmerge_over_io_floor']:.2f}x | {s['io_floor_alloc_s']:.2f} | "
+            f"{s['fastmerge_over_io_floor_alloc']:.2f}x | {s['mergekit_rss_mb']:.0f} | {s['fastmerge_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -638,8 +655,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  check {method}: {checks[method]}", flush=True)
             for tool in order:
                 shutil.rmtree(outs / f"{tool}-{method}", ignore_errors=True)
-        run("io_floor", "io", rep)
-        shutil.rmtree(outs / "io_floor-io", ignore_errors=True)
+        for floor in ("io_floor", "io_floor_alloc"):
+            run(floor, "io", rep)
+            shutil.rmtree(outs / f"{floor}-io", ignore_errors=True)
         run("startup", "import", rep)
 
     summary = summarize(rows, methods)
@@ -658,8 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "python"
     )
     info["io_floor"] = (
-        "safetensors.torch.load_file of every shard of the 4 models + save_file of one model-sized output"
+        "safetensors.torch.load_file of every shard of the 4 models, every byte copied into one reused buffer, "
+        "+ save_file of one model-sized output"
     )
+    info["io_floor_alloc"] = "the same with every input tensor cloned into fresh memory (anonymous page faults)"
     info["startup"] = "python -c 'import torch, safetensors.torch' (the interpreter + torch start-up every tool pays)"
     info["timing"] = (
         "wall clock of each child process, start to exit (interpreter start-up and imports included); "

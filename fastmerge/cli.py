@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -222,5 +223,21 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def entry() -> None:
+    """The console script and ``python -m fastmerge``: ``main`` then an exit without interpreter
+    teardown. Once a command has returned, its output is complete (renamed into place, threads and
+    worker pools joined); what teardown would still do is unload torch and free the process's
+    memory, which the kernel does anyway, and it costs ~0.4 s on the 2-core machine, about a tenth
+    of a 250M-parameter merge."""
+    rc = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say anyway
+            pass
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

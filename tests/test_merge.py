@@ -215,6 +215,31 @@ def test_cli_merge_and_force(families, tmp_path, capsys):
     assert not list(tmp_path.glob(".out.fastmerge-*"))
 
 
+def test_command_line_process_flushes_and_exits_with_the_status(families, tmp_path):
+    """``python -m fastmerge`` leaves without interpreter teardown: the summary line (to a pipe, so
+    block-buffered), the error line and the exit status must still come out."""
+    import subprocess
+    import sys
+
+    base, ft0, _ = families("llama")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(base),
+                                      "models": [{"model": str(ft0), "parameters": {"weight": 0.5}}]}))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastmerge", "merge", str(recipe), str(out), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("merged ") and done.stdout.endswith("\n")
+    ref = fastmerge.merge(yaml.safe_load(recipe.read_text()), tmp_path / "ref")
+    assert ref.tensors > 0
+    got = load_dir(out)
+    for name, t in load_dir(tmp_path / "ref").items():
+        assert torch.equal(got[name], t), name
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stdout == ""
+    assert again.stderr.startswith("fastmerge: error: ") and "--force" in again.stderr
+
+
 def test_tokenizer_block_and_chat_template(families, tmp_path):
     base, ft0, _ = families("llama")
     other = tmp_path / "tok"
