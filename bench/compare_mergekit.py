@@ -19,7 +19,8 @@ What it does:
      Markdown table.
 
 Page cache: the inputs are read right before every timed run, so that every run (both tools and the
-floor) finds them in the page cache; caches are never dropped (both tools get a warm cache equally).
+floor) finds them in the page cache; caches are never dropped (both tools get a warm cache equally),
+and dirty pages are synced before each run (no earlier output's writeback runs during a timed run).
 Each run records the MB read from disk meanwhile (``disk_read_mb``, ~0 when the cache held) and the
 CPU time other processes used (``other_cpu_s``); before each run the script waits for the CPUs to
 go quiet (``--idle-wait``).
@@ -255,7 +256,7 @@ def machine_info() -> dict[str, str]:
         "page_cache": (
             "warm for every run: inputs re-read right before each run, never dropped "
             f"(/proc/sys/vm/drop_caches {'writable' if os.access('/proc/sys/vm/drop_caches', os.W_OK) else 'not writable'}, "
-            "deliberately unused: both tools get the same warm cache)"
+            "deliberately unused: both tools get the same warm cache); dirty pages synced before each run"
         ),
         "damon": _damon(),
     }
@@ -615,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = commands(tool, recipes.get(method, Path()), out, models)
         waited = wait_idle(args.idle_wait)
         prewarm(models)  # right before every run: the kernel may page out cache left idle (e.g. DAMON reclaim)
+        os.sync()  # no writeback of an earlier run's output competes with this one
         r = measured(cmd, workdir, env, f"{tool}-{method}")
         internal = float("nan")
         m = re.search(r"in ([0-9.]+) s \(", r["log"])
