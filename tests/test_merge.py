@@ -240,6 +240,22 @@ def test_command_line_process_flushes_and_exits_with_the_status(families, tmp_pa
     assert again.stderr.startswith("fastmerge: error: ") and "--force" in again.stderr
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_import_restores_the_garbage_collector_state(enabled):
+    """The package pauses the cyclic collector while it imports torch and its modules, and leaves
+    it as it found it."""
+    import subprocess
+    import sys
+
+    code = ("import gc\n" + ("" if enabled else "gc.disable()\n")
+            + "import fastmerge\nprint(gc.isenabled(), gc.get_threshold())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import gc
+
+    assert done.stdout.split(None, 1) == [str(enabled), f"{gc.get_threshold()}\n"]
+
+
 def test_tokenizer_block_and_chat_template(families, tmp_path):
     base, ft0, _ = families("llama")
     other = tmp_path / "tok"
