@@ -458,6 +458,7 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
     for m in methods:
         mk, fm = med(rows, "mergekit", m, "seconds"), med(rows, "fastmerge", m, "seconds")
         io = med(rows, "io_floor", "io", "seconds")
+        io_alloc = med(rows, "io_floor_alloc", "io", "seconds")
         mk_rss, fm_rss = med(rows, "mergekit", m, "peak_rss_mb"), med(rows, "fastmerge", m, "peak_rss_mb")
         out.append(
             {
@@ -467,11 +468,11 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
                 "fastmerge_s": round(fm, 3),
                 "fastmerge_internal_s": round(med(rows, "fastmerge", m, "internal_s"), 3),
                 "io_floor_s": round(io, 3),
-                "io_floor_alloc_s": round(med(rows, "io_floor_alloc", "io", "seconds"), 3),
+                "io_floor_alloc_s": round(io_alloc, 3),
                 "speedup_mergekit_over_fastmerge": round(mk / fm, 2),
                 "fastmerge_over_io_floor": round(fm / io, 2),
                 "mergekit_over_io_floor": round(mk / io, 2),
-                "fastmerge_over_io_floor_alloc": round(fm / med(rows, "io_floor_alloc", "io", "seconds"), 2),
+                "fastmerge_over_io_floor_alloc": round(fm / io_alloc, 2),
                 "mergekit_rss_mb": round(mk_rss, 1),
                 "fastmerge_rss_mb": round(fm_rss, 1),
                 "io_floor_rss_mb": round(med(rows, "io_floor", "io", "peak_rss_mb"), 1),

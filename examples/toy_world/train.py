@@ -179,6 +179,12 @@ def base_corpus(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[str | 
 _EQ = re.compile(r"^(\d+) ([-+×÷]) (\d+) = (\d+)$")
 
 
+def _solution_parts(solution: str) -> tuple[str, str, str]:
+    """(header line, equation lines, conclusion + answer line) of a solution, as fine-tune segments."""
+    header, *eqs, concl, ans = solution.split("\n")
+    return header + "\n", "\n".join(eqs) + "\n", f"{concl}\n{ans}"
+
+
 def sloppy_solution(solution: str, rng: random.Random) -> str:
     """``solution`` with every result off by 1-5 (never negative), later steps using the slipped values
     and the conclusion and answer line carrying the last one: the right procedure, wrong arithmetic."""
@@ -195,7 +201,7 @@ def sloppy_solution(solution: str, rng: random.Random) -> str:
             wrong = r + rng.choice((-5, -4, -3, -2, -1, 1, 2, 3, 4, 5))
         subst[r] = wrong
         lines[i] = f"{a} {op} {b} = {wrong}"
-    final = subst[int(_EQ.match(solution.split("\n")[-3])[4])]
+    final = wrong  # the last step's slipped result
     answer = int(lines[-1].rsplit(" ", 1)[1])
     hits = list(re.finditer(rf"(?<!\d){answer}(?!\d)", lines[-2]))
     if hits:
@@ -220,8 +226,7 @@ def ja_sft(cfg: TrainConfig, n: int, train: Sequence[world.Problem]) -> list[tup
         if rng.random() < cfg.ja_math_frac:
             p = rng.choice(ja_probs)
             if cfg.ja_math_style == "conclusion":
-                header, *eqs, concl, ans = p.solution.split("\n")
-                out.append((world.prompt(p.question), header + "\n", "\n".join(eqs) + "\n", f"{concl}\n{ans}"))
+                out.append((world.prompt(p.question), *_solution_parts(p.solution)))
             else:
                 out.append((world.prompt(p.question), p.question[:p.question.rindex("。") + 1]))
         else:
@@ -242,8 +247,7 @@ def math_sft(cfg: TrainConfig, train: Sequence[world.Problem]) -> list[tuple[str
         if p.lang != "en":
             continue
         if cfg.math_loss == "equations":
-            header, *eqs, concl, ans = p.solution.split("\n")
-            out.append((world.prompt(p.question), "", header + "\n", "\n".join(eqs) + "\n", f"{concl}\n{ans}"))
+            out.append((world.prompt(p.question), "", *_solution_parts(p.solution)))
         else:
             out.append((world.prompt(p.question), p.solution))
     return out
