@@ -13,21 +13,27 @@ import ctypes
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
+import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from . import rng
+from . import dtypes, rng
 from .errors import FastmergeError
 from .spec import FusedOptions, inverse_scale, keep_count, l1_scale
 
+if TYPE_CHECKING:
+    import torch
+
 MAXK = 32
 _SOURCE = Path(__file__).with_name("csrc") / "fused.c"
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CODES = {"F32": 0, "BF16": 1, "F16": 2}  # the dtypes the C loop reads and writes
 _SPARSIFY = {"none": 0, "random": 1, "magnitude": 2}
 _CONSENSUS = {"none": 0, "sum": 1, "count": 2}
 _lock = threading.Lock()
@@ -106,47 +112,88 @@ def library() -> ctypes.CDLL:
         lib.fm_merge.argtypes = [ctypes.POINTER(_Params)]
         lib.fm_sums.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
         lib.fm_abs_hist.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.fm_abs_keys.argtypes = [ctypes.POINTER(_Params), ctypes.c_void_p]
         lib.fm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
         lib.fm_count_nonfinite.restype = ctypes.c_int64
         _lib = lib
         return lib
 
 
+@dataclass(frozen=True)
+class Flat:
+    """A flat, contiguous array the C loop reads or writes: its address, dtype code and length.
+    Whoever makes one keeps the memory alive for the call."""
+
+    ptr: int
+    code: str
+    n: int
+
+    def at(self, start: int) -> int:
+        """The address of element ``start``."""
+        return self.ptr + start * dtypes.itemsize(self.code)
+
+
 def count_nonfinite(t: torch.Tensor) -> int:
     """NaN/Inf elements in a float tensor (0 for other dtypes), in one vectorized pass."""
-    if t.dtype not in _DTYPES:
-        return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+    if not t.is_floating_point():
+        return 0
+    code = dtypes.from_torch(t.dtype)
+    if code not in _CODES:
+        import torch
+
+        return int((~torch.isfinite(t)).sum())
     t = t.contiguous()
-    return int(library().fm_count_nonfinite(t.data_ptr(), _DTYPES[t.dtype], t.numel()))
+    return int(library().fm_count_nonfinite(t.data_ptr(), _CODES[code], t.numel()))
 
 
 def default_threads() -> int:
-    return max(1, torch.get_num_threads())
+    """torch's intra-op thread count when torch is loaded (so ``torch.set_num_threads`` is obeyed),
+    else OMP_NUM_THREADS, else every CPU this process may run on."""
+    if "torch" in sys.modules:
+        return max(1, sys.modules["torch"].get_num_threads())
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)))
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
+def _code(dtype: torch.dtype) -> str | None:
+    try:
+        return dtypes.from_torch(dtype)
+    except KeyError:
+        return None
+
+
+def _flat(t: torch.Tensor) -> tuple[torch.Tensor, Flat]:
+    """A contiguous flat tensor of a dtype the C loop reads (others upcast to fp32), and its Flat."""
     t = t.reshape(-1)
-    if t.dtype not in _DTYPES:
+    if _code(t.dtype) not in _CODES:
         t = t.float()
-    return t.contiguous()
+    t = t.contiguous()
+    return t, Flat(t.data_ptr(), dtypes.from_torch(t.dtype), t.numel())
 
 
-def _select(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+def _select(hist: np.ndarray, rank: int) -> tuple[int, int]:
     """(bin, rank within the bin) of the rank-th largest element (1-based) of a histogram."""
-    above = hist.numpy()[::-1].cumsum()  # above[i]: elements in the top i+1 bins (numpy: torch.flip is slow here)
+    above = hist[::-1].cumsum()  # above[i]: elements in the top i+1 bins
     i = int(np.searchsorted(above, rank))
     return 65535 - i, rank - (int(above[i - 1]) if i else 0)
+
+
+def _key_value(bits: int) -> float:
+    """The fp32 value whose bits are ``bits``."""
+    return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
 
 
 _scratch = threading.local()
 
 
-def _hist_buffer(k: int) -> torch.Tensor:
+def _hist_buffer(k: int) -> np.ndarray:
     """A reused (k, 65536) int64 histogram (fm_abs_hist zeroes it): a fresh 0.5 MB per model and call
     came from mmap and faulted its pages in, for every tensor of a model."""
     buf = getattr(_scratch, "hist", None)
     if buf is None or buf.shape[0] < k:
-        buf = _scratch.hist = torch.empty((k, 65536), dtype=torch.int64)
+        buf = _scratch.hist = np.empty((k, 65536), dtype=np.int64)
     return buf[:k]
 
 
@@ -160,18 +207,26 @@ def _radix_thresholds(p: _Params, ms: list[int]) -> list[float]:
     taus = [float("inf")] * k
     hist = _hist_buffer(k)
     prefix = (ctypes.c_uint32 * MAXK)()
-    lib.fm_abs_hist(ctypes.byref(p), 0, prefix, hist.data_ptr())
+    lib.fm_abs_hist(ctypes.byref(p), 0, prefix, hist.ctypes.data)
     ranks = [0] * k
     for i, m in enumerate(ms):
         if m:
             prefix[i], ranks[i] = _select(hist[i], m)
-    lib.fm_abs_hist(ctypes.byref(p), 1, prefix, hist.data_ptr())
+    lib.fm_abs_hist(ctypes.byref(p), 1, prefix, hist.ctypes.data)
     for i, m in enumerate(ms):
         if m:
             low, _ = _select(hist[i], ranks[i])
-            bits = torch.tensor([(prefix[i] << 16) | low], dtype=torch.int64).to(torch.int32)
-            taus[i] = float(bits.view(torch.float32)[0])
+            taus[i] = _key_value((prefix[i] << 16) | low)
     return taus
+
+
+def _small_thresholds(p: _Params, ms: list[int]) -> list[float]:
+    """The same selection for a small tensor: all keys in one array, one partial sort per model."""
+    n = p.n
+    keys = np.empty((p.k, n), dtype=np.uint32)
+    library().fm_abs_keys(ctypes.byref(p), keys.ctypes.data)
+    # the keys of non-negative floats order as the floats do
+    return [_key_value(int(np.partition(keys[i], n - m)[n - m])) if m else float("inf") for i, m in enumerate(ms)]
 
 
 def magnitude_threshold(base: torch.Tensor | None, x: torch.Tensor, density: float, threads: int | None = None) -> float:
@@ -182,27 +237,30 @@ def magnitude_threshold(base: torch.Tensor | None, x: torch.Tensor, density: flo
 def fused_thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...],
                      threads: int | None = None) -> list[float]:
     """TIES thresholds tau_k (exact m-th largest |x_k - base|, inf where m = 0) of several models
-    against one base: two streaming passes for all K together, or a selection in a copy when the
-    tensor is too small for a 65536-bin histogram to pay."""
-    xs = [_flat(m) for m in models]
+    against one base (torch tensors; see ``thresholds``)."""
+    held = [_flat(m) for m in models]
     b = _flat(base) if base is not None else None
-    n = xs[0].numel()
+    return thresholds(b[1] if b else None, [f for _, f in held], densities, threads)
+
+
+def thresholds(base: Flat | None, xs: list[Flat], densities: tuple[float, ...], threads: int | None = None) -> list[float]:
+    """TIES thresholds of flat arrays: two streaming passes for all K together, or a selection
+    among the keys when the tensor is too small for a 65536-bin histogram to pay."""
+    n = xs[0].n
     ms = [keep_count(d, n) for d in densities]
     if not any(ms):
         return [float("inf")] * len(xs)
-    if n <= SMALL_SELECT:
-        bf = b.float() if b is not None else 0.0
-        return [float(torch.kthvalue((x.float() - bf).abs(), n - m + 1).values) if m else float("inf")
-                for x, m in zip(xs, ms)]
     p = _Params()
     p.k = len(xs)
     p.n = n
     p.threads = threads or default_threads()
-    p.base = b.data_ptr() if b is not None else None
-    p.dtype_base = _DTYPES[b.dtype] if b is not None else 0
+    p.base = base.ptr if base is not None else None
+    p.dtype_base = _CODES[base.code] if base is not None else 0
     for i, x in enumerate(xs):
-        p.x[i] = x.data_ptr()
-        p.dtype_x[i] = _DTYPES[x.dtype]
+        p.x[i] = x.ptr
+        p.dtype_x[i] = _CODES[x.code]
+    if n <= SMALL_SELECT:
+        return _small_thresholds(p, ms)
     return _radix_thresholds(p, ms)
 
 
@@ -223,18 +281,42 @@ def fused_merge(
     independence); the result does not depend on it. ``nonfinite``, when given, receives the
     NaN/Inf counts of the inputs (base first), counted during the merge pass at no extra read.
     """
+    import torch
+
     if opts.k == 0 or opts.k > MAXK:
         raise FastmergeError(f"{name}: the fused CPU path merges 1..{MAXK} models, got {opts.k}")
-    if out_dtype not in _DTYPES:
+    out_code = _code(out_dtype)
+    if out_code not in _CODES:
         raise FastmergeError(f"{name}: output dtype {out_dtype} is not supported by the fused path")
-    lib = library()
-    threads = threads or default_threads()
-    xs = [_flat(m) for m in models]
+    held = [_flat(m) for m in models]
     b = _flat(base) if base is not None else None
-    n = xs[0].numel()
     if out is None:
         out = torch.empty(models[0].shape, dtype=out_dtype)
     flat_out = out.view(-1)
+    merge_into(b[1] if b else None, [f for _, f in held], opts, name,
+               Flat(flat_out.data_ptr(), out_code, flat_out.numel()), threads, piece_elements, nonfinite)
+    return out
+
+
+def merge_into(
+    base: Flat | None,
+    xs: list[Flat],
+    opts: FusedOptions,
+    name: str,
+    out: Flat,
+    threads: int | None = None,
+    piece_elements: int | None = None,
+    nonfinite: list[int] | None = None,
+) -> None:
+    """``fused_merge`` on flat arrays (no torch): base + K inputs -> ``out``, one streaming pass
+    (two more for TIES thresholds, one for the l1 rescale)."""
+    if opts.k == 0 or opts.k > MAXK or len(xs) != opts.k:
+        raise FastmergeError(f"{name}: the fused CPU path merges 1..{MAXK} models, got {len(xs)}")
+    if out.code not in _CODES:
+        raise FastmergeError(f"{name}: output dtype {dtypes.torch_name(out.code)} is not supported by the fused path")
+    lib = library()
+    threads = threads or default_threads()
+    n = xs[0].n
 
     p = _Params()
     p.k = opts.k
@@ -242,17 +324,17 @@ def fused_merge(
     p.consensus = _CONSENSUS[opts.consensus]
     p.normalize = int(opts.normalize)
     p.threads = threads
-    p.dtype_out = _DTYPES[out_dtype]
+    p.dtype_out = _CODES[out.code]
     p.lambda_ = opts.lambda_
-    p.dtype_base = _DTYPES[b.dtype] if b is not None else 0
+    p.dtype_base = _CODES[base.code] if base is not None else 0
     for k, x in enumerate(xs):
-        p.dtype_x[k] = _DTYPES[x.dtype]
+        p.dtype_x[k] = _CODES[x.code]
         p.weight[k] = opts.weights[k]
         p.density[k] = opts.densities[k]
         p.scale[k] = 1.0
         p.tau[k] = 0.0
     if opts.sparsify == "magnitude":
-        for k, tau in enumerate(fused_thresholds(b, xs, opts.densities, threads)):
+        for k, tau in enumerate(thresholds(base, xs, opts.densities, threads)):
             p.tau[k] = tau
 
     chunks = rng.chunks(n)
@@ -261,7 +343,7 @@ def fused_merge(
     # element for up to 8 models) instead of drawing Philox twice
     bits = None
     if opts.sparsify == "random" and opts.rescale == "l1" and opts.k <= 8:
-        bits = torch.empty(n, dtype=torch.uint8)
+        bits = np.empty(n, dtype=np.uint8)
 
     def pieces():
         for c, (cs, ce) in enumerate(chunks):
@@ -272,11 +354,11 @@ def fused_merge(
                 e = min(ce, s + step)
                 p.n = e - s
                 p.j0 = s - cs
-                p.base = b.data_ptr() + s * b.element_size() if b is not None else None
+                p.base = base.at(s) if base is not None else None
                 for k, x in enumerate(xs):
-                    p.x[k] = x.data_ptr() + s * x.element_size()
-                p.out = flat_out.data_ptr() + s * flat_out.element_size()
-                p.keepbits = bits.data_ptr() + s if bits is not None else None
+                    p.x[k] = x.at(s)
+                p.out = out.at(s)
+                p.keepbits = bits.ctypes.data + s if bits is not None else None
                 yield
 
     if opts.sparsify != "none" and opts.rescale == "inverse":
@@ -302,4 +384,3 @@ def fused_merge(
         lib.fm_merge(ctypes.byref(p))
     if nonfinite is not None:
         nonfinite[:] = list(counts[: opts.k + 1])
-    return out

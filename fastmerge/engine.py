@@ -1,10 +1,16 @@
 """plan -> checkpoint: a reader thread, the fused op, a writer thread, and an atomic rename.
 
-The reader prefetches the next tensor group (``os.pread``) while the current one is merged by the
-fused CPU loop (which releases the GIL) and the writer thread ``pwrite``s the previous result at
+The reader maps the next tensor group and pre-faults its pages while the current one is merged by
+the fused CPU loop (which releases the GIL) and the writer thread ``pwrite``s the previous result at
 its precomputed offset. Peak memory is the groups in flight, not the model. Everything goes to a
 temporary sibling directory that is renamed into place only when complete; any failure, including
 Ctrl-C, removes it.
+
+A CPU merge of the task-arithmetic family (linear, task_arithmetic, ties, dare_*) over safetensors
+never imports torch: the fused loop reads the mapped bytes and writes into pooled numpy buffers by
+address. torch (~1.5 s to import on a 2-core machine, as long as the whole merge of a 250M model)
+is imported only for what needs it: slerp, passthrough with a scale, vocabulary-size mismatches,
+.bin inputs, other dtypes, and the GPU.
 """
 
 from __future__ import annotations
@@ -20,22 +26,27 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
-from . import cpu, reference
-from .device import DeviceRunner
+from . import cpu, dtypes
 from .errors import FastmergeError
 from .io import CheckpointReader, OutTensor, ShardedWriter
 from .plan import Plan, TensorPlan, build_plan
 from .recipe import Recipe, dump_recipe, load_recipe
+
+if TYPE_CHECKING:
+    import torch
+
+    from .device import DeviceRunner
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
 )
 _DONE = object()
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_CODES = ("F32", "BF16", "F16")
 
 
 @dataclass
@@ -84,6 +95,8 @@ def resolve_device(device: str) -> str:
         raise FastmergeError(f"--device: expected cpu, cuda or auto, got {device!r}")
     if device == "cpu":
         return "cpu"
+    import torch
+
     if not torch.cuda.is_available():
         if device == "cuda":
             warnings.warn("no CUDA GPU is present: falling back to the fused CPU path", stacklevel=2)
@@ -118,7 +131,7 @@ def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None =
     if task.rows is not None:
         result = full.to(task.dtype, copy=True)
         part = [t[: task.rows] for t in tensors]
-        sub = TensorPlan(task.name, (task.rows, *task.shape[1:]), task.dtype, task.op, task.inputs, task.base,
+        sub = TensorPlan(task.name, (task.rows, *task.shape[1:]), task.code, task.op, task.inputs, task.base,
                          task.fused, task.t, task.scale)
         result[: task.rows] = compute(sub, part, threads, nonfinite=nonfinite)
         return result
@@ -130,6 +143,8 @@ def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None =
         if nonfinite is not None:
             nonfinite[:] = counts if task.base else counts[1:]
         return result
+    from . import reference
+
     if task.op == "slerp":
         return reference.slerp(task.t, tensors[0], tensors[1], task.dtype)
     return reference.passthrough(tensors[0], task.scale, task.dtype)
@@ -148,23 +163,45 @@ class _OutputBuffers:
         self.count = count
         self.made = 0
 
-    def take(self, dtype: torch.dtype, shape: tuple[int, ...], stop: threading.Event) -> torch.Tensor:
+    def take(self, stop: threading.Event) -> np.ndarray:
+        """A whole buffer (uint8, ``capacity`` bytes); the caller views its first bytes."""
         if self.free.empty() and self.made < self.count:
             self.made += 1
-            self.free.put(torch.empty(self.capacity, dtype=torch.uint8))
+            self.free.put(np.empty(self.capacity, dtype=np.uint8))
         while True:
             try:
-                buf = self.free.get(timeout=0.1)
-                break
+                return self.free.get(timeout=0.1)
             except queue.Empty:
                 if stop.is_set():
                     raise FastmergeError("merge stopped") from None
-        nbytes = dtype.itemsize * math.prod(shape)
-        return buf[:nbytes].view(dtype).reshape(shape)
 
-    def give(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        self.free.put(torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),)))
+    def give(self, buf: np.ndarray) -> None:
+        self.free.put(buf)
+
+
+def _raw_ok(task: TensorPlan, readers: dict[str, CheckpointReader]) -> bool:
+    """Whether the fused loop can merge the task straight from the mapped bytes (no torch)."""
+    if task.op != "fused" or task.rows is not None or task.code not in cpu._CODES:
+        return False
+    for s in task.sources:
+        r = readers[s.model]
+        if not r.mappable(s.name) or r.tensors[s.name].code not in cpu._CODES:
+            return False
+    return True
+
+
+def _compute_raw(task: TensorPlan, readers: dict[str, CheckpointReader], arrays: list[np.ndarray],
+                 out: np.ndarray, threads: int | None, nonfinite: list[int] | None) -> None:
+    """``compute`` of a fused task on mapped bytes into ``out`` (bytes of the output tensor)."""
+    flats = [cpu.Flat(a.ctypes.data, readers[s.model].tensors[s.name].code, readers[s.model].tensors[s.name].numel)
+             for s, a in zip(task.sources, arrays)]
+    base, models = task.split(flats)
+    n = math.prod(task.shape)
+    counts: list[int] = []
+    cpu.merge_into(base, models, task.fused, task.name, cpu.Flat(out.ctypes.data, task.code, n), threads,
+                   nonfinite=counts if nonfinite is not None else None)
+    if nonfinite is not None:
+        nonfinite[:] = counts if task.base else counts[1:]
 
 
 def merge(
@@ -184,7 +221,11 @@ def merge(
     backend = opts.backend or ("triton" if device == "cuda" else "cpu")
     if backend not in ("cpu", "triton"):
         raise FastmergeError(f"backend: expected cpu or triton, got {backend!r}")
-    runner = DeviceRunner(device) if backend == "triton" else None
+    runner = None
+    if backend == "triton":
+        from .device import DeviceRunner
+
+        runner = DeviceRunner(device)
     readers = open_models(recipe, opts.allow_bin)
     plan = build_plan(recipe, readers, seed=opts.seed)
     for w in plan.warnings:
@@ -214,7 +255,7 @@ def merge(
 
 def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: MergeOptions,
              progress: Callable[[Progress], None] | None, runner: DeviceRunner | None = None) -> dict[str, int]:
-    writer = ShardedWriter(tmp, [OutTensor(t.name, t.dtype, t.shape) for t in plan.tensors], opts.out_shard_size)
+    writer = ShardedWriter(tmp, [OutTensor(t.name, t.code, t.shape) for t in plan.tensors], opts.out_shard_size)
     stop = threading.Event()
     loaded: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
     merged: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
@@ -224,7 +265,9 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     buffers = _OutputBuffers(max(fused_bytes, default=0), count=max(1, opts.prefetch) + 2)
 
     def on_runner(task: TensorPlan) -> bool:
-        return task.op == "fused" and task.rows is None and task.fused.k <= 8 and task.dtype in _KERNEL_DTYPES
+        return task.op == "fused" and task.rows is None and task.fused.k <= 8 and task.code in _KERNEL_CODES
+
+    raw = {t.name: runner is None and _raw_ok(t, readers) for t in plan.tensors}
 
     def note_nonfinite(task: TensorPlan, counts: list[int]) -> None:
         for s, bad in zip(task.sources, counts):
@@ -245,7 +288,10 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
             for task in plan.tensors:
                 if stop.is_set():
                     return
-                tensors = [readers[s.model].map(s.name) for s in task.sources]
+                if raw[task.name]:
+                    tensors = [readers[s.model].map_bytes(s.name) for s in task.sources]
+                else:
+                    tensors = [readers[s.model].map(s.name) for s in task.sources]
                 for s in task.sources:
                     readers[s.model].prefault(s.name)
                 on_device = runner is not None and on_runner(task)
@@ -273,8 +319,8 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
                     return
                 name, tensor, pooled = item
                 writer.write(name, tensor)
-                if pooled:
-                    buffers.give(tensor)
+                if pooled is not None:
+                    buffers.give(pooled)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
             stop.set()
@@ -286,7 +332,7 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     done = 0
     done_bytes = 0
 
-    def emit(task_name: str, out: torch.Tensor, pooled: bool, in_bytes: int) -> bool:
+    def emit(task_name: str, out, pooled: np.ndarray | None, in_bytes: int) -> bool:
         nonlocal done, done_bytes
         if not put(merged, (task_name, out, pooled)):
             return False
@@ -309,12 +355,21 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
             task, tensors = item
             if runner is not None and on_runner(task):
                 runner.submit(task, tensors, (task.name, task.in_bytes))
-                results = [(name, out, False, nbytes) for name, nbytes, out in runner.ready()]
+                results = [(name, out, None, nbytes) for name, nbytes, out in runner.ready()]
             else:
-                pooled = task.op == "fused" and task.rows is None
-                out = buffers.take(task.dtype, task.shape, stop) if pooled else None
+                pooled = buffers.take(stop) if task.op == "fused" and task.rows is None else None
                 counts: list[int] = []
-                out = compute(task, tensors, opts.threads, out=out, nonfinite=counts if opts.check_finite else None)
+                wanted = counts if opts.check_finite else None
+                if raw[task.name]:
+                    out = pooled[: task.out_bytes]
+                    _compute_raw(task, readers, tensors, out, opts.threads, wanted)
+                else:
+                    view = None
+                    if pooled is not None:
+                        import torch
+
+                        view = torch.from_numpy(pooled[: task.out_bytes]).view(task.dtype).reshape(task.shape)
+                    out = compute(task, tensors, opts.threads, out=view, nonfinite=wanted)
                 note_nonfinite(task, counts)
                 results = [(task.name, out, pooled, task.in_bytes)]
             for s in task.sources:
@@ -324,7 +379,7 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
                 break
         if runner is not None and not errors and not stop.is_set():
             for name, nbytes, out in runner.ready(drain=True):
-                emit(name, out, False, nbytes)
+                emit(name, out, None, nbytes)
         if not errors:
             put(merged, _DONE)
             writer_t.join()
@@ -342,9 +397,9 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
 
 def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointReader], tmp: Path) -> None:
     config = dict(plan.config)
-    float_dtypes = [t.dtype for t in plan.tensors if t.dtype.is_floating_point]
-    if float_dtypes:
-        name = str(float_dtypes[0]).replace("torch.", "")
+    float_codes = [t.code for t in plan.tensors if dtypes.is_float(t.code)]
+    if float_codes:
+        name = dtypes.torch_name(float_codes[0])
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for k in keys:
             config[k] = name

@@ -19,24 +19,16 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
+from . import dtypes
 from .errors import FastmergeError
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024
@@ -48,10 +40,14 @@ class TensorMeta:
 
     name: str
     file: Path
-    dtype: torch.dtype
+    code: str  # safetensors dtype code (BF16, F32, ...)
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     nbytes: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtypes.to_torch(self.code)
 
     @property
     def numel(self) -> int:
@@ -85,15 +81,16 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
         if name == "__metadata__":
             continue
         try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            code = str(info["dtype"])
+            dtypes.CODES[code]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except KeyError as e:
-            if "dtype" in info and info["dtype"] not in SAFETENSORS_DTYPES:
+            if "dtype" in info and info["dtype"] not in dtypes.CODES:
                 raise FastmergeError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}") from None
             raise FastmergeError(f"{path}: tensor {name} has a corrupt header entry ({e})") from None
-        meta = TensorMeta(name, path, dtype, shape, data_start + begin, end - begin)
-        if meta.nbytes != meta.numel * dtype.itemsize or begin < 0:
+        meta = TensorMeta(name, path, code, shape, data_start + begin, end - begin)
+        if meta.nbytes != meta.numel * dtypes.itemsize(code) or begin < 0:
             raise FastmergeError(f"{path}: tensor {name} has inconsistent offsets for shape {list(shape)}")
         if data_start + end > size:
             raise FastmergeError(
@@ -156,6 +153,8 @@ class CheckpointReader:
             raise FastmergeError(f"{cfg}: invalid JSON ({e})") from None
 
     def _load_bin(self) -> None:
+        import torch
+
         state: dict[str, torch.Tensor] = {}
         for f in sorted(self.path.glob("*.bin")):
             try:
@@ -164,22 +163,41 @@ class CheckpointReader:
                 raise FastmergeError(f"{f}: cannot load with weights_only=True ({e})") from None
         self._bin_state = state
         for name, t in state.items():
-            self.tensors[name] = TensorMeta(name, self.path, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+            self.tensors[name] = TensorMeta(name, self.path, dtypes.from_torch(t.dtype), tuple(t.shape), 0,
+                                            t.numel() * t.element_size())
 
-    def map(self, name: str) -> torch.Tensor:
-        """A zero-copy CPU tensor over the shard's bytes (copy-on-write: writing to it never
-        touches the file). Falls back to ``read`` for .bin weights or misaligned offsets."""
+    def _meta(self, name: str) -> TensorMeta:
         meta = self.tensors.get(name)
         if meta is None:
             raise FastmergeError(f"{self.path}: tensor {name} not found")
-        if self._bin_state is not None or meta.offset % meta.dtype.itemsize or meta.nbytes == 0:
-            return self.read(name)
+        return meta
+
+    def mappable(self, name: str) -> bool:
+        """Whether ``map_bytes`` can view the tensor in place (safetensors, aligned, non-empty)."""
+        meta = self._meta(name)
+        return self._bin_state is None and meta.offset % dtypes.itemsize(meta.code) == 0 and meta.nbytes > 0
+
+    def map_bytes(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a zero-copy uint8 array over a private (copy-on-write) map of the
+        shard: writing to it never touches the file. Needs ``mappable(name)``."""
+        meta = self._meta(name)
+        if not self.mappable(name):
+            raise FastmergeError(f"{meta.file}: tensor {name} cannot be mapped in place")
         mm = self._maps.get(meta.file)
         if mm is None:
             with open(meta.file, "rb") as f:
                 mm = self._maps[meta.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        buf = torch.frombuffer(mm, dtype=torch.uint8, count=meta.nbytes, offset=meta.offset)
-        return buf.view(meta.dtype).reshape(meta.shape)
+        return np.frombuffer(mm, dtype=np.uint8, count=meta.nbytes, offset=meta.offset)
+
+    def map(self, name: str) -> torch.Tensor:
+        """A zero-copy CPU tensor over the shard's bytes (copy-on-write: writing to it never
+        touches the file). Falls back to ``read`` for .bin weights or misaligned offsets."""
+        import torch
+
+        if not self.mappable(name):
+            return self.read(name)
+        meta = self.tensors[name]
+        return torch.from_numpy(self.map_bytes(name)).view(meta.dtype).reshape(meta.shape)
 
     def prefault(self, name: str) -> None:
         """Ask the kernel to read the tensor's pages ahead, and map them (one touch per page)."""
@@ -189,7 +207,7 @@ class CheckpointReader:
             return
         start, length = _page_range(meta)
         mm.madvise(mmap.MADV_WILLNEED, start, length)
-        torch.frombuffer(mm, dtype=torch.uint8, count=meta.nbytes, offset=meta.offset)[:: mmap.PAGESIZE].sum()
+        np.frombuffer(mm, dtype=np.uint8, count=meta.nbytes, offset=meta.offset)[:: mmap.PAGESIZE].sum()
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
@@ -201,9 +219,9 @@ class CheckpointReader:
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor's bytes from disk into a new CPU tensor of its stored dtype."""
-        meta = self.tensors.get(name)
-        if meta is None:
-            raise FastmergeError(f"{self.path}: tensor {name} not found")
+        import torch
+
+        meta = self._meta(name)
         if self._bin_state is not None:
             return self._bin_state[name]
         fd = self._fds.get(meta.file)
@@ -240,12 +258,12 @@ def _page_range(meta: TensorMeta) -> tuple[int, int]:
 @dataclass
 class OutTensor:
     name: str
-    dtype: torch.dtype
+    code: str  # safetensors dtype code
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
+        n = dtypes.itemsize(self.code)
         for s in self.shape:
             n *= s
         return n
@@ -274,7 +292,7 @@ class ShardedWriter:
             header: dict = {"__metadata__": metadata or {"format": "pt"}}
             off = 0
             for t in group:
-                header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+                header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
                 off += t.nbytes
                 weight_map[t.name] = fname
             raw = json.dumps(header, separators=(",", ":")).encode()
@@ -292,9 +310,15 @@ class ShardedWriter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
+        """Write a tensor (or a numpy array of its bytes) at its place in its shard."""
         fd, offset = self.location[name]
-        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if isinstance(tensor, np.ndarray):
+            data = memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+        else:
+            import torch
+
+            data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         done = 0
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)

@@ -11,14 +11,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
+from . import dtypes
 from .errors import FastmergeError
 from .io import CheckpointReader
 from .recipe import DTYPES, METHODS, REQUIRED, Parameters, Recipe, as_float, parse_rescale, resolve
 from .spec import FusedOptions
+
+if TYPE_CHECKING:
+    import torch
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 VOCAB_HINTS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
@@ -36,7 +38,7 @@ class TensorPlan:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    code: str  # output dtype, as a safetensors code (BF16, F32, ...)
     op: Literal["fused", "slerp", "passthrough"]
     inputs: list[Source]
     base: Source | None = None
@@ -55,8 +57,12 @@ class TensorPlan:
         return (tensors[0], tensors[1:]) if self.base else (None, tensors)
 
     @property
+    def dtype(self) -> torch.dtype:
+        return dtypes.to_torch(self.code)
+
+    @property
     def out_bytes(self) -> int:
-        n = self.dtype.itemsize
+        n = dtypes.itemsize(self.code)
         for s in self.shape:
             n *= s
         return n
@@ -241,9 +247,9 @@ class _Builder:
             self.warnings.append(f"{out_name}: vocabulary sizes differ; merging the first {rows} rows, "
                                  f"rows {rows}..{shape[0] - 1} copied from {ref}")
         dtype_name = self.recipe.out_dtype or self.recipe.dtype
-        dtype = getattr(torch, DTYPES[dtype_name]) if dtype_name else ref_meta.dtype
-        if not ref_meta.dtype.is_floating_point:
-            plan = TensorPlan(out_name, shape, ref_meta.dtype, "passthrough", [Source(ref, metas[ref][1])])
+        dtype = dtypes.from_name(DTYPES[dtype_name]) if dtype_name else ref_meta.code
+        if not dtypes.is_float(ref_meta.code):
+            plan = TensorPlan(out_name, shape, ref_meta.code, "passthrough", [Source(ref, metas[ref][1])])
             plan.in_bytes = ref_meta.nbytes
             return plan
 

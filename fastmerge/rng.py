@@ -3,14 +3,17 @@
 The mask must not depend on how the work is launched (block size, grid, chunking, threads), so
 every uniform is a pure function of (seed, tensor name, model group, element index): Philox4x32-10
 as in ``triton.language.randint4x`` and ``uint_to_uniform_float``. This module is the torch
-implementation used by the reference and the CPU path; uint32 arithmetic is emulated in int64.
+implementation used by the reference and the tests; uint32 arithmetic is emulated in int64. The
+key derivation and chunking (all the fused CPU path needs) do not import torch.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -56,6 +59,8 @@ def philox4x32(
     counter: torch.Tensor, key: int, rounds: int = PHILOX_ROUNDS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32 with counter (j, 0, 0, 0); returns four uint32 lanes as int64 tensors."""
+    import torch
+
     c0 = counter.to(torch.int64) & MASK32
     c1 = torch.zeros_like(c0)
     c2 = torch.zeros_like(c0)
@@ -73,6 +78,8 @@ def philox4x32(
 
 def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     """Triton's uint_to_uniform_float for 32-bit lanes: [0, 1) in fp32."""
+    import torch
+
     x = torch.where(x >= 2**31, x - 2**32, x)  # reinterpret as int32
     x = torch.where(x < 0, -x - 1, x)
     return x.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)

@@ -150,7 +150,7 @@ def test_reader_failure_mid_merge(fam, tmp_path, monkeypatch):
     base, ft0, ft1 = fam
     from fastmerge import io
 
-    real = io.CheckpointReader.map
+    real = io.CheckpointReader.map_bytes  # both the raw (no torch) and the torch path read through it
     calls = {"n": 0}
 
     def flaky(self, name):
@@ -159,7 +159,7 @@ def test_reader_failure_mid_merge(fam, tmp_path, monkeypatch):
             raise FastmergeError(f"{self.path}: truncated shard while reading tensor {name}")
         return real(self, name)
 
-    monkeypatch.setattr(io.CheckpointReader, "map", flaky)
+    monkeypatch.setattr(io.CheckpointReader, "map_bytes", flaky)
     merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", "truncated shard while reading")
 
 

@@ -240,6 +240,37 @@ def test_command_line_process_flushes_and_exits_with_the_status(families, tmp_pa
     assert again.stderr.startswith("fastmerge: error: ") and "--force" in again.stderr
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear"])
+def test_cpu_merge_without_torch_equals_the_torch_path(families, tmp_path, monkeypatch, method):
+    """A CPU merge of the fused family runs in a process that never imports torch (its import is
+    ~1.5 s of start-up), and writes exactly what the torch-tensor path writes."""
+    import subprocess
+    import sys
+
+    from fastmerge import engine
+
+    base, ft0, ft1 = families("llama", dtype=torch.bfloat16)
+    models = [{"model": str(m), "parameters": {"weight": w} | ({"density": d} if method != "linear" else {})}
+              for m, w, d in ((ft0, 0.6, 0.4), (ft1, 0.5, 0.7))]
+    recipe = {"merge_method": method, "models": models, "dtype": "bfloat16", "parameters": {"normalize": True}}
+    if method != "linear":  # linear would average the base in, and it has no weight here
+        recipe["base_model"] = str(base)
+    code = ("import sys, yaml, fastmerge\n"
+            f"r = fastmerge.merge(yaml.safe_load({yaml.safe_dump(recipe)!r}), {str(tmp_path / 'raw')!r})\n"
+            "assert r.tensors > 0\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", "torch was imported: " + done.stdout[:200]
+
+    monkeypatch.setattr(engine, "_raw_ok", lambda task, readers: False)  # every tensor through torch
+    fastmerge.merge(recipe, tmp_path / "torch")
+    raw, ref = load_dir(tmp_path / "raw"), load_dir(tmp_path / "torch")
+    assert raw.keys() == ref.keys()
+    for name, t in ref.items():
+        assert raw[name].dtype == t.dtype and torch.equal(raw[name], t), name
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_import_restores_the_garbage_collector_state(enabled):
     """The package pauses the cyclic collector while it imports torch and its modules, and leaves
@@ -248,7 +279,7 @@ def test_import_restores_the_garbage_collector_state(enabled):
     import sys
 
     code = ("import gc\n" + ("" if enabled else "gc.disable()\n")
-            + "import fastmerge\nprint(gc.isenabled(), gc.get_threshold())")
+            + "import fastmerge\nfastmerge.Merger\nprint(gc.isenabled(), gc.get_threshold())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     import gc

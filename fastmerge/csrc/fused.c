@@ -309,6 +309,29 @@ void fm_sums(const fm_params *p, double *total, double *kept) {
     }
 }
 
+/* keys[m * n + i] = bits of |x_m[i] - base[i]| as fp32, for tensors too small for a histogram
+ * pass to pay (the caller selects among them). One thread: n is at most a few 65536. */
+void fm_abs_keys(const fm_params *p, uint32_t *keys) {
+    const int K = p->k;
+    const int64_t n = p->n;
+    fm_scratch *w = thread_scratch();
+    fm_params q = *p;
+    q.sparsify = SP_NONE;
+    q.bits_mode = 0;
+    for (int64_t s = 0; s < n; s += FM_BLOCK) {
+        const int cnt = block_count(n, s);
+        block_deltas(&q, s, cnt, w, NULL);
+        for (int m = 0; m < K; m++) {
+            const float *restrict d = w->d[m];
+            uint32_t *restrict k = keys + (size_t)m * n + s;
+            for (int i = 0; i < cnt; i++) {
+                float a = fabsf(d[i]);
+                memcpy(&k[i], &a, 4);
+            }
+        }
+    }
+}
+
 /* Histograms of the bits of |x_m - base| as fp32 (non-negative, so bit order is value order),
  * all K models in one pass. level 0: the top 16 bits; level 1: the low 16 bits of elements whose
  * top 16 bits equal prefix[m]. hist holds K * 65536 counters. Two passes give the exact m-th
