@@ -113,6 +113,8 @@ def library() -> ctypes.CDLL:
         lib.fm_sums.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
         lib.fm_abs_hist.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         lib.fm_abs_keys.argtypes = [ctypes.POINTER(_Params), ctypes.c_void_p]
+        lib.fm_select.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
+        lib.fm_select.restype = ctypes.c_int64
         lib.fm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
         lib.fm_count_nonfinite.restype = ctypes.c_int64
         _lib = lib
@@ -174,10 +176,12 @@ def _flat(t: torch.Tensor) -> tuple[torch.Tensor, Flat]:
 
 
 def _select(hist: np.ndarray, rank: int) -> tuple[int, int]:
-    """(bin, rank within the bin) of the rank-th largest element (1-based) of a histogram."""
-    above = hist[::-1].cumsum()  # above[i]: elements in the top i+1 bins
-    i = int(np.searchsorted(above, rank))
-    return 65535 - i, rank - (int(above[i - 1]) if i else 0)
+    """(bin, rank within the bin) of the rank-th largest element (1-based) of a histogram row."""
+    within = ctypes.c_int64()
+    b = library().fm_select(hist.ctypes.data, hist.size, rank, ctypes.byref(within))
+    if b < 0:
+        raise ValueError(f"rank {rank} beyond the histogram's {int(hist.sum())} elements")
+    return int(b), within.value
 
 
 def _key_value(bits: int) -> float:
@@ -186,37 +190,53 @@ def _key_value(bits: int) -> float:
 
 
 _scratch = threading.local()
+BINS0 = 1 << 17  # level 0: the top 16 bits of a key, and whether its low 16 bits are nonzero
 
 
 def _hist_buffer(k: int) -> np.ndarray:
-    """A reused (k, 65536) int64 histogram (fm_abs_hist zeroes it): a fresh 0.5 MB per model and call
-    came from mmap and faulted its pages in, for every tensor of a model."""
+    """A reused flat int64 histogram of k * BINS0 counters (fm_abs_hist zeroes what it uses): a fresh
+    one per model and call came from mmap and faulted its pages in, for every tensor of a model."""
     buf = getattr(_scratch, "hist", None)
-    if buf is None or buf.shape[0] < k:
-        buf = _scratch.hist = np.empty((k, 65536), dtype=np.int64)
-    return buf[:k]
+    if buf is None or buf.size < k * BINS0:
+        buf = _scratch.hist = np.empty(k * BINS0, dtype=np.int64)
+    return buf
 
 
 SMALL_SELECT = 1 << 16
 
 
 def _radix_thresholds(p: _Params, ms: list[int]) -> list[float]:
-    """Exact m-th largest |x_k - base| by a two-level 16-bit radix select (two passes)."""
+    """Exact m-th largest |x_k - base| by a radix select: one histogram pass over the top 16 bits
+    (and a bit for "low 16 bits nonzero"), a second over the low 16 bits only for the models whose
+    threshold has nonzero low bits (see fm_abs_hist)."""
     lib = library()
     k = p.k
     taus = [float("inf")] * k
-    hist = _hist_buffer(k)
-    prefix = (ctypes.c_uint32 * MAXK)()
-    lib.fm_abs_hist(ctypes.byref(p), 0, prefix, hist.ctypes.data)
-    ranks = [0] * k
+    buf = _hist_buffer(k)
+    hist0 = buf[: k * BINS0].reshape(k, BINS0)
+    lib.fm_abs_hist(ctypes.byref(p), 0, None, buf.ctypes.data)
+    second: list[tuple[int, int, int]] = []  # (model, top 16 bits, rank among that bin's nonzero-low keys)
     for i, m in enumerate(ms):
-        if m:
-            prefix[i], ranks[i] = _select(hist[i], m)
-    lib.fm_abs_hist(ctypes.byref(p), 1, prefix, hist.ctypes.data)
-    for i, m in enumerate(ms):
-        if m:
-            low, _ = _select(hist[i], ranks[i])
-            taus[i] = _key_value((prefix[i] << 16) | low)
+        if not m:
+            continue
+        sub, rank = _select(hist0[i], m)
+        if sub & 1:
+            second.append((i, sub >> 1, rank))
+        else:  # every key in the bin is exactly top << 16
+            taus[i] = _key_value((sub >> 1) << 16)
+    if second:
+        # the second pass reads only the models that need it
+        q = _Params.from_buffer_copy(p)
+        q.k = len(second)
+        prefix = (ctypes.c_uint32 * MAXK)()
+        for j, (i, top, _) in enumerate(second):
+            q.x[j], q.dtype_x[j] = p.x[i], p.dtype_x[i]
+            prefix[j] = top
+        lib.fm_abs_hist(ctypes.byref(q), 1, prefix, buf.ctypes.data)
+        hist1 = buf[: q.k * 65536].reshape(q.k, 65536)
+        for j, (i, top, rank) in enumerate(second):
+            low, _ = _select(hist1[j], rank)
+            taus[i] = _key_value((top << 16) | low)
     return taus
 
 

@@ -261,13 +261,12 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     merged: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
     nonfinite: dict[str, int] = {}
     errors: list[BaseException] = []
-    fused_bytes = [t.out_bytes for t in plan.tensors if t.op == "fused" and t.rows is None]
+    raw = {t.name: runner is None and _raw_ok(t, readers) for t in plan.tensors}
+    fused_bytes = [t.out_bytes for t in plan.tensors if t.op == "fused" and t.rows is None and not raw[t.name]]
     buffers = _OutputBuffers(max(fused_bytes, default=0), count=max(1, opts.prefetch) + 2)
 
     def on_runner(task: TensorPlan) -> bool:
         return task.op == "fused" and task.rows is None and task.fused.k <= 8 and task.code in _KERNEL_CODES
-
-    raw = {t.name: runner is None and _raw_ok(t, readers) for t in plan.tensors}
 
     def note_nonfinite(task: TensorPlan, counts: list[int]) -> None:
         for s, bad in zip(task.sources, counts):
@@ -294,6 +293,8 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
                     tensors = [readers[s.model].map(s.name) for s in task.sources]
                 for s in task.sources:
                     readers[s.model].prefault(s.name)
+                if raw[task.name]:
+                    writer.prefault_out(task.name)
                 on_device = runner is not None and on_runner(task)
                 if opts.check_finite and (task.op != "fused" or on_device):  # the C loop counts as it merges
                     note_nonfinite(task, [cpu.count_nonfinite(t) for t in tensors])
@@ -333,8 +334,9 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     done_bytes = 0
 
     def emit(task_name: str, out, pooled: np.ndarray | None, in_bytes: int) -> bool:
+        """Hand a result to the writer (``out`` None: already in its shard) and report progress."""
         nonlocal done, done_bytes
-        if not put(merged, (task_name, out, pooled)):
+        if out is not None and not put(merged, (task_name, out, pooled)):
             return False
         done += 1
         done_bytes += in_bytes
@@ -356,20 +358,22 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
             if runner is not None and on_runner(task):
                 runner.submit(task, tensors, (task.name, task.in_bytes))
                 results = [(name, out, None, nbytes) for name, nbytes, out in runner.ready()]
+            elif raw[task.name]:  # straight into the output shard
+                counts: list[int] = []
+                _compute_raw(task, readers, tensors, writer.map_out(task.name), opts.threads,
+                             counts if opts.check_finite else None)
+                writer.release_out(task.name)
+                note_nonfinite(task, counts)
+                results = [(task.name, None, None, task.in_bytes)]
             else:
                 pooled = buffers.take(stop) if task.op == "fused" and task.rows is None else None
-                counts: list[int] = []
-                wanted = counts if opts.check_finite else None
-                if raw[task.name]:
-                    out = pooled[: task.out_bytes]
-                    _compute_raw(task, readers, tensors, out, opts.threads, wanted)
-                else:
-                    view = None
-                    if pooled is not None:
-                        import torch
+                counts = []
+                view = None
+                if pooled is not None:
+                    import torch
 
-                        view = torch.from_numpy(pooled[: task.out_bytes]).view(task.dtype).reshape(task.shape)
-                    out = compute(task, tensors, opts.threads, out=view, nonfinite=wanted)
+                    view = torch.from_numpy(pooled[: task.out_bytes]).view(task.dtype).reshape(task.shape)
+                out = compute(task, tensors, opts.threads, out=view, nonfinite=counts if opts.check_finite else None)
                 note_nonfinite(task, counts)
                 results = [(task.name, out, pooled, task.in_bytes)]
             for s in task.sources:

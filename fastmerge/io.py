@@ -269,12 +269,44 @@ class OutTensor:
         return n
 
 
+MADV_POPULATE_WRITE = 23  # Linux 5.14+; not in Python 3.11's mmap module
+
+
+def _fallocate(fd: int, size: int) -> int:
+    """fallocate(2) of [0, size): 0, or the errno (fallocate, unlike posix_fallocate, never falls
+    back to writing zeros where the filesystem lacks it; that is EOPNOTSUPP here)."""
+    import ctypes
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "fallocate", None)
+    if fn is None:
+        return errno.EOPNOTSUPP
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return 0 if fn(fd, 0, 0, size) == 0 else ctypes.get_errno()
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Allocate the shard's blocks before the merge starts: a full disk is then a clear error up
+    front, not a failed write (or a SIGBUS through the shared map) in the middle. Filesystems
+    without fallocate just go on."""
+    import errno
+
+    err = _fallocate(fd, size) if size else 0
+    if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise FastmergeError(f"{path}: cannot reserve {size / 1e9:.2f} GB for the output shard: {os.strerror(err)}")
+
+
 class ShardedWriter:
-    """Writes a known list of tensors into shards: headers first, then bytes at their offsets."""
+    """Writes a known list of tensors into shards: headers first, then bytes at their offsets.
+
+    Two ways in: ``write`` (pwrite a finished tensor) and ``map_out`` (the tensor's bytes in the
+    shard, mapped shared, for the fused CPU loop to write into directly: no output buffer to fault
+    in, no copy into the page cache afterwards). Blocks are reserved up front (``_reserve``)."""
 
     def __init__(self, directory: Path, tensors: list[OutTensor], max_shard_bytes: int, metadata: dict | None = None):
         self.directory = directory
-        self.location: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
+        self.location: dict[str, tuple[int, int, int]] = {}  # name -> (fd, absolute offset, bytes)
         groups: list[list[OutTensor]] = [[]]
         size = 0
         for t in tensors:
@@ -286,6 +318,9 @@ class ShardedWriter:
         n = len(groups)
         self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._fds: list[int] = []
+        self._sizes: dict[int, int] = {}
+        self._maps: dict[int, mmap.mmap] = {}
+        self._populate = True
         self.total_bytes = 0
         weight_map = {}
         for fname, group in zip(self.files, groups):
@@ -297,13 +332,15 @@ class ShardedWriter:
                 weight_map[t.name] = fname
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
-            fd = os.open(directory / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(directory / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
             start = 8 + len(raw)
+            _reserve(fd, start + off, directory / fname)
+            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
             os.ftruncate(fd, start + off)
+            self._sizes[fd] = start + off
             for t in group:
-                self.location[t.name] = (fd, start + header[t.name]["data_offsets"][0])
+                self.location[t.name] = (fd, start + header[t.name]["data_offsets"][0], t.nbytes)
             self.total_bytes += start + off
         if n > 1:
             total = sum(t.nbytes for t in tensors)
@@ -312,7 +349,7 @@ class ShardedWriter:
 
     def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
         """Write a tensor (or a numpy array of its bytes) at its place in its shard."""
-        fd, offset = self.location[name]
+        fd, offset, _ = self.location[name]
         if isinstance(tensor, np.ndarray):
             data = memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
         else:
@@ -323,7 +360,44 @@ class ShardedWriter:
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
 
+    def _map(self, fd: int) -> mmap.mmap:
+        mm = self._maps.get(fd)
+        if mm is None:
+            mm = self._maps[fd] = mmap.mmap(fd, self._sizes[fd], access=mmap.ACCESS_WRITE)
+        return mm
+
+    def map_out(self, name: str) -> np.ndarray:
+        """The tensor's bytes in its shard as a writable uint8 array (a shared map of the file)."""
+        fd, offset, nbytes = self.location[name]
+        return np.frombuffer(self._map(fd), dtype=np.uint8, count=nbytes, offset=offset)
+
+    def prefault_out(self, name: str) -> None:
+        """Fault the tensor's pages in for writing ahead of the loop that fills them (from another
+        thread), where the kernel supports it."""
+        fd, offset, nbytes = self.location[name]
+        if not self._populate or nbytes == 0:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        try:
+            self._map(fd).madvise(MADV_POPULATE_WRITE, start, offset + nbytes - start)
+        except OSError:  # EINVAL: a kernel before 5.14; the loop faults the pages in itself
+            self._populate = False
+
+    def release_out(self, name: str) -> None:
+        """Drop a written tensor's pages from this process (they stay in the page cache, dirty)."""
+        fd, offset, nbytes = self.location[name]
+        mm = self._maps.get(fd)
+        if mm is not None and nbytes:
+            start = offset - offset % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+
     def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # an array still views it; it is unmapped when that array dies
+                pass
+        self._maps.clear()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()

@@ -136,14 +136,30 @@ def test_failure_keeps_existing_output(fam, tmp_path, monkeypatch):
 
     from fastmerge import io
 
-    def disk_full(self, name, tensor):
+    def disk_full(self, name, *args):
         raise OSError(28, "No space left on device")
 
+    # fused tensors are merged into the mapped shard, the others written with pwrite: both fail
     monkeypatch.setattr(io.ShardedWriter, "write", disk_full)
+    monkeypatch.setattr(io.ShardedWriter, "map_out", disk_full)
     with pytest.raises(OSError, match="No space left"):
         fastmerge.merge(ta_recipe(base, ft0, ft1), out, MergeOptions(force=True))
     assert sorted(p.name for p in out.iterdir()) == before
     assert not list(tmp_path.glob(".out.fastmerge-*"))
+
+
+def test_full_disk_is_an_error_before_the_merge(fam, tmp_path, monkeypatch):
+    """The output shards' blocks are reserved up front: no space is a one-line error naming the
+    shard, and nothing is left behind."""
+    import errno
+
+    base, ft0, ft1 = fam
+    from fastmerge import io
+
+    monkeypatch.setattr(io, "_fallocate", lambda fd, size: errno.ENOSPC)
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", r"model\.safetensors: cannot reserve .* No space left")
+    monkeypatch.setattr(io, "_fallocate", lambda fd, size: errno.EOPNOTSUPP)  # a filesystem without it: fine
+    fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
 
 
 def test_reader_failure_mid_merge(fam, tmp_path, monkeypatch):

@@ -209,5 +209,10 @@ def test_radix_select_bin_with_exact_and_inexact_keys(density):
     x = base + signs * vals
     delta = x - base
     m = keep_count(density, n)
-    exact = torch.sort(delta.abs(), descending=True).values[m - 1].item()
+    ordered = torch.sort(delta.abs(), descending=True).values
+    exact = ordered[m - 1].item()
     assert cpu.magnitude_threshold(base, x, density) == exact
+    # several models at once, where some thresholds end after the first pass (0.55: exactly 1.0) and
+    # others need the second (0.3: inside 1.0's bin, low bits nonzero); the second pass reads only those
+    both = cpu.fused_thresholds(base, [x, 2 * base - x, x], (0.55, density, 0.3))  # same |delta|
+    assert both == [ordered[keep_count(d, n) - 1].item() for d in (0.55, density, 0.3)]
