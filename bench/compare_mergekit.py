@@ -14,7 +14,9 @@ What it does:
      safetensors' maps (copied into one reused buffer, as a merge reads them) and writing an output
      of the same size with ``safetensors.torch.save_file``, nothing else; and, for reference, the
      same with every input cloned into fresh memory (``io_floor_alloc``: the simplest safetensors
-     code, which also pays ~2 GB of anonymous page faults whose cost varies with the kernel's state);
+     code, which also pays ~2 GB of anonymous page faults whose cost varies with the kernel's state),
+     and plain file I/O with no framework at all (``io_floor_raw``: every shard read into one
+     reused buffer, the base's shards written out again; no torch import, as fastmerge's CPU merge);
   5. writes bench/results/compare_mergekit{.csv,_summary.csv,.png,.md,_machine.txt} and prints a
      Markdown table.
 
@@ -80,10 +82,40 @@ def _measure_main(argv: list[str]) -> int:
     return 0
 
 
+def _iofloor_raw(out: Path, models: list[Path]) -> int:
+    """Every byte of every shard read into one reused buffer, the base's shards written out again:
+    plain file I/O, no framework to import (what any program must at least do)."""
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    out.mkdir(parents=True, exist_ok=True)
+    read = wrote = 0
+    for i, m in enumerate(models):
+        for shard in sorted(m.glob("*.safetensors")):
+            fd = os.open(shard, os.O_RDONLY)
+            wfd = os.open(out / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if i == 0 else None
+            try:
+                while True:
+                    got = os.readv(fd, [view])
+                    if got == 0:
+                        break
+                    read += got
+                    if wfd is not None:
+                        wrote += os.write(wfd, view[:got])
+            finally:
+                os.close(fd)
+                if wfd is not None:
+                    os.close(wfd)
+    print(f"io floor (raw): read {read / 1e9:.3f} GB, wrote {wrote / 1e9:.3f} GB")
+    return 0
+
+
 def _iofloor_main(argv: list[str]) -> int:
-    """``_iofloor reuse|clone OUT MODEL...``: read every tensor of every model, write one model-sized
-    output. ``reuse`` copies each input into one reused buffer (the base's tensors stay mapped and
-    save_file reads them); ``clone`` copies every input into fresh memory."""
+    """``_iofloor reuse|clone|raw OUT MODEL...``: read every tensor of every model, write one
+    model-sized output. ``reuse`` copies each input into one reused buffer (the base's tensors stay
+    mapped and save_file reads them); ``clone`` copies every input into fresh memory; ``raw`` reads
+    and writes the files' bytes without safetensors or torch."""
+    if argv[0] == "raw":
+        return _iofloor_raw(Path(argv[1]), [Path(m) for m in argv[2:]])
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -376,7 +408,10 @@ def measured(cmd: list[str], workdir: Path, env: dict[str, str], label: str) -> 
 
 def commands(tool: str, recipe: Path, out: Path, models: list[Path]) -> list[str]:
     if tool == "mergekit":
-        exe = shutil.which("mergekit-yaml")
+        # the script beside this interpreter (a PATH lookup may find a version manager's shim,
+        # which would add its own start-up to mergekit's time)
+        local = Path(sys.executable).parent / "mergekit-yaml"
+        exe = str(local) if local.exists() else shutil.which("mergekit-yaml")
         if exe is None:
             raise SystemExit("mergekit-yaml not found: pip install mergekit")
         # CPU (no --cuda), no tokenizer to copy, same seed; defaults otherwise (what a user runs)
@@ -406,7 +441,7 @@ def commands(tool: str, recipe: Path, out: Path, models: list[Path]) -> list[str
         ]
     if tool == "startup":
         return [sys.executable, "-c", "import torch, safetensors.torch"]
-    mode = "clone" if tool == "io_floor_alloc" else "reuse"
+    mode = {"io_floor_alloc": "clone", "io_floor_raw": "raw"}.get(tool, "reuse")
     return [sys.executable, str(Path(__file__).resolve()), "_iofloor", mode, str(out), *map(str, models)]
 
 
@@ -459,6 +494,7 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
         mk, fm = med(rows, "mergekit", m, "seconds"), med(rows, "fastmerge", m, "seconds")
         io = med(rows, "io_floor", "io", "seconds")
         io_alloc = med(rows, "io_floor_alloc", "io", "seconds")
+        io_raw = med(rows, "io_floor_raw", "io", "seconds")
         mk_rss, fm_rss = med(rows, "mergekit", m, "peak_rss_mb"), med(rows, "fastmerge", m, "peak_rss_mb")
         out.append(
             {
@@ -468,11 +504,15 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
                 "fastmerge_s": round(fm, 3),
                 "fastmerge_internal_s": round(med(rows, "fastmerge", m, "internal_s"), 3),
                 "io_floor_s": round(io, 3),
+                "io_floor_min_s": round(min(r["seconds"] for r in rows if r["tool"] == "io_floor"), 3),
                 "io_floor_alloc_s": round(io_alloc, 3),
+                "io_floor_raw_s": round(io_raw, 3),
                 "speedup_mergekit_over_fastmerge": round(mk / fm, 2),
                 "fastmerge_over_io_floor": round(fm / io, 2),
+                "fastmerge_over_io_floor_min": round(fm / min(r["seconds"] for r in rows if r["tool"] == "io_floor"), 2),
                 "mergekit_over_io_floor": round(mk / io, 2),
                 "fastmerge_over_io_floor_alloc": round(fm / io_alloc, 2),
+                "fastmerge_over_io_floor_raw": round(fm / io_raw, 2),
                 "mergekit_rss_mb": round(mk_rss, 1),
                 "fastmerge_rss_mb": round(fm_rss, 1),
                 "io_floor_rss_mb": round(med(rows, "io_floor", "io", "peak_rss_mb"), 1),
@@ -489,15 +529,17 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
 def markdown(summary: list[dict]) -> str:
     head = (
         "| method | mergekit s | fastmerge s | speed-up | IO floor s | fastmerge/floor "
-        "| floor with fresh copies s | fastmerge/that floor | mergekit RSS MB | fastmerge RSS MB |"
+        "| floor with fresh copies s | fastmerge/that floor | raw-bytes floor s | fastmerge/that floor "
+        "| mergekit RSS MB | fastmerge RSS MB |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         lines.append(
             f"| {s['method']} | {s['mergekit_s']:.2f} | {s['fastmerge_s']:.2f} | "
             f"{s['speedup_mergekit_over_fastmerge']:.1f}x | {s['io_floor_s']:.2f} | "
             f"{s['fastmerge_over_io_floor']:.2f}x | {s['io_floor_alloc_s']:.2f} | "
-            f"{s['fastmerge_over_io_floor_alloc']:.2f}x | {s['mergekit_rss_mb']:.0f} | {s['fastmerge_rss_mb']:.0f} |"
+            f"{s['fastmerge_over_io_floor_alloc']:.2f}x | {s['io_floor_raw_s']:.2f} | "
+            f"{s['fastmerge_over_io_floor_raw']:.2f}x | {s['mergekit_rss_mb']:.0f} | {s['fastmerge_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -510,11 +552,12 @@ def plot(rows: list[dict], summary: list[dict], path: Path, title: str) -> None:
 
     methods = [s["method"] for s in summary]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.27
+    width = 0.2
     series = [
         ("mergekit", "mergekit", "#d62728"),
         ("fastmerge", "fastmerge", "#1f77b4"),
-        ("io_floor", "I/O floor", "#7f7f7f"),
+        ("io_floor", "I/O floor (safetensors)", "#7f7f7f"),
+        ("io_floor_raw", "raw-bytes floor", "#bdbdbd"),
     ]
     for ax, key, ylabel in (
         (ax1, "seconds", "wall time, s (median; bars: min-max)"),
@@ -524,13 +567,13 @@ def plot(rows: list[dict], summary: list[dict], path: Path, title: str) -> None:
             meds, lo, hi = [], [], []
             for m in methods:
                 vals = [
-                    r[key] for r in rows if r["tool"] == tool and r["method"] == (m if tool != "io_floor" else "io")
+                    r[key] for r in rows if r["tool"] == tool and r["method"] == (m if not tool.startswith("io_") else "io")
                 ]
                 md = statistics.median(vals)
                 meds.append(md)
                 lo.append(md - min(vals))
                 hi.append(max(vals) - md)
-            xs = [j + (i - 1) * width for j in range(len(methods))]
+            xs = [j + (i - 1.5) * width for j in range(len(methods))]
             bars = ax.bar(xs, meds, width, label=label, color=color, yerr=[lo, hi], capsize=3)
             ax.bar_label(bars, fmt="%.1f" if key == "seconds" else "%.0f", fontsize=8, padding=2)
         ax.set_xticks(range(len(methods)), methods)
@@ -658,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  check {method}: {checks[method]}", flush=True)
             for tool in order:
                 shutil.rmtree(outs / f"{tool}-{method}", ignore_errors=True)
-        for floor in ("io_floor", "io_floor_alloc"):
+        for floor in ("io_floor", "io_floor_alloc", "io_floor_raw"):
             run(floor, "io", rep)
             shutil.rmtree(outs / f"{floor}-io", ignore_errors=True)
         run("startup", "import", rep)
@@ -683,7 +726,11 @@ def main(argv: list[str] | None = None) -> int:
         "+ save_file of one model-sized output"
     )
     info["io_floor_alloc"] = "the same with every input tensor cloned into fresh memory (anonymous page faults)"
-    info["startup"] = "python -c 'import torch, safetensors.torch' (the interpreter + torch start-up every tool pays)"
+    info["io_floor_raw"] = (
+        "every shard's bytes read into one reused buffer (os.readv), the base's shards written out again "
+        "(os.write): plain file I/O, no safetensors, no torch import"
+    )
+    info["startup"] = "python -c 'import torch, safetensors.torch' (the interpreter + torch start-up that mergekit and the safetensors floors pay)"
     info["timing"] = (
         "wall clock of each child process, start to exit (interpreter start-up and imports included); "
         f"median of {args.reps}; peak RSS = the child's kernel high-water mark (ru_maxrss); "
@@ -702,8 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     startup = summary[0]["startup_s"]
     others = max(s["max_other_cpu_frac"] for s in summary)
     table += (
-        f"\n\nWall time of each child process, median of {args.reps}, warm page cache; every tool pays the "
-        f"~{startup:.1f} s Python + torch start-up (included). Peak RSS: the child's high-water mark. "
+        f"\n\nWall time of each child process, median of {args.reps}, warm page cache, start-up included: "
+        f"mergekit and the safetensors floors pay the ~{startup:.1f} s Python + torch start-up; fastmerge's "
+        "CPU merge and the raw-bytes floor import no torch. Peak RSS: the child's high-water mark. "
         f"CPU used by other processes during the timed runs: at most {others:.0%} of the machine."
     )
     print()
