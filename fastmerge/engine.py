@@ -1,16 +1,18 @@
 """plan -> checkpoint: a reader thread, the fused op, a writer thread, and an atomic rename.
 
-The reader maps the next tensor group and pre-faults its pages while the current one is merged by
-the fused CPU loop (which releases the GIL) and the writer thread ``pwrite``s the previous result at
-its precomputed offset. Peak memory is the groups in flight, not the model. Everything goes to a
-temporary sibling directory that is renamed into place only when complete; any failure, including
-Ctrl-C, removes it.
+The reader maps the next tensor group and pre-faults its pages (and, for the fused CPU loop, the
+output's pages in the shard, for writing) while the current one is merged. The fused CPU loop
+(which releases the GIL) writes its result straight into the output shard through a shared map, so
+the kernel's writeback is its writer; results made as tensors (torch ops, the GPU) go to a writer
+thread that ``pwrite``s them at their precomputed offsets. Peak memory is the groups in flight,
+not the model. Everything goes to a temporary sibling directory that is renamed into place only
+when complete; any failure, including Ctrl-C, removes it.
 
 A CPU merge of the task-arithmetic family (linear, task_arithmetic, ties, dare_*) over safetensors
-never imports torch: the fused loop reads the mapped bytes and writes into pooled numpy buffers by
-address. torch (~1.5 s to import on a 2-core machine, as long as the whole merge of a 250M model)
-is imported only for what needs it: slerp, passthrough with a scale, vocabulary-size mismatches,
-.bin inputs, other dtypes, and the GPU.
+never imports torch: the fused loop reads the mapped input bytes and writes the mapped output by
+address. torch (1.6-2.5 s to import on the 2-core machine, as long as the whole merge of a 250M
+model) is imported only for what needs it: slerp, passthrough with a scale, vocabulary-size
+mismatches, .bin inputs, other dtypes, and the GPU.
 """
 
 from __future__ import annotations
