@@ -495,6 +495,7 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
         io = med(rows, "io_floor", "io", "seconds")
         io_alloc = med(rows, "io_floor_alloc", "io", "seconds")
         io_raw = med(rows, "io_floor_raw", "io", "seconds")
+        io_min = min(r["seconds"] for r in rows if r["tool"] == "io_floor")
         mk_rss, fm_rss = med(rows, "mergekit", m, "peak_rss_mb"), med(rows, "fastmerge", m, "peak_rss_mb")
         out.append(
             {
@@ -504,12 +505,12 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
                 "fastmerge_s": round(fm, 3),
                 "fastmerge_internal_s": round(med(rows, "fastmerge", m, "internal_s"), 3),
                 "io_floor_s": round(io, 3),
-                "io_floor_min_s": round(min(r["seconds"] for r in rows if r["tool"] == "io_floor"), 3),
+                "io_floor_min_s": round(io_min, 3),
                 "io_floor_alloc_s": round(io_alloc, 3),
                 "io_floor_raw_s": round(io_raw, 3),
                 "speedup_mergekit_over_fastmerge": round(mk / fm, 2),
                 "fastmerge_over_io_floor": round(fm / io, 2),
-                "fastmerge_over_io_floor_min": round(fm / min(r["seconds"] for r in rows if r["tool"] == "io_floor"), 2),
+                "fastmerge_over_io_floor_min": round(fm / io_min, 2),
                 "mergekit_over_io_floor": round(mk / io, 2),
                 "fastmerge_over_io_floor_alloc": round(fm / io_alloc, 2),
                 "fastmerge_over_io_floor_raw": round(fm / io_raw, 2),

@@ -139,7 +139,7 @@ def count_nonfinite(t: torch.Tensor) -> int:
     """NaN/Inf elements in a float tensor (0 for other dtypes), in one vectorized pass."""
     if not t.is_floating_point():
         return 0
-    code = dtypes.from_torch(t.dtype)
+    code = _code(t.dtype)
     if code not in _CODES:
         import torch
 
@@ -171,10 +171,11 @@ def _code(dtype: torch.dtype) -> str | None:
 def _flat(t: torch.Tensor) -> tuple[torch.Tensor, Flat]:
     """A contiguous flat tensor of a dtype the C loop reads (others upcast to fp32), and its Flat."""
     t = t.reshape(-1)
-    if _code(t.dtype) not in _CODES:
-        t = t.float()
+    code = _code(t.dtype)
+    if code not in _CODES:
+        t, code = t.float(), "F32"
     t = t.contiguous()
-    return t, Flat(t.data_ptr(), dtypes.from_torch(t.dtype), t.numel())
+    return t, Flat(t.data_ptr(), code, t.numel())
 
 
 def _select(hist: np.ndarray, rank: int) -> tuple[int, int]:
@@ -266,8 +267,8 @@ def fused_thresholds(base: torch.Tensor | None, models: list[torch.Tensor], dens
 
 
 def thresholds(base: Flat | None, xs: list[Flat], densities: tuple[float, ...], threads: int | None = None) -> list[float]:
-    """TIES thresholds of flat arrays: two streaming passes for all K together, or a selection
-    among the keys when the tensor is too small for a 65536-bin histogram to pay."""
+    """TIES thresholds of flat arrays: one or two streaming passes for all K together, or a
+    selection among the keys when the tensor is too small for a histogram pass to pay."""
     n = xs[0].n
     ms = [keep_count(d, n) for d in densities]
     if not any(ms):
@@ -305,7 +306,7 @@ def fused_merge(
     """
     import torch
 
-    if opts.k == 0 or opts.k > MAXK:
+    if opts.k == 0 or opts.k > MAXK:  # before models[0] is used below
         raise FastmergeError(f"{name}: the fused CPU path merges 1..{MAXK} models, got {opts.k}")
     out_code = _code(out_dtype)
     if out_code not in _CODES:
@@ -331,7 +332,7 @@ def merge_into(
     nonfinite: list[int] | None = None,
 ) -> None:
     """``fused_merge`` on flat arrays (no torch): base + K inputs -> ``out``, one streaming pass
-    (two more for TIES thresholds, one for the l1 rescale)."""
+    (one or two more for TIES thresholds, one for the l1 rescale)."""
     if opts.k == 0 or opts.k > MAXK or len(xs) != opts.k:
         raise FastmergeError(f"{name}: the fused CPU path merges 1..{MAXK} models, got {len(xs)}")
     if out.code not in _CODES:

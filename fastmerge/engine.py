@@ -143,7 +143,7 @@ def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None =
         result = cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=threads,
                                  nonfinite=counts if nonfinite is not None else None)
         if nonfinite is not None:
-            nonfinite[:] = counts if task.base else counts[1:]
+            nonfinite[:] = _per_source(task, counts)
         return result
     from . import reference
 
@@ -203,7 +203,12 @@ def _compute_raw(task: TensorPlan, readers: dict[str, CheckpointReader], arrays:
     cpu.merge_into(base, models, task.fused, task.name, cpu.Flat(out.ctypes.data, task.code, n), threads,
                    nonfinite=counts if nonfinite is not None else None)
     if nonfinite is not None:
-        nonfinite[:] = counts if task.base else counts[1:]
+        nonfinite[:] = _per_source(task, counts)
+
+
+def _per_source(task: TensorPlan, counts: list[int]) -> list[int]:
+    """The fused loop's NaN/Inf counts (base slot first, always) in ``task.sources`` order."""
+    return counts if task.base else counts[1:]
 
 
 def merge(

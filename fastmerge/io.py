@@ -205,7 +205,7 @@ class CheckpointReader:
         mm = self._maps.get(meta.file)
         if mm is None or meta.nbytes == 0:
             return
-        start, length = _page_range(meta)
+        start, length = _page_range(meta.offset, meta.nbytes)
         mm.madvise(mmap.MADV_WILLNEED, start, length)
         np.frombuffer(mm, dtype=np.uint8, count=meta.nbytes, offset=meta.offset)[:: mmap.PAGESIZE].sum()
 
@@ -214,7 +214,7 @@ class CheckpointReader:
         meta = self.tensors[name]
         mm = self._maps.get(meta.file)
         if mm is not None and meta.nbytes:
-            start, length = _page_range(meta)
+            start, length = _page_range(meta.offset, meta.nbytes)
             mm.madvise(mmap.MADV_DONTNEED, start, length)
 
     def read(self, name: str) -> torch.Tensor:
@@ -241,18 +241,23 @@ class CheckpointReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a tensor still views it; it is unmapped when that tensor dies
-                pass
-        self._maps.clear()
+        _close_maps(self._maps)
 
 
-def _page_range(meta: TensorMeta) -> tuple[int, int]:
-    """The page-aligned byte range covering a tensor (madvise wants page-aligned starts)."""
-    start = meta.offset - meta.offset % mmap.PAGESIZE
-    return start, meta.offset + meta.nbytes - start
+def _page_range(offset: int, nbytes: int) -> tuple[int, int]:
+    """(start, length) of the page-aligned byte range covering a tensor (madvise wants
+    page-aligned starts)."""
+    start = offset - offset % mmap.PAGESIZE
+    return start, offset + nbytes - start
+
+
+def _close_maps(maps: dict) -> None:
+    for mm in maps.values():
+        try:
+            mm.close()
+        except BufferError:  # an array or tensor still views it; it is unmapped when that one dies
+            pass
+    maps.clear()
 
 
 @dataclass
@@ -377,9 +382,8 @@ class ShardedWriter:
         fd, offset, nbytes = self.location[name]
         if not self._populate or nbytes == 0:
             return
-        start = offset - offset % mmap.PAGESIZE
         try:
-            self._map(fd).madvise(MADV_POPULATE_WRITE, start, offset + nbytes - start)
+            self._map(fd).madvise(MADV_POPULATE_WRITE, *_page_range(offset, nbytes))
         except OSError:  # EINVAL: a kernel before 5.14; the loop faults the pages in itself
             self._populate = False
 
@@ -388,16 +392,10 @@ class ShardedWriter:
         fd, offset, nbytes = self.location[name]
         mm = self._maps.get(fd)
         if mm is not None and nbytes:
-            start = offset - offset % mmap.PAGESIZE
-            mm.madvise(mmap.MADV_DONTNEED, start, offset + nbytes - start)
+            mm.madvise(mmap.MADV_DONTNEED, *_page_range(offset, nbytes))
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # an array still views it; it is unmapped when that array dies
-                pass
-        self._maps.clear()
+        _close_maps(self._maps)
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
