@@ -59,11 +59,14 @@ def _build(kind: str, models, path):
 def _decode(model, ids, steps: int):
     from transformers import DynamicCache
 
+    from fastmerge.hf_compat import cache_kwarg
+
     cache = DynamicCache()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    kw = {cache_kwarg(type(model).forward): cache}
+    out = model(input_ids=ids, use_cache=True, **kw)
     nxt = out.logits[:, -1:].argmax(-1)
     for _ in range(steps - 1):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, use_cache=True, **kw)
         nxt = out.logits[:, -1:].argmax(-1)
     return cache
 

@@ -37,9 +37,10 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import FastmergeError
+from .hf_compat import CACHE_OUTPUT_FIELD, cache_kwarg
 
 #: Architectures whose decoder layer has the Llama contract
-#: ``layer(h, attention_mask, position_ids, past_key_values, use_cache, position_embeddings)``.
+#: ``layer(h, attention_mask, position_ids, cache | past_key_values, use_cache, position_embeddings)``.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 #: Config keys that do not change what a decoder layer computes (export checks the rest agree).
@@ -235,12 +236,11 @@ def _mask_key(config: PretrainedConfig, layer: int) -> tuple:
     return kind, window, getattr(config, "_attn_implementation", None)
 
 
-def _mask(config: PretrainedConfig, kind: str, **kw):
+def _mask(config: PretrainedConfig, kind: str, cache: Cache | None, **kw):
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    if kind == "sliding_attention":
-        return create_sliding_window_causal_mask(config=config, **kw)
-    return create_causal_mask(config=config, **kw)
+    fn = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+    return fn(config=config, **{cache_kwarg(fn): cache}, **kw)
 
 
 class FastmergePathConfig(PretrainedConfig):
@@ -320,9 +320,10 @@ class PathModel(PreTrainedModel, GenerationMixin):
         path = path if isinstance(path, LayerPath) else LayerPath.from_dict(path)
         path.validate(self.num_layers)
         self.path = path
-        # per hop: (layer module, scale, mask key, source): resolved once, not per forward
-        self._hops = [(self._decoders[h.model].layers[h.layer], h.scale,
-                       _mask_key(self.sources[h.model].config, h.layer), h.model) for h in path]
+        # per hop: (layer module, scale, mask key, source, the layer's cache keyword): resolved once
+        layers = [self._decoders[h.model].layers[h.layer] for h in path]
+        self._hops = [(layer, h.scale, _mask_key(self.sources[h.model].config, h.layer), h.model,
+                       cache_kwarg(type(layer).forward)) for layer, h in zip(layers, path)]
         self.config.hops = path.to_dict()["hops"]
         self.config.num_hidden_layers = len(path)
 
@@ -342,35 +343,40 @@ class PathModel(PreTrainedModel, GenerationMixin):
     # -- forward
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, logits_to_keep: int = 0, past_key_values: Cache | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        # transformers 5.24 renamed the cache argument to ``cache`` (generate() passes that name);
+        # older releases, and callers written for them, say ``past_key_values``: both are one cache.
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("PathModel: give the KV cache as `cache` or `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("PathModel: give exactly one of input_ids or inputs_embeds")
         head = self._decoders[self.head]
         h = head.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
+        if use_cache and cache is None:
+            cache = DynamicCache()
         if position_ids is None:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(h.shape[1], device=h.device) + seen).unsqueeze(0)
 
         # Masks and rotary embeddings once per forward, per (source, attention kind): computed
         # before any hop writes the cache, so every hop sees the same past length.
-        mask_args = dict(inputs_embeds=h, attention_mask=attention_mask, past_key_values=past_key_values,
-                         position_ids=position_ids)
+        mask_args = dict(inputs_embeds=h, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
         masks: dict[tuple, object] = {}
         rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for _, _, key, model in self._hops:
+        for _, _, key, model, _ in self._hops:
             if key not in masks:
                 masks[key] = _mask(self.sources[model].config, key[0], **mask_args)
             if model not in rope:
                 rope[model] = self._decoders[model].rotary_emb(h, position_ids=position_ids)
 
-        for slot, (layer, scale, key, model) in enumerate(self._hops):
+        for slot, (layer, scale, key, model, cache_kw) in enumerate(self._hops):
+            hop_cache = {cache_kw: _HopCache(cache, slot) if cache is not None else None}
             out = layer(h if scale == 1.0 else h * scale, attention_mask=masks[key], position_ids=position_ids,
-                        past_key_values=_HopCache(past_key_values, slot) if past_key_values is not None else None,
-                        use_cache=use_cache, position_embeddings=rope[model])
+                        use_cache=use_cache, position_embeddings=rope[model], **hop_cache)
             h = out[0] if isinstance(out, tuple) else out
 
         h = head.norm(h)
@@ -381,7 +387,7 @@ class PathModel(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_OUTPUT_FIELD: cache if use_cache else None})
 
 
 def _check_family(models: Sequence[nn.Module]) -> None:

@@ -239,15 +239,18 @@ def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], max_new_t
     """Greedy continuation of one batch of token rows; each result ends before its eos (exclusive)."""
     from transformers import DynamicCache
 
+    from .hf_compat import cache_kwarg, output_cache
+
     device = _model_device(model)
     ids, mask = _left_pad(rows, _pad_id(tokenizer), device)
     pos = _positions(mask)
     past: Any = DynamicCache()
+    cache_kw = cache_kwarg(getattr(type(model), "forward", type(model).__call__))
     out: list[list[int]] = [[] for _ in rows]
     done = [False] * len(rows)
     for _ in range(max_new_tokens):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
+        past = output_cache(res)
         nxt = res.logits[:, -1, :].argmax(-1)
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
@@ -300,8 +303,9 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     """Greedy continuations of ``prompts`` (new text only, special tokens skipped), in prompt order.
 
     Our own loop rather than ``model.generate`` so that anything honouring the HF causal-LM forward
-    contract -- ``model(input_ids=, attention_mask=, position_ids=, past_key_values=, use_cache=True)``
-    returning ``.logits`` and ``.past_key_values`` -- can be scored, e.g. the DFS executor, which is a
+    contract -- ``model(input_ids=, attention_mask=, position_ids=, cache=, use_cache=True)`` returning
+    ``.logits`` and ``.cache`` (``past_key_values`` in both places before transformers 5.24, and for
+    any model whose ``forward`` names no ``cache`` argument) -- can be scored, e.g. the DFS executor, which is a
     plain ``nn.Module``. Prompts are sorted by length into batches, left-padded by hand (the shared
     tokenizer is never mutated), positions count from each row's first real token, and a
     ``transformers.DynamicCache`` is passed on the first step (whatever comes back is passed on). A row

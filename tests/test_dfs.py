@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from fastmerge.cli import main as cli_main
 from fastmerge.dfs import DFSGenome, Hop, LayerPath, PathModel, export, materialize
 from fastmerge.errors import FastmergeError
+from fastmerge.hf_compat import output_cache
 from fastmerge.synth import ModelSpec
 
 # Path model vs materialized model: the same layers run on the same inputs in the same order, so
@@ -101,21 +102,24 @@ def test_greedy_generation_cache_nocache_materialized(arch):
     assert len({tuple(r[-10:].tolist()) for r in cached}) > 1  # rows actually differ
 
 
-def test_one_cache_slot_per_hop():
+@pytest.mark.parametrize("cache_kw", ["cache", "past_key_values"])
+def test_one_cache_slot_per_hop(cache_kw):
+    # transformers >= 5.24 names the argument `cache`; callers written for older releases say
+    # `past_key_values`: the path model takes either as the one cache
     models = _models("llama")
     pm = PathModel(models, PATH).eval()
     ids, mask = _batch(lengths=(6, 6))
     cache = DynamicCache()
     with torch.no_grad():
-        out = pm(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    assert out.past_key_values is cache
+        out = pm(input_ids=ids, attention_mask=mask, use_cache=True, **{cache_kw: cache})
+    assert output_cache(out) is cache
     assert len(cache.layers) == len(PATH)  # layer 1 of model 0 used twice -> two slots
     assert cache.get_seq_length() == 6
     # incremental decoding with the cache == full recompute
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
     with torch.no_grad():
-        step = pm(input_ids=nxt, attention_mask=mask2, past_key_values=cache, use_cache=True).logits[:, -1]
+        step = pm(input_ids=nxt, attention_mask=mask2, use_cache=True, **{cache_kw: cache}).logits[:, -1]
         full = pm(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
