@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import FastmergeError
 from .hf_compat import CACHE_OUTPUT_FIELD, cache_kwarg
+from .safety import OutputClaim, protected_inputs
 
 #: Architectures whose decoder layer has the Llama contract
 #: ``layer(h, attention_mask, position_ids, cache | past_key_values, use_cache, position_embeddings)``.
@@ -475,18 +475,24 @@ def _scale_hook(scale: float):
 
 
 def export(models: Sequence[nn.Module], path: LayerPath | Sequence, out: str | Path, head: int = 0,
-           plain: bool = False, tokenizer=None, force: bool = False) -> Path:
+           plain: bool = False, tokenizer=None, force: bool = False,
+           protect: Sequence[str | Path | tuple[str, str | Path]] = ()) -> Path:
     """Save a path model as a checkpoint.
 
     Default: the unique layers used plus the hops in a ``fastmerge_path`` config; it loads with
     ``PathModel.from_pretrained`` or, once fastmerge is imported, ``AutoModelForCausalLM``.
     ``plain``: a standard HF checkpoint of the head's architecture with repeated layers copied
-    (every scale must be 1), loadable anywhere. Written to a temporary directory, renamed at the end.
+    (every scale must be 1), loadable anywhere. Written to a temporary directory, renamed at the end
+    (``safety.OutputClaim``: the target locked, never replaced without ``force``). ``out`` may not be,
+    hold or lie inside a source model's directory (those the models were loaded from, and model
+    directories in ``protect``), nor hold the working directory or a ``(what, file)`` of ``protect``.
     """
     path = path if isinstance(path, LayerPath) else LayerPath.from_dict(path)
     out = Path(out)
-    if out.exists() and not force:
-        raise FastmergeError(f"{out}: output exists (use --force to replace it)")
+    sources = [getattr(getattr(m, "config", None), "_name_or_path", None) for m in models]
+    sources += [getattr(tokenizer, "name_or_path", None)] + [p for p in protect if not isinstance(p, tuple)]
+    claim = OutputClaim(out, force, protected_inputs(sources, [p for p in protect if isinstance(p, tuple)]))
+    claim.check()  # before any work; again under the lock
     _check_family(models)
     path.validate([len(_parts(m)[0].layers) for m in models])
     _check_exportable(models, path, head)
@@ -505,18 +511,11 @@ def export(models: Sequence[nn.Module], path: LayerPath | Sequence, out: str | P
         model = PathModel([inner], hops, head=0)
         model.config.source_layers = [list(ml) for ml in unique]
         model.config.dtype = str(_parts(inner)[0].embed_tokens.weight.dtype).removeprefix("torch.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        model.save_pretrained(tmp)
+    with claim:  # the target locked, stale temporaries removed, ``claim.tmp`` made; left: removed
+        model.save_pretrained(claim.tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            tokenizer.save_pretrained(claim.tmp)
+        claim.commit()
     return out
 
 

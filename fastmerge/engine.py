@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import shutil
 import threading
@@ -37,6 +36,7 @@ from .errors import FastmergeError
 from .io import CheckpointReader, OutTensor, ShardedWriter
 from .plan import Plan, TensorPlan, build_plan
 from .recipe import Recipe, dump_recipe, load_recipe
+from .safety import OutputClaim, given_file, protected_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -219,11 +219,12 @@ def merge(
 ) -> MergeResult:
     """Merge checkpoints per a mergekit-style recipe into ``out_path`` (a HF model directory)."""
     opts = options or MergeOptions()
+    recipe_file = given_file(recipe)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out_path)
-    if out.exists() and not opts.force:
-        raise FastmergeError(f"{out}: output exists; pass --force to replace it")
+    claim = OutputClaim(out, opts.force, protected_inputs(_recipe_models(recipe), [("the recipe file", recipe_file)]))
+    claim.check()  # before any work; again under the lock
     device = resolve_device(opts.device)
     backend = opts.backend or ("triton" if device == "cuda" else "cpu")
     if backend not in ("cpu", "triton"):
@@ -238,19 +239,12 @@ def merge(
     for w in plan.warnings:
         warnings.warn(w, stacklevel=2)
     cpu.library()  # build the fused loop before any output exists
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.fastmerge-tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     start = time.perf_counter()
     try:
-        nonfinite = _execute(plan, readers, tmp, opts, progress, runner)
-        _write_metadata(plan, recipe, readers, tmp)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with claim:  # the target locked, stale temporaries removed, ``claim.tmp`` made; left: removed
+            nonfinite = _execute(plan, readers, claim.tmp, opts, progress, runner)
+            _write_metadata(plan, recipe, readers, claim.tmp)
+            claim.commit()
     finally:
         for r in readers.values():
             r.close()
@@ -442,12 +436,8 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     (tmp / "README.md").write_text(card)
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename the finished directory into place (replacing an old output only now)."""
-    if out.exists():
-        old = out.parent / f".{out.name}.fastmerge-old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def _recipe_models(recipe: Recipe) -> list[str]:
+    """Every model directory a recipe reads (sources, base, tokenizer source)."""
+    names = [recipe.base_model, recipe.tokenizer_source, *(m.model for m in recipe.models or [])]
+    names += [s.model for sl in recipe.slices or [] for s in sl.sources]
+    return [n for n in names if n and n != "base"]

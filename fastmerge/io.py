@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -100,6 +101,35 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
     return metas
 
 
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def regular_file(path: Path, what: str = "file") -> Path:
+    """``path`` when it is a regular file (links followed); anything else is refused before it is
+    opened: reading a named pipe would block forever, a device would never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FastmergeError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise FastmergeError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise FastmergeError(f"{path}: {what} is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, "
+                             "not a regular file")
+    return path
+
+
+def _shard_in(directory: Path, index: Path, key: str, shard: str) -> Path:
+    """The shard file an index entry names: a relative name inside the model directory. The name
+    is checked, not where a link leads (the Hugging Face cache is links into ../../blobs)."""
+    parts = PurePosixPath(shard).parts if isinstance(shard, str) else ()
+    if not isinstance(shard, str) or shard.startswith("/") or ".." in parts or "\0" in shard:
+        raise FastmergeError(f"{index}: weight_map[{key!r}] names shard {shard!r}, which is not a file name "
+                             "inside the model directory (absolute paths and '..' are refused)")
+    return directory / shard
+
+
 class CheckpointReader:
     """One Hugging Face checkpoint directory: config, tensor index, and on-demand tensor reads."""
 
@@ -114,23 +144,23 @@ class CheckpointReader:
         single = self.path / SINGLE_NAME
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(regular_file(index, "index").read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise FastmergeError(f"{index}: corrupt index ({e})") from None
             headers: dict[str, dict[str, TensorMeta]] = {}
             for name, shard in weight_map.items():
                 if shard not in headers:
-                    headers[shard] = read_header(self.path / shard)
+                    headers[shard] = read_header(regular_file(_shard_in(self.path, index, name, shard), "shard"))
                 if name not in headers[shard]:
                     raise FastmergeError(f"{self.path / shard}: tensor {name} listed in {INDEX_NAME} is missing")
                 self.tensors[name] = headers[shard][name]
         elif single.exists():
-            self.tensors = read_header(single)
+            self.tensors = read_header(regular_file(single, "shard"))
         else:
             shards = sorted(self.path.glob("*.safetensors"))
             if shards:
                 for shard in shards:
-                    self.tensors.update(read_header(shard))
+                    self.tensors.update(read_header(regular_file(shard, "shard")))
             elif list(self.path.glob("*.bin")):
                 if not allow_bin:
                     raise FastmergeError(
@@ -148,7 +178,7 @@ class CheckpointReader:
         if not cfg.exists():
             return {}
         try:
-            return json.loads(cfg.read_text())
+            return json.loads(regular_file(cfg, "config").read_text())
         except json.JSONDecodeError as e:
             raise FastmergeError(f"{cfg}: invalid JSON ({e})") from None
 
@@ -157,6 +187,7 @@ class CheckpointReader:
 
         state: dict[str, torch.Tensor] = {}
         for f in sorted(self.path.glob("*.bin")):
+            regular_file(f, "weights file")
             try:
                 state.update(torch.load(f, map_location="cpu", weights_only=True))
             except Exception as e:  # noqa: BLE001 - any unpickling failure is the file's fault
