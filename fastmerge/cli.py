@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
 import warnings
 
 from .errors import FastmergeError
@@ -68,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    ev = sub.add_parser("evolve", help="evolve a merge recipe (CMA-ES over PS, DFS or PS+DFS) per a config YAML")
+    ev = sub.add_parser(
+        "evolve", help="evolve a merge recipe (CMA-ES over PS, DFS or PS+DFS) per a config YAML",
+        description="Evolve a merge recipe (CMA-ES over PS, DFS or PS+DFS) per a config YAML. "
+                    "A config is code, like a script: its evaluator may name any Python module:function (with "
+                    "arguments), which fastmerge imports and runs, so running a config you did not write is like "
+                    "running its author's script; run only configs you wrote or have read. The run's saved state "
+                    "(what --resume reads) is data and never runs code.")
     ev.add_argument("config", help="evolve config YAML (models, evaluator, metric, space, budget, out, ...)")
     ev.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     ev.add_argument("--materialize", action="store_true", help="also write the best candidate as a checkpoint")
@@ -116,8 +119,7 @@ def _dfs_export(args: argparse.Namespace) -> int:
         raise FastmergeError(f"{args.path}: names no models; pass --models DIR [DIR ...]")
     head = head if args.head is None else args.head
     sources, tokenizer = load_sources(models, head=head)
-    out = export(sources, path, args.out, head=head, plain=args.plain, tokenizer=tokenizer, force=args.force,
-                 protect=[*models, ("the path file", args.path)])
+    out = export(sources, path, args.out, head=head, plain=args.plain, tokenizer=tokenizer, force=args.force)
     kind = "plain HF model" if args.plain else f"path model ({len(path.unique_layers())} unique layers)"
     print(f"wrote {out}: {kind}, {len(path)} hops over {len(models)} models")
     return 0
@@ -208,62 +210,26 @@ def _evolve(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (what ``timeout``, Slurm and Kubernetes send), raised like Ctrl-C in the main thread so
-    the same clean-up runs (temporaries removed, the output lock dropped)."""
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM raises ``_Terminated`` in the main thread for the block (once: a second SIGTERM while
-    cleaning up is ignored, SIGKILL still ends the process); the old handler is put back after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise _Terminated
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
-        with _sigterm_as_interrupt():
-            return _run(args)
+        if args.command == "merge":
+            return _merge(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "dfs" and args.dfs_command == "export":
+            return _dfs_export(args)
+        if args.command == "evolve":
+            return _evolve(args)
     except FastmergeError as e:
         print(f"fastmerge: error: {e}", file=sys.stderr)
         return 2
-    except _Terminated:
-        print("fastmerge: terminated (SIGTERM); no output was written", file=sys.stderr)
-        return 143
     except KeyboardInterrupt:
         print("fastmerge: interrupted; no output was written", file=sys.stderr)
         return 130
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "merge":
-        return _merge(args)
-    if args.command == "eval":
-        return _eval(args)
-    if args.command == "dfs" and args.dfs_command == "export":
-        return _dfs_export(args)
-    if args.command == "evolve":
-        return _evolve(args)
     return 1
-
-
 
 
 def entry() -> None:

@@ -7,28 +7,33 @@ shape:
 
 - The models are loaded once per process and every candidate is written into the same live
   module, so a trial costs one in-memory merge plus one evaluation, never a checkpoint on disk.
-- Every trial is one JSON line in ``trials.jsonl``; after each generation the optimizer (pickled
-  ``cmaes.CMA``, whose RNG is its own), the best trial and the number of logged trials are written
-  atomically to ``state.pkl``. ``resume`` drops log lines of the generation that was cut off and
-  re-asks it from the saved optimizer, so the log equals that of an uninterrupted run (evaluation
-  is deterministic: greedy decoding, a fixed DARE seed).
+- Every trial is one JSON line in ``trials.jsonl``; after each generation the optimizer (every
+  attribute of the ``cmaes.CMA``, arrays bit-exact, and its own RNG's state), the best trial and
+  the number of logged trials are written atomically to ``state.json``. The state is data only: it
+  is read with ``json`` and checked key by key, so ``--resume`` never runs code from the output
+  directory (a ``state.pkl`` of an older version is refused, not unpickled). ``resume`` drops log
+  lines of the generation that was cut off and re-asks it from the saved optimizer, so the log
+  equals that of an uninterrupted run (evaluation is deterministic: greedy decoding, a fixed DARE
+  seed).
+- The config, on the other hand, is code: its evaluator may be any ``module:function`` with
+  arguments, imported and called in this process, so running someone else's config is running
+  their script.
 - ``workers > 1`` scores a generation's candidates in a ``torch.multiprocessing`` (spawn) pool,
   each worker holding its own Merger/PathModel; results come back in order, so the log and the
   optimizer see exactly what one worker would give them.
 - The library reports progress through a callback; only the CLI draws.
 
 Layout of ``out``: ``config.yml``, ``result.json`` and one directory per stage (``ps/``, ``dfs/``)
-holding ``trials.jsonl``, ``state.pkl``, ``space.json``, ``fitness.png`` and the best candidate
+holding ``trials.jsonl``, ``state.json``, ``space.json``, ``fitness.png`` and the best candidate
 (``best.yml``, a mergekit recipe, or ``best_path.json``), plus ``model/`` when materialized.
 """
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import json
 import math
 import os
-import pickle
 import queue
 import tempfile
 import time
@@ -43,10 +48,14 @@ import yaml
 
 from .errors import FastmergeError
 from .evolve_config import Budget, EvolveConfig, _is_hub_id
-from .safety import OutputClaim, given_file, protected_inputs
 from .space import DFSSpace, PSSpace
 
-STATE_VERSION = 1
+#: the run state file of a stage (JSON: data only, never code) and its format; version 1 was ``state.pkl``
+STATE_FILE = "state.json"
+STATE_FORMAT = "fastmerge-evolve-state"
+STATE_VERSION = 2
+#: the pickled state of version 1: refused, never loaded (unpickling can run code)
+LEGACY_STATE_FILE = "state.pkl"
 #: what CMA-ES is told for a failed (NaN) fitness: worse than any real one, still finite
 _FAILED = 1e30
 #: trial fields that are timings, not results (a resumed run's log equals an uninterrupted one's without them)
@@ -110,8 +119,12 @@ def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, ma
     ``config``: an ``EvolveConfig`` or what ``EvolveConfig.from_yaml`` reads. ``out`` overrides the
     config's output directory. ``materialize`` also writes the best candidate as a checkpoint
     (``<stage>/model``). Every config error is raised before a model is loaded.
+
+    A config is code, like a script: its evaluator may name any ``module:function`` (with
+    arguments), which is imported and called here, so running a config you did not write is like
+    running that person's script. Only run configs you wrote or have read. (The run's saved state
+    is data, not code: ``resume`` loads it without unpickling anything.)
     """
-    source = given_file(config)
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config, out=out)
     else:
@@ -119,14 +132,12 @@ def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, ma
             config = config.model_copy(update={"out": str(Path(out).resolve())})
         config.check()
     root = Path(config.out)
-    with _claim_out_dir(root, config, resume, source):
-        return _evolve_claimed(root, config, resume, materialize, progress)
-
-
-def _evolve_claimed(root: Path, config: EvolveConfig, resume: bool, materialize: bool,
-                    progress: ProgressFn | None) -> EvolveResult:
-    """``evolve`` once its output directory is claimed."""
+    _claim_out_dir(root, config, resume)
+    recorded = config
     config = _localize(config)
+    if resume:
+        _check_resume(root, config)  # a refused resume leaves the recorded config as it was
+    _record_config(root, recorded)
     result = EvolveResult(root)
     ps_model: Path | None = None
     for stage in config.stages:
@@ -151,24 +162,13 @@ def _evolve_claimed(root: Path, config: EvolveConfig, resume: bool, materialize:
     return result
 
 
-@contextlib.contextmanager
-def _claim_out_dir(root: Path, config: EvolveConfig, resume: bool, source: Path | None = None) -> Iterator[None]:
-    """Hold the output directory for the run (``safety.OutputClaim``: locked, a second run to it
-    fails at once); refuse one that is, holds or lies inside an input model, or holds the config
-    file, the evaluator's data or the working directory; refuse to mix a new run into an old one."""
-    models: list[str] = []
-    config.with_model_paths(lambda p: models.append(p) or p)
-    files = [("the config file", source)]
-    if isinstance(config.evaluator, dict) and isinstance(config.evaluator.get("data"), str):
-        files.append(("the evaluator's data", config.evaluator["data"]))
-    with OutputClaim(root, protected=protected_inputs(models, files), label="evolve output", staged=False):
-        used = [root / s / f for s in ("ps", "dfs") for f in ("trials.jsonl", "state.pkl")]
-        if not resume and any(p.exists() for p in used):
-            raise FastmergeError(f"{root}: already holds an evolve run; pass --resume to continue it, "
-                                 "or choose another output directory")
-        root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(root / "config.yml", yaml.safe_dump(config.model_dump(), sort_keys=False).encode())
-        yield
+def _claim_out_dir(root: Path, config: EvolveConfig, resume: bool) -> None:
+    """Refuse to mix a new run into an old one."""
+    used = [root / s / f for s in ("ps", "dfs") for f in ("trials.jsonl", STATE_FILE, LEGACY_STATE_FILE)]
+    if not resume and any(p.exists() for p in used):
+        raise FastmergeError(f"{root}: already holds an evolve run; pass --resume to continue it, "
+                             "or choose another output directory")
+    root.mkdir(parents=True, exist_ok=True)
 
 
 def _localize(config: EvolveConfig) -> EvolveConfig:
@@ -422,7 +422,7 @@ def _new_state(config: EvolveConfig, stage: str, space: PSSpace | DFSSpace) -> d
     n = space.size
     cma = CMA(mean=np.asarray(x0, dtype=np.float64), sigma=config.cma.sigma0, bounds=np.tile([0.0, 1.0], (n, 1)),
               seed=config.cma.seed, population_size=_popsize(config, n))
-    return {"version": STATE_VERSION, "fingerprint": _fingerprint(config, stage, space), "cma": cma,
+    return {"fingerprint": _fingerprint(config, stage, space), "cma": cma,
             "generation": 0, "trials": 0, "elapsed": 0.0, "best": None, "history": [], "done": False,
             "stop_reason": None}
 
@@ -456,7 +456,7 @@ def _stop_reason(state: dict, budget: Budget, popsize: int) -> str | None:
 def _run_stage(stage: str, config: EvolveConfig, space: PSSpace | DFSSpace, spec: _RunnerSpec, out: Path,
                resume: bool, progress: ProgressFn | None) -> StageResult:
     out.mkdir(parents=True, exist_ok=True)
-    log_file, state_file = out / "trials.jsonl", out / "state.pkl"
+    log_file, state_file = out / "trials.jsonl", out / STATE_FILE
     state = _resume_state(config, stage, space, out, resume)
     _atomic_write(out / "space.json", (json.dumps(_space_json(space), indent=1) + "\n").encode())
     budget = config.budget_for(stage)
@@ -555,24 +555,18 @@ class _Clock:
 
 def _resume_state(config: EvolveConfig, stage: str, space: PSSpace | DFSSpace, out: Path, resume: bool) -> dict:
     """A fresh state, or the saved one with the log cut back to the trials it accounts for."""
-    log_file, state_file = out / "trials.jsonl", out / "state.pkl"
+    log_file, state_file = out / "trials.jsonl", out / STATE_FILE
     if not state_file.exists():
+        if (out / LEGACY_STATE_FILE).exists():
+            raise _legacy_state_error(out / LEGACY_STATE_FILE)
         if log_file.exists():  # cut off inside the first generation: nothing to keep
             log_file.unlink()
         return _new_state(config, stage, space)
     if not resume:
         raise FastmergeError(f"{out}: already holds an evolve run; pass --resume to continue it")
-    try:
-        with open(state_file, "rb") as f:
-            state = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, KeyError, TypeError) as e:
-        raise FastmergeError(f"{state_file}: unreadable checkpoint ({e})") from None
-    if state.get("version") != STATE_VERSION:
-        raise FastmergeError(f"{state_file}: checkpoint version {state.get('version')}, expected {STATE_VERSION}")
-    state["cma"] = _cma_load(state["cma"])
+    state = _load_state(state_file)
     if state["fingerprint"] != _fingerprint(config, stage, space):
-        raise FastmergeError(f"{out}: the config changed since this run started (only budget, workers, device and "
-                             "out may change on --resume); start a new run in another directory")
+        raise _config_changed(out)
     lines = log_file.read_bytes().split(b"\n") if log_file.exists() else []
     if len(lines) < state["trials"] or any(not ln for ln in lines[: state["trials"]]):
         raise FastmergeError(f"{log_file}: holds fewer trials than its checkpoint ({state['trials']}); cannot resume")
@@ -583,23 +577,249 @@ def _resume_state(config: EvolveConfig, stage: str, space: PSSpace | DFSSpace, o
     return state
 
 
+def _check_resume(root: Path, config: EvolveConfig) -> None:
+    """Before ``--resume`` writes anything (the recorded config first of all): every saved stage
+    state must load and belong to this config. (The genome size, which needs the models, is checked
+    again when each stage starts.)"""
+    for stage in ("ps", "dfs"):
+        out = root / stage
+        if not (out / STATE_FILE).exists():
+            if (out / LEGACY_STATE_FILE).exists():
+                raise _legacy_state_error(out / LEGACY_STATE_FILE)
+            continue
+        state = _load_state(out / STATE_FILE)
+        if stage not in config.stages or state["fingerprint"].rpartition(":")[0] != config.fingerprint(stage):
+            raise _config_changed(out)
+
+
+def _record_config(root: Path, config: EvolveConfig) -> None:
+    """Keep the config next to its results (on --resume only after ``_check_resume`` accepted it)."""
+    _atomic_write(root / "config.yml", yaml.safe_dump(config.model_dump(), sort_keys=False).encode())
+
+
+def _config_changed(out: Path) -> FastmergeError:
+    return FastmergeError(f"{out}: the config changed since this run started (only budget, workers, device and "
+                          "out may change on --resume); start a new run in another directory")
+
+
+def _legacy_state_error(file: Path) -> FastmergeError:
+    return FastmergeError(f"{file}: a checkpoint in the old pickle format, which fastmerge no longer loads (loading "
+                          f"a pickle can run code); start the run again in a new directory")
+
+
+# The state file is data: one JSON object, read with json.loads and checked key by key; the
+# optimizer's arrays (and its RNG's key) are little-endian bytes in base64 with a whitelisted dtype,
+# so nothing in the file can name a class or a function to call.
+
+#: the in-memory state's keys, all saved (plus "format", "version"; "cma" is encoded)
+_STATE_KEYS = ("fingerprint", "generation", "trials", "elapsed", "best", "history", "done", "stop_reason", "cma")
+_ARRAY_DTYPES = ("float64", "int64", "uint32", "bool")
+_SCALAR_DTYPES = ("float64", "int64", "bool")
+
+
 def _save_state(file: Path, state: dict) -> None:
-    _atomic_write(file, pickle.dumps({**state, "cma": _cma_dump(state["cma"])}))
+    data = {"format": STATE_FORMAT, "version": STATE_VERSION}
+    data.update({k: state[k] for k in _STATE_KEYS if k != "cma"})
+    data["cma"] = _cma_dump(state["cma"])
+    _atomic_write(file, (json.dumps(data) + "\n").encode())
+
+
+def _json_type(v: Any) -> str:
+    for t, name in ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"),
+                    ((int, float), "a number")):
+        if isinstance(v, t):
+            return name
+    return "null"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_num_or_null(v: Any) -> bool:
+    return v is None or _is_num(v)
+
+
+def _check_keys(file: Path, where: str, d: Any, schema: dict, strict: bool = True) -> None:
+    """``d`` must be an object holding ``schema``'s keys (and, if ``strict``, no others), each passing its check."""
+    if not isinstance(d, dict):
+        raise FastmergeError(f"{file}: {where or 'the file'}: expected an object, got {_json_type(d)}")
+    prefix = f"{where}." if where else ""
+    for key, (check, want) in schema.items():
+        if key not in d:
+            raise FastmergeError(f"{file}: {prefix}{key}: missing")
+        if not check(d[key]):
+            raise FastmergeError(f"{file}: {prefix}{key}: expected {want}, got {_json_type(d[key])}")
+    if strict and (extra := sorted(set(d) - set(schema))):
+        raise FastmergeError(f"{file}: {prefix}{extra[0]}: unknown key")
+
+
+_BEST_SCHEMA = {
+    "generation": (_is_int, "an integer"), "trial": (_is_int, "an integer"),
+    "x": (lambda v: isinstance(v, list) and all(map(_is_num, v)), "an array of numbers"),
+    "decoded": (lambda v: isinstance(v, dict), "an object"), "fitness": (_is_num, "a number"),
+    "metrics": (lambda v: isinstance(v, dict), "an object"),
+}
+_HISTORY_SCHEMA = {"generation": (_is_int, "an integer"), "best": (_is_num_or_null, "a number or null"),
+                   "mean": (_is_num_or_null, "a number or null"),
+                   "best_so_far": (_is_num_or_null, "a number or null")}
+_STATE_SCHEMA = {
+    "format": (lambda v: True, ""),  # both checked first, with their own message
+    "version": (lambda v: True, ""),
+    "fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "generation": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "trials": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "elapsed": (_is_num, "a number"),
+    "best": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+    "history": (lambda v: isinstance(v, list), "an array"),
+    "done": (lambda v: isinstance(v, bool), "a boolean"),
+    "stop_reason": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "cma": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _load_state(file: Path) -> dict:
+    """The state ``_save_state`` wrote, checked; anything else is a one-line FastmergeError naming
+    the file and the key."""
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise FastmergeError(f"{file}: cannot read the evolve state ({e.strerror or e})") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FastmergeError(f"{file}: not an evolve state file (invalid JSON: {reason})") from None
+    if not isinstance(data, dict):
+        raise FastmergeError(f"{file}: not an evolve state file (a JSON value that is {_json_type(data)}, "
+                             "expected an object)")
+    for key, want in (("format", STATE_FORMAT), ("version", STATE_VERSION)):
+        if key not in data:
+            raise FastmergeError(f"{file}: {key}: missing (not an evolve state file of this fastmerge)")
+        if data[key] != want or type(data[key]) is not type(want):
+            raise FastmergeError(f"{file}: {key}: {data[key]!r}, this fastmerge reads {want!r} only")
+    _check_keys(file, "", data, _STATE_SCHEMA)
+    if data["best"] is not None:
+        _check_keys(file, "best", data["best"], _BEST_SCHEMA)
+    for i, h in enumerate(data["history"]):
+        _check_keys(file, f"history[{i}]", h, _HISTORY_SCHEMA)
+    state = {k: data[k] for k in _STATE_KEYS}
+    state["cma"] = _cma_load(file, data["cma"])
+    return state
+
+
+def _enc(v: Any, key: str) -> Any:
+    """One CMA attribute as JSON: Python scalars as they are, numpy scalars and arrays tagged with their dtype."""
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if isinstance(v, np.ndarray) and v.dtype.name in _ARRAY_DTYPES:
+        order = "F" if v.flags.f_contiguous and not v.flags.c_contiguous else "C"
+        data = v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes(order=order)
+        return {"ndarray": v.dtype.name, "shape": list(v.shape), "order": order,
+                "data": base64.b64encode(data).decode("ascii")}
+    if isinstance(v, np.generic) and v.dtype.name in _SCALAR_DTYPES:
+        return {"scalar": v.dtype.name, "value": v.item()}
+    raise TypeError(f"cma.{key}: cannot save a {type(v).__name__} in the evolve state")
+
+
+def _dec(file: Path, where: str, v: Any) -> Any:
+    if v is None or type(v) in (bool, int, float, str):
+        return v
+    if isinstance(v, dict) and set(v) == {"scalar", "value"}:
+        name, value = v["scalar"], v["value"]
+        ok = {"float64": _is_num, "int64": _is_int, "bool": lambda x: isinstance(x, bool)}.get(name)
+        if ok is None or not ok(value):
+            raise FastmergeError(f"{file}: {where}: not a float64, int64 or bool scalar")
+        return np.dtype(name).type(value)
+    if isinstance(v, dict) and set(v) == {"ndarray", "shape", "order", "data"}:
+        name, shape, order = v["ndarray"], v["shape"], v["order"]
+        if name not in _ARRAY_DTYPES or order not in ("C", "F") or not isinstance(v["data"], str) or \
+                not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+            raise FastmergeError(f"{file}: {where}: not a valid array (dtype, shape, order or data)")
+        try:
+            raw = base64.b64decode(v["data"], validate=True)
+        except ValueError:
+            raise FastmergeError(f"{file}: {where}: data: not base64") from None
+        dtype = np.dtype(name)
+        if len(raw) != math.prod(shape) * dtype.itemsize:
+            raise FastmergeError(f"{file}: {where}: data: {len(raw)} bytes, the shape {shape} needs "
+                                 f"{math.prod(shape) * dtype.itemsize}")
+        flat = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
+        return np.array(flat.reshape(shape, order=order), order=order)
+    raise FastmergeError(f"{file}: {where}: expected a number, a string, null or an encoded numpy value, "
+                         f"got {_json_type(v)}")
 
 
 def _cma_dump(cma) -> dict:
-    """The optimizer's exact state. Not ``pickle(cma)``: cmaes's own pickling drops the RNG (a fresh
+    """The optimizer's exact state, as data. Not cmaes's own pickling, which drops the RNG (a fresh
     unseeded one comes back) and stores the covariance as a symmetrized triangle (C is only symmetric
-    to ~1e-16), so a resumed run would ask different genomes than an uninterrupted one."""
-    attrs = {k: v for k, v in cma.__dict__.items() if k != "_rng"}
-    return {"class": type(cma), "attrs": attrs, "rng": cma._rng.get_state()}
+    to ~1e-16), so a resumed run would ask different genomes than an uninterrupted one: every
+    attribute with its exact type and bits, arrays with their memory order, the RNG's full state."""
+    from cmaes import CMA
+
+    if type(cma) is not CMA:
+        raise TypeError(f"cannot save a {type(cma).__name__} optimizer in the evolve state")
+    name, key, pos, has_gauss, cached = cma._rng.get_state()
+    return {"class": "cmaes.CMA", "attrs": {k: _enc(v, k) for k, v in cma.__dict__.items() if k != "_rng"},
+            "rng": {"bit_generator": name, "key": _enc(key, "_rng"), "pos": int(pos), "has_gauss": int(has_gauss),
+                    "cached_gaussian": float(cached)}}
 
 
-def _cma_load(d: dict):
-    cma = d["class"].__new__(d["class"])
-    cma.__dict__.update(d["attrs"])
-    cma._rng = np.random.RandomState()
-    cma._rng.set_state(d["rng"])
+def _cma_load(file: Path, d: dict):
+    """The ``cmaes.CMA`` ``_cma_dump`` described; checked against a fresh one of the same size (the
+    same attributes, arrays of the same dtype and shape) so that a damaged or foreign file fails here,
+    in one line, rather than inside the optimizer."""
+    from cmaes import CMA
+
+    _check_keys(file, "cma", d, {"class": (lambda v: v == "cmaes.CMA", "'cmaes.CMA'"),
+                                 "attrs": (lambda v: isinstance(v, dict), "an object"),
+                                 "rng": (lambda v: isinstance(v, dict), "an object")})
+    attrs = {k: _dec(file, f"cma.attrs.{k}", v) for k, v in d["attrs"].items()}
+    mean, weights = attrs.get("_mean"), attrs.get("_weights")
+    if not (isinstance(mean, np.ndarray) and mean.ndim == 1 and mean.size > 0 and np.all(np.abs(mean) < 1e32)):
+        raise FastmergeError(f"{file}: cma.attrs._mean: missing or not a non-empty vector")
+    if not (isinstance(weights, np.ndarray) and weights.ndim == 1 and weights.size > 0):
+        raise FastmergeError(f"{file}: cma.attrs._weights: missing or not a non-empty vector")
+    n = mean.size
+    fresh = CMA(mean=np.full(n, 0.5), sigma=1.0, bounds=np.tile([0.0, 1.0], (n, 1)), population_size=weights.size)
+    want = {k: v for k, v in fresh.__dict__.items() if k != "_rng"}
+    if missing := sorted(set(want) - set(attrs)):
+        raise FastmergeError(f"{file}: cma.attrs.{missing[0]}: missing (a state from another cmaes version?)")
+    if extra := sorted(set(attrs) - set(want)):
+        raise FastmergeError(f"{file}: cma.attrs.{extra[0]}: unknown (a state from another cmaes version?)")
+    for k, w in want.items():
+        v = attrs[k]
+        if isinstance(w, np.ndarray) or k in ("_D", "_B"):
+            ok = (v is None and k in ("_D", "_B", "_bounds")) or (
+                isinstance(v, np.ndarray) and v.dtype == np.float64
+                and (k in ("_D", "_B") or v.shape == w.shape))
+        elif isinstance(w, (bool, np.bool_)):
+            ok = isinstance(v, (bool, np.bool_))
+        else:
+            ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
+        if not ok:
+            raise FastmergeError(f"{file}: cma.attrs.{k}: not what cmaes.CMA holds there")
+    if attrs["_n_dim"] != n or attrs["_popsize"] != weights.size:
+        raise FastmergeError(f"{file}: cma.attrs._n_dim: does not match the optimizer's arrays")
+    rng = np.random.RandomState()
+    r = d["rng"]
+    _check_keys(file, "cma.rng", r, {
+        "bit_generator": (lambda v: v == "MT19937", "'MT19937'"), "key": (lambda v: isinstance(v, dict), "an array"),
+        "pos": (_is_int, "an integer"), "has_gauss": (_is_int, "an integer"), "cached_gaussian": (_is_num, "a number")})
+    key = _dec(file, "cma.rng.key", r["key"])
+    if not (isinstance(key, np.ndarray) and key.dtype == np.uint32 and key.shape == (624,)):
+        raise FastmergeError(f"{file}: cma.rng.key: expected 624 uint32 words")
+    try:
+        rng.set_state((r["bit_generator"], key, r["pos"], r["has_gauss"], float(r["cached_gaussian"])))
+    except (ValueError, TypeError, OverflowError) as e:
+        raise FastmergeError(f"{file}: cma.rng: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    cma = CMA.__new__(CMA)
+    cma.__dict__.update(attrs)
+    cma._rng = rng
     return cma
 
 

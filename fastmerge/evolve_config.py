@@ -7,6 +7,11 @@ unknown method or metric, an empty range, no budget) is reported before any weig
 Relative paths in the config (models, base model, tokenizer, evaluator data) are resolved against
 the config file's directory, so a config and its models can move together; ``out`` given on the
 command line is relative to the working directory.
+
+A config is code, like a script: ``evaluator`` may name any ``module:function`` (with arguments),
+which ``fastmerge evolve`` imports and calls, so running a config you did not write is like running
+its author's script. Validation checks that a config is well formed, not that it is safe; run only
+configs you wrote or have read.
 """
 
 from __future__ import annotations
