@@ -12,14 +12,41 @@ from .errors import FastmergeError
 
 
 def _size(text: str) -> int:
+    """A positive byte count: ``5G``, ``500M``, ``1.5G``, ``4096`` (K/M/G/T are powers of 1024)."""
     units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
     t = text.strip().upper().rstrip("B")
     try:
         if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
+            n = int(float(t[:-1]) * units[t[-1]])
+        else:
+            n = int(t)
+    except (ValueError, OverflowError):  # OverflowError: "infG"
         raise argparse.ArgumentTypeError(f"expected a size like 5G or 500M, got {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size like 5G or 500M, got {text!r}")
+    return n
+
+
+def _int_at_least(low: int, high: int | None = None, what: str = "an integer"):
+    """An argparse ``type=``: an integer in [low, high] (a bad value is argparse's one-line usage
+    error, exit code 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text, 10)
+        except ValueError:
+            n = None
+        if n is None or n < low or (high is not None and n > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected {what} {bound}, got {text!r}")
+        return n
+
+    return parse
+
+
+_positive = _int_at_least(1)
+_threads = _int_at_least(1, 4096, "a thread count")
+_seed = _int_at_least(0, 2**64 - 1, "a seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backend", default=None, choices=["cpu", "triton"],
                    help="fused C loop or Triton kernel (default: triton on a GPU, cpu otherwise)")
     m.add_argument("--out-shard-size", type=_size, default="5G", help="max bytes per output shard (default 5G)")
-    m.add_argument("--seed", type=int, default=None, help="DARE seed (overrides the recipe's random_seed)")
-    m.add_argument("--threads", type=int, default=None, help="CPU threads for the fused loop (default: all)")
+    m.add_argument("--seed", type=_seed, default=None, help="DARE seed (overrides the recipe's random_seed)")
+    m.add_argument("--threads", type=_threads, default=None, help="CPU threads for the fused loop (default: all)")
     m.add_argument("--force", action="store_true", help="replace an existing output directory")
     m.add_argument("--allow-bin", action="store_true", help="allow pickled .bin inputs (loaded weights_only)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -44,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="path file (JSON: hops [[model, layer, scale], ...], models, head)")
     e.add_argument("out", help="output directory")
     e.add_argument("--models", nargs="+", default=None, help="source model directories (default: the path file's)")
-    e.add_argument("--head", type=int, default=None, help="model giving embeddings, final norm, lm_head")
+    e.add_argument("--head", type=_int_at_least(0), default=None, help="model giving embeddings, final norm, lm_head")
     e.add_argument("--plain", action="store_true",
                    help="write a standard HF model with repeated layers copied (every scale must be 1)")
     e.add_argument("--force", action="store_true", help="replace an existing output directory")
@@ -57,11 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--lang", default=None, help="target language of the answers for acc_lang (e.g. ja)")
     v.add_argument("--template", default=None,
                    help="math prompt template with {question}; \\n is a newline (default: 'Q: {question}\\nA:')")
-    v.add_argument("--limit", type=int, default=None, help="score only the first N items")
-    v.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
-    v.add_argument("--max-new-tokens", type=int, default=128, help="math: tokens generated per answer (default 128)")
+    v.add_argument("--limit", type=_positive, default=None, help="score only the first N items")
+    v.add_argument("--batch-size", type=_positive, default=16, help="prompts per batch (default 16)")
+    v.add_argument("--max-new-tokens", type=_positive, default=128, help="math: tokens generated per answer (default 128)")
     v.add_argument("--tokenizer", default=None, help="take the tokenizer from this directory instead")
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    v.add_argument("--allow-bin", action="store_true", help="allow pickled .bin weights (loaded weights_only)")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -157,6 +185,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     try:
         metrics = evaluate_checkpoint(args.model, _eval_spec(args), device=args.device, tokenizer=args.tokenizer,
+                                      allow_bin=args.allow_bin,
                                       progress=None if args.no_progress else progress)
     finally:
         if bar is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Sequence
@@ -108,10 +109,13 @@ class LayerPath:
 
     @classmethod
     def from_dict(cls, d: dict | Sequence) -> LayerPath:
-        hops = d.get("hops", d.get("path")) if isinstance(d, dict) else d
+        key = "hops" if not isinstance(d, dict) or "hops" in d or "path" not in d else "path"
+        hops = d.get(key) if isinstance(d, dict) else d
         if hops is None:
             raise FastmergeError("layer path: expected a 'hops' list of [model, layer, scale]")
-        return cls(hops)
+        if not isinstance(hops, (list, tuple)):
+            raise FastmergeError(f"{key}: expected a list of [model, layer, scale], got {_json_type(hops)}")
+        return cls([_hop(h, f"{key}[{i}]") for i, h in enumerate(hops)])
 
     def save(self, file: str | Path, models: Sequence[str] | None = None, head: int = 0) -> Path:
         """Write a path file (JSON): the hops and, for ``fastmerge dfs export``, the model paths."""
@@ -123,36 +127,76 @@ class LayerPath:
         return load_path_file(file)[0]
 
 
-def _hop(h: Hop | Sequence | dict) -> Hop:
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "a list", tuple: "a list", str: "a string", bool: "a boolean",
+             int: "an integer", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _hop(h: Hop | Sequence | dict, where: str = "layer path: hop") -> Hop:
+    """One hop from ``[model, layer]``, ``[model, layer, scale]`` or ``{"model", "layer", "scale"}``:
+    model and layer non-negative integers, scale a finite number (JSON booleans and strings are
+    not numbers here). ``where`` names the hop in messages (``hops[3]``)."""
     if isinstance(h, Hop):
         return h
-    try:
-        if isinstance(h, dict):
-            return Hop(int(h["model"]), int(h["layer"]), float(h.get("scale", 1.0)))
-        if len(h) not in (2, 3):
-            raise ValueError
-        return Hop(int(h[0]), int(h[1]), float(h[2]) if len(h) == 3 else 1.0)
-    except (KeyError, TypeError, ValueError):
-        raise FastmergeError(f"layer path: bad hop {h!r} (expected [model, layer, scale])") from None
+    if isinstance(h, dict):
+        unknown = sorted(set(h) - {"model", "layer", "scale"})
+        if unknown:
+            raise FastmergeError(f"{where}: unknown key {unknown[0]!r} (expected model, layer, scale)")
+        for key in ("model", "layer"):
+            if key not in h:
+                raise FastmergeError(f"{where}: missing {key!r}")
+        fields = {key: (f"{where}.{key}", h[key]) for key in ("model", "layer")}
+        fields["scale"] = (f"{where}.scale", h.get("scale", 1.0))
+    elif isinstance(h, (list, tuple)) and len(h) in (2, 3):
+        fields = {key: (f"{where}[{i}] ({key})", v) for i, (key, v) in enumerate(zip(("model", "layer", "scale"), h))}
+        fields.setdefault("scale", ("", 1.0))
+    else:
+        raise FastmergeError(f"{where}: expected [model, layer] or [model, layer, scale], got {h!r}")
+    values = {}
+    for key in ("model", "layer"):
+        name, v = fields[key]
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
+            raise FastmergeError(f"{name}: expected a non-negative integer, got {v!r}")
+        values[key] = int(v)
+    name, v = fields["scale"]
+    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
+        raise FastmergeError(f"{name}: expected a finite number, got {v!r}")
+    return Hop(values["model"], values["layer"], float(v))
 
 
 def load_path_file(file: str | Path) -> tuple[LayerPath, list[str] | None, int]:
     """A path file -> (path, model paths or None, head)."""
     file = Path(file)
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise FastmergeError(f"{file}: no such path file") from None
+    except OSError as e:
+        raise FastmergeError(f"{file}: cannot read the path file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise FastmergeError(f"{file}: not a JSON path file (not UTF-8 at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise FastmergeError(f"{file}: not a JSON path file ({e})") from None
+    except RecursionError:
+        raise FastmergeError(f"{file}: not a JSON path file (nested too deeply)") from None
     if not isinstance(data, dict):
-        raise FastmergeError(f"{file}: expected an object with 'hops' (and 'models', 'head')")
+        raise FastmergeError(f"{file}: expected an object with 'hops' (and 'models', 'head'), got {_json_type(data)}")
+    if "hops" not in data and "path" not in data:
+        raise FastmergeError(f"{file}: missing 'hops' (a list of [model, layer, scale])")
     try:
         path = LayerPath.from_dict(data)
     except FastmergeError as e:
         raise FastmergeError(f"{file}: {e}") from None
     models = data.get("models")
-    return path, ([str(m) for m in models] if models else None), int(data.get("head", 0))
+    if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)):
+        raise FastmergeError(f"{file}: models: expected a list of model directories, got {models!r}")
+    head = data.get("head", 0)
+    if not isinstance(head, int) or isinstance(head, bool) or head < 0:
+        raise FastmergeError(f"{file}: head: expected a non-negative integer (a model index), got {head!r}")
+    if models and head >= len(models):
+        raise FastmergeError(f"{file}: head: {head} is not one of the {len(models)} models")
+    return path, (models or None), head
 
 
 def load_sources(models: Sequence[str | Path], head: int = 0, device: str = "cpu", dtype="auto"):

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import cpu, dtypes
 from .errors import FastmergeError
-from .io import CheckpointReader, OutTensor, ShardedWriter
+from .io import CheckpointReader, OutTensor, ShardedWriter, read_json_object
 from .plan import Plan, TensorPlan, build_plan
 from .recipe import Recipe, dump_recipe, load_recipe
 from .safety import OutputClaim, given_file, protected_inputs
@@ -48,6 +48,10 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
 )
 _DONE = object()
+
+
+class _Stopped(Exception):
+    """The main thread waited on a thread that has failed: that thread's error is raised instead."""
 _KERNEL_CODES = ("F32", "BF16", "F16")
 
 
@@ -175,7 +179,7 @@ class _OutputBuffers:
                 return self.free.get(timeout=0.1)
             except queue.Empty:
                 if stop.is_set():
-                    raise FastmergeError("merge stopped") from None
+                    raise _Stopped from None
 
     def give(self, buf: np.ndarray) -> None:
         self.free.put(buf)
@@ -256,7 +260,11 @@ def merge(
 
 def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: MergeOptions,
              progress: Callable[[Progress], None] | None, runner: DeviceRunner | None = None) -> dict[str, int]:
-    writer = ShardedWriter(tmp, [OutTensor(t.name, t.code, t.shape) for t in plan.tensors], opts.out_shard_size)
+    try:
+        writer = ShardedWriter(tmp, [OutTensor(t.name, t.code, t.shape) for t in plan.tensors], opts.out_shard_size)
+    except OSError as e:  # a full disk while writing the headers or the index
+        where = _final_path(tmp) / Path(e.filename).name if e.filename else _final_path(tmp)
+        raise FastmergeError(f"{where}: cannot write the output: {e.strerror or e}") from None
     stop = threading.Event()
     loaded: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
     merged: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
@@ -320,10 +328,14 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
                 if item is _DONE:
                     return
                 name, tensor, pooled = item
-                writer.write(name, tensor)
+                try:
+                    writer.write(name, tensor)
+                except OSError as e:  # a full disk, an I/O error: say which file and tensor
+                    raise FastmergeError(f"{_shard_path(writer, name, tmp)}: cannot write tensor {name}: "
+                                         f"{e.strerror or e}") from None
                 if pooled is not None:
                     buffers.give(pooled)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
             errors.append(e)
             stop.set()
 
@@ -388,6 +400,8 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
         if not errors:
             put(merged, _DONE)
             writer_t.join()
+    except _Stopped:  # the writer failed while the main thread waited for a buffer: its error follows
+        pass
     finally:
         stop.set()
         reader_t.join(timeout=5)
@@ -400,7 +414,33 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     return nonfinite
 
 
+def _final_path(tmp: Path) -> Path:
+    """The output directory a temporary one becomes (for messages: the temporary one is removed)."""
+    return tmp.parent / tmp.name.split(".fastmerge-tmp")[0].lstrip(".")
+
+
+def _shard_path(writer: ShardedWriter, name: str, tmp: Path) -> Path:
+    fd = writer.location[name][0]
+    return _final_path(tmp) / writer.files[writer._fds.index(fd)]
+
+
 def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointReader], tmp: Path) -> None:
+    """config.json, generation config and tokenizer files, the model card: a full disk (or any
+    failed write) is one line naming the file, and ``merge`` removes the temporary directory."""
+    final = _final_path(tmp)
+
+    def write_text(name: str, text: str) -> None:
+        try:
+            (tmp / name).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise FastmergeError(f"{final / name}: cannot write: {e.strerror or e}") from None
+
+    def copy(src: Path) -> None:
+        try:
+            shutil.copy2(src, tmp / src.name)
+        except OSError as e:
+            raise FastmergeError(f"{final / src.name}: cannot copy from {src}: {e.strerror or e}") from None
+
     config = dict(plan.config)
     float_codes = [t.code for t in plan.tensors if dtypes.is_float(t.code)]
     if float_codes:
@@ -411,29 +451,29 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     if not any(t.name.endswith("lm_head.weight") for t in plan.tensors):  # the embedding is the output projection
         config.setdefault("tie_word_embeddings", True)
     if config:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_text("config.json", json.dumps(config, indent=2) + "\n")
     ref_dir = readers[plan.reference_model].path
     gen = ref_dir / "generation_config.json"
     if gen.exists():
-        shutil.copy2(gen, tmp / gen.name)
+        copy(gen)
     if plan.tokenizer_model:
         tok_dir = Path(plan.tokenizer_model)
         for f in TOKENIZER_FILES:
             if (tok_dir / f).exists():
-                shutil.copy2(tok_dir / f, tmp / f)
+                copy(tok_dir / f)
     if recipe.chat_template:
-        tok_cfg_path = tmp / "tokenizer_config.json"
-        tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+        tok_cfg_path = Path(plan.tokenizer_model or "") / "tokenizer_config.json"  # as copied above
+        tok_cfg = read_json_object(tok_cfg_path, "tokenizer config") if plan.tokenizer_model and tok_cfg_path.exists() else {}
         tok_cfg["chat_template"] = recipe.chat_template
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        (tmp / "chat_template.jinja").write_text(recipe.chat_template)
+        write_text("tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
+        write_text("chat_template.jinja", recipe.chat_template)
     card = (
         "---\nlibrary_name: transformers\ntags:\n- merge\n- fastmerge\n---\n"
-        f"# {tmp.name.split('.fastmerge-tmp')[0].lstrip('.')}\n\n"
+        f"# {final.name}\n\n"
         f"This model was merged with fastmerge using the `{recipe.merge_method}` method.\n\n"
         "## Recipe\n\n```yaml\n" + dump_recipe(recipe) + "```\n"
     )
-    (tmp / "README.md").write_text(card)
+    write_text("README.md", card)
 
 
 def _recipe_models(recipe: Recipe) -> list[str]:

@@ -335,9 +335,14 @@ def load_jsonl(data: str | Path | list[dict]) -> tuple[list[dict], str]:
     if isinstance(data, (str, Path)):
         path = Path(data)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            raw = path.read_bytes()
         except OSError as e:
             raise FastmergeError(f"cannot read evaluation data {path}: {e.strerror or e}") from None
+        try:
+            lines = raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise FastmergeError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         records = []
         for n, line in enumerate(lines, start=1):
             if not line.strip():
@@ -346,6 +351,8 @@ def load_jsonl(data: str | Path | list[dict]) -> tuple[list[dict], str]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise FastmergeError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise FastmergeError(f"{path}:{n}: not valid JSON (nested too deeply)") from None
             if not isinstance(rec, dict):
                 raise FastmergeError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
             records.append({**rec, "_where": f"{path}:{n}"})
@@ -620,17 +627,24 @@ def load_evaluator(spec: dict | str) -> Evaluator:
 
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
-               tokenizer: str | Path | None = None) -> tuple[Any, Any]:
+               tokenizer: str | Path | None = None, allow_bin: bool = False) -> tuple[Any, Any]:
     """(model in eval mode on ``device``, tokenizer) from a local checkpoint directory.
 
     dtype None: float32 on the CPU (bf16 matmuls are slow there), the checkpoint's own on a GPU.
     ``tokenizer``: another directory to take the tokenizer from (a checkpoint saved without one).
+    ``allow_bin``: load pickled ``.bin`` weights (transformers unpickles them weights_only) when the
+    directory has no safetensors; refused otherwise, as ``fastmerge merge`` refuses them.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FastmergeError(f"not a model checkpoint (no config.json): {path}")
+    if not allow_bin and not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("*.bin") if p.name != "training_args.bin")
+        if pickles:
+            raise FastmergeError(f"{path / pickles[0]}: only pickled .bin weights found; pass --allow-bin to "
+                                 "load them (unpickled with weights_only=True)")
     if dtype is None:
         dtype = torch.float32 if str(device).startswith("cpu") else "auto"
     try:
@@ -649,7 +663,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
 
 
 def evaluate_checkpoint(path: str | Path, spec: dict | str, device: str = "cpu", progress: Progress | None = None,
-                        dtype: torch.dtype | str | None = None, tokenizer: str | Path | None = None) -> dict:
+                        dtype: torch.dtype | str | None = None, tokenizer: str | Path | None = None,
+                        allow_bin: bool = False) -> dict:
     """Score a checkpoint on disk (a merge, a DFS export, any HF causal LM) with the evaluator of
     ``spec`` (see :func:`load_evaluator`), exactly as the evolution scores live candidates.
 
@@ -659,5 +674,5 @@ def evaluate_checkpoint(path: str | Path, spec: dict | str, device: str = "cpu",
     evaluator = load_evaluator(spec)
     if progress is not None and isinstance(evaluator, (MathEvaluator, LoglikEvaluator)):
         evaluator.progress = progress
-    model, tok = load_model(path, device=device, dtype=dtype, tokenizer=tokenizer)
+    model, tok = load_model(path, device=device, dtype=dtype, tokenizer=tokenizer, allow_bin=allow_bin)
     return evaluator(model, tok)

@@ -58,8 +58,62 @@ class TensorMeta:
         return n
 
 
+def read_json(path: Path, what: str) -> object:
+    """A JSON file's value, or a one-line error naming the file (missing, unreadable, not UTF-8,
+    not JSON, nested too deeply)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FastmergeError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise FastmergeError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise FastmergeError(f"{path}: {what} is not UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise FastmergeError(f"{path}: {what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise FastmergeError(f"{path}: {what} is nested too deeply") from None
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """``read_json`` of a file that must hold a JSON object (config.json, an index)."""
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise FastmergeError(f"{path}: {what} must be a JSON object, got {_json_type(data)}")
+    return data
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of a ``model.safetensors.index.json``."""
+    index = read_json_object(path, "index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        what = "missing" if "weight_map" not in index else f"a {_json_type(weight_map)}, not an object"
+        raise FastmergeError(f"{path}: weight_map is {what}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise FastmergeError(f"{path}: weight_map[{name!r}] must be a shard file name, got {shard!r}")
+    return weight_map
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _header_int(value: object) -> int | None:
+    """A non-negative JSON integer (not a bool, not 2.0), as serde reads a usize; else None."""
+    return value if type(value) is int and value >= 0 else None
+
+
 def read_header(path: Path) -> dict[str, TensorMeta]:
-    """Parse and validate one safetensors file's header (no tensor bytes are read)."""
+    """Parse and validate one safetensors file's header (no tensor bytes are read), as strictly as
+    the safetensors library: UTF-8 JSON object; ``__metadata__`` a str -> str map; every entry an
+    object with a known ``dtype``, a ``shape`` of non-negative ints and two ``data_offsets`` whose
+    span is exactly the shape's bytes; the tensors tile the data section from 0 with no gap or
+    overlap and end exactly at the end of the file."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -69,35 +123,66 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
             (hlen,) = struct.unpack("<Q", raw)
             if hlen > MAX_HEADER or 8 + hlen > size:
                 raise FastmergeError(f"{path}: corrupt or truncated safetensors header (length {hlen}, file {size} bytes)")
-            header = json.loads(f.read(hlen))
+            text = f.read(hlen).decode("utf-8")
+        header = json.loads(text)
+    except FileNotFoundError:
+        raise FastmergeError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise FastmergeError(f"{path}: file not found") from None
         raise FastmergeError(f"{path}: unreadable safetensors header ({e})") from None
+    except RecursionError:
+        raise FastmergeError(f"{path}: unreadable safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
-        raise FastmergeError(f"{path}: corrupt safetensors header")
-    metas = {}
+        raise FastmergeError(f"{path}: corrupt safetensors header (a JSON {_json_type(header)}, not an object)")
+    meta_map = header.get("__metadata__", {})
+    if not isinstance(meta_map, dict) or not all(isinstance(v, str) for v in meta_map.values()):
+        raise FastmergeError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+    metas: dict[str, TensorMeta] = {}
+    spans: list[tuple[int, int, str]] = []
     data_start = 8 + hlen
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            code = str(info["dtype"])
-            dtypes.CODES[code]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except KeyError as e:
-            if "dtype" in info and info["dtype"] not in dtypes.CODES:
-                raise FastmergeError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}") from None
-            raise FastmergeError(f"{path}: tensor {name} has a corrupt header entry ({e})") from None
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise FastmergeError(f"{where}: corrupt header entry (a JSON {_json_type(info)}, not an object)")
+        for key in ("dtype", "shape", "data_offsets"):
+            if key not in info:
+                raise FastmergeError(f"{where}: corrupt header entry (no {key})")
+        code = info["dtype"]
+        if not isinstance(code, str) or code not in dtypes.CODES:
+            raise FastmergeError(f"{where} has unsupported dtype {code!r}")
+        raw_shape = info["shape"]
+        if not isinstance(raw_shape, list) or any(_header_int(s) is None for s in raw_shape):
+            raise FastmergeError(f"{where}: corrupt header entry (shape {raw_shape!r} is not a list of "
+                                 "non-negative integers)")
+        offsets = info["data_offsets"]
+        if (not isinstance(offsets, list) or len(offsets) != 2 or any(_header_int(x) is None for x in offsets)
+                or offsets[1] < offsets[0]):
+            raise FastmergeError(f"{where}: corrupt header entry (data_offsets {offsets!r} is not "
+                                 "[begin, end] with 0 <= begin <= end)")
+        shape = tuple(raw_shape)
+        begin, end = offsets
         meta = TensorMeta(name, path, code, shape, data_start + begin, end - begin)
-        if meta.nbytes != meta.numel * dtypes.itemsize(code) or begin < 0:
-            raise FastmergeError(f"{path}: tensor {name} has inconsistent offsets for shape {list(shape)}")
+        if meta.nbytes != meta.numel * dtypes.itemsize(code):
+            raise FastmergeError(f"{where} has inconsistent offsets for shape {list(shape)}: {meta.nbytes} bytes, "
+                                 f"the shape needs {meta.numel * dtypes.itemsize(code)}")
         if data_start + end > size:
-            raise FastmergeError(
-                f"{path}: truncated shard: tensor {name} ends at byte {data_start + end}, file has {size}"
-            )
+            raise FastmergeError(f"{path}: truncated shard: tensor {name} ends at byte {data_start + end}, file has {size}")
         metas[name] = meta
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):  # overlaps first: they name both tensors
+        if b1 < e0:
+            raise FastmergeError(f"{path}: tensor {n1}: data_offsets [{b1}, {e1}] overlap tensor {n0}'s [{b0}, {e0}]")
+    pos, last = 0, None
+    for begin, end, name in spans:
+        if begin != pos:
+            raise FastmergeError(f"{path}: tensor {name}: data_offsets [{begin}, {end}] leave a gap of {begin - pos} "
+                                 "bytes (tensors must tile the data section from byte 0)")
+        pos, last = end, name
+    if data_start + pos != size:
+        raise FastmergeError(f"{path}: corrupt safetensors file: {size - data_start - pos} bytes after the last "
+                             f"tensor{f' ({last})' if last else ''}")
     return metas
 
 
@@ -143,10 +228,7 @@ class CheckpointReader:
         index = self.path / INDEX_NAME
         single = self.path / SINGLE_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(regular_file(index, "index").read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise FastmergeError(f"{index}: corrupt index ({e})") from None
+            weight_map = read_index(regular_file(index, "index"))
             headers: dict[str, dict[str, TensorMeta]] = {}
             for name, shard in weight_map.items():
                 if shard not in headers:
@@ -177,10 +259,7 @@ class CheckpointReader:
         cfg = self.path / "config.json"
         if not cfg.exists():
             return {}
-        try:
-            return json.loads(regular_file(cfg, "config").read_text())
-        except json.JSONDecodeError as e:
-            raise FastmergeError(f"{cfg}: invalid JSON ({e})") from None
+        return read_json_object(regular_file(cfg, "config"), "config")
 
     def _load_bin(self) -> None:
         import torch

@@ -282,7 +282,14 @@ class _Builder:
                               t=as_float("t", shared("t"), out_name))
         elif method == "linear":
             weights = tuple(as_float("weight", per_model("weight", s), out_name) for s in srcs)
-            opts = FusedOptions(weights=weights, normalize=bool(shared("normalize")), seed=self.seed)
+            normalize = bool(shared("normalize"))
+            if normalize and abs(sum(weights)) < 1e-8:
+                # mergekit's linear divides by the sum (NaN/Inf out); the fused loop would skip the
+                # division (0 -> 1) and write the plain weighted sum: neither is what was asked
+                listed = ", ".join(f"{s.model}: {w:g}" for s, w in zip(srcs, weights))
+                raise FastmergeError(f"weights sum to 0 with normalize: true for tensor {out_name} ({listed}); "
+                                     "mergekit would divide by zero; set normalize: false or change the weights")
+            opts = FusedOptions(weights=weights, normalize=normalize, seed=self.seed)
             plan = TensorPlan(out_name, shape, dtype, "fused", [src[s.model] for s in srcs], fused=opts)
         else:
             others = [s for s in srcs if s.model != sbase]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import re
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -209,3 +214,387 @@ def test_cli_errors_are_one_line(fam, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "wieght" in err[0]
     assert_clean(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------
+# Every bad input through the CLI: exit code 2, one line naming the file and the tensor or key,
+# nothing at or beside the target, every input byte-identical afterwards.
+# ------------------------------------------------------------------------------------------------
+
+
+def digest(*roots: Path) -> dict[Path, str]:
+    """sha256 of every file under ``roots`` (the inputs must not change)."""
+    out = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")) if Path(root).is_dir() else [Path(root)]:
+            if p.is_file():
+                out[p] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def cli_fails(argv: list[str], capsys, *needles: str) -> str:
+    """``fastmerge ARGV`` returns 2 and prints one line (no traceback) holding every needle."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fastmerge: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def merge_cli_fails(recipe: dict, out: Path, capsys, *needles: str, inputs: tuple[Path, ...] = ()) -> str:
+    """``fastmerge merge`` of ``recipe`` fails with one line; nothing is left; inputs unchanged."""
+    path = out.parent / f"{out.name}-recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    before = digest(path, *inputs)
+    line = cli_fails(["merge", str(path), str(out), "--no-progress"], capsys, *needles)
+    assert_clean(out)
+    assert digest(path, *inputs) == before, "an input changed"
+    return line
+
+
+def rewrite_header(shard: Path, mutate) -> None:
+    """Replace the shard's JSON header by ``mutate(header)`` (a dict, or raw header text); the
+    tensor bytes stay as they were."""
+    data = shard.read_bytes()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + hlen])
+    new = mutate(header)
+    raw = (new if isinstance(new, str) else json.dumps(new)).encode()
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + hlen :])
+
+
+def _entry(edit):
+    """A header mutation of NAME's entry."""
+    def mutate(header):
+        edit(header, header[NAME])
+        return header
+    return mutate
+
+
+def _other(header) -> str:
+    return next(k for k in header if k not in ("__metadata__", NAME))
+
+
+DEEP = 100_000
+BAD_HEADERS = {
+    "entry-not-object": (lambda h: {**h, NAME: [1, 2]}, "not an object"),
+    "entry-string": (lambda h: {**h, NAME: "F32"}, "not an object"),
+    "shape-strings": (_entry(lambda h, e: e.update(shape=[str(s) for s in e["shape"]])), "shape"),
+    "shape-float": (_entry(lambda h, e: e.update(shape=[float(s) for s in e["shape"]])), "shape"),
+    "shape-negative": (_entry(lambda h, e: e.update(shape=[-s for s in e["shape"]])), "shape"),
+    "shape-not-list": (_entry(lambda h, e: e.update(shape=7)), "shape"),
+    "shape-bytes-mismatch": (_entry(lambda h, e: e.update(shape=[e["shape"][0], e["shape"][1] // 2])), "inconsistent"),
+    "one-offset": (_entry(lambda h, e: e.update(data_offsets=e["data_offsets"][1:])), "data_offsets"),
+    "three-offsets": (_entry(lambda h, e: e.update(data_offsets=[*e["data_offsets"], 0])), "data_offsets"),
+    "string-offsets": (_entry(lambda h, e: e.update(data_offsets=[str(x) for x in e["data_offsets"]])), "data_offsets"),
+    "reversed-offsets": (_entry(lambda h, e: e.update(data_offsets=e["data_offsets"][::-1])), "data_offsets"),
+    "overlap": (_entry(lambda h, e: h[_other(h)].update(data_offsets=list(e["data_offsets"]), shape=e["shape"],
+                                                       dtype=e["dtype"])), "overlap tensor"),
+    "out-of-range": (_entry(lambda h, e: e.update(data_offsets=[x + 10**12 for x in e["data_offsets"]])), "ends at byte"),
+    "missing-dtype": (_entry(lambda h, e: e.pop("dtype")), "no dtype"),
+    "unknown-dtype": (_entry(lambda h, e: e.update(dtype="F33")), "unsupported dtype 'F33'"),
+    "dtype-not-string": (_entry(lambda h, e: e.update(dtype=4)), "unsupported dtype 4"),
+    "metadata-not-str": (lambda h: {**h, "__metadata__": {"format": 1}}, "__metadata__"),
+    "metadata-list": (lambda h: {**h, "__metadata__": ["pt"]}, "__metadata__"),
+    "header-list": (lambda h: [h], "not an object"),
+    "deeply-nested": (lambda h: json.dumps({**h, NAME: "@"}).replace('"@"', "[" * DEEP + "]" * DEEP), "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEADERS))
+def test_bad_safetensors_header_is_one_line(fam, tmp_path, capsys, case):
+    base, ft0, ft1 = fam
+    mutate, what = BAD_HEADERS[case]
+    shard = shard_of(ft0, NAME)
+    rewrite_header(shard, mutate)
+    names_tensor = not case.startswith(("header-", "metadata-", "deeply-"))  # else the file-level key
+    needles = [str(shard), what] + ([NAME] if names_tensor else [])
+    merge_cli_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", capsys, *needles, inputs=(base, ft0, ft1))
+
+
+def test_header_gap_and_trailing_bytes(fam, tmp_path, capsys):
+    """The tensors tile the data section exactly (as the safetensors library checks)."""
+    base, ft0, ft1 = fam
+    shard = shard_of(ft0, NAME)
+    shard.write_bytes(shard.read_bytes() + b"\0" * 8)
+    merge_cli_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", capsys, str(shard), "8 bytes after the last tensor",
+                    inputs=(base, ft0, ft1))
+
+
+def _raw_safetensors(path: Path, header, data_len: int, raw: bytes | None = None) -> Path:
+    h = raw if raw is not None else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"\0" * data_len)
+    return path
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+        "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]}}
+HEADER_TABLE = {  # name: (header, data bytes, valid)
+    "good": (GOOD, 32, True),
+    "metadata": ({**GOOD, "__metadata__": {"format": "pt"}}, 32, True),
+    "empty": ({}, 0, True),
+    "zero-size-tensor": ({"z": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+                          "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, 4, True),
+    "extra-entry-key": ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, 4, True),
+    "metadata-int": ({**GOOD, "__metadata__": {"format": 1}}, 32, False),
+    "entry-list": ({"a": [1, 2]}, 0, False),
+    "shape-float": ({"a": {"dtype": "F32", "shape": [2.0, 3], "data_offsets": [0, 24]}}, 24, False),
+    "shape-bool": ({"a": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, 1, False),
+    "one-offset": ({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24]}}, 24, False),
+    "overlap": ({"a": GOOD["a"], "b": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}}, 24, False),
+    "gap": ({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [8, 32]}}, 32, False),
+    "trailing": (GOOD, 40, False),
+    "short": (GOOD, 30, False),
+    "nbytes": ({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}, 20, False),
+    "reversed": ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [4, 0]}}, 4, False),
+    "unknown-dtype": ({"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, 4, False),
+    "list-header": ([1, 2], 0, False),
+}
+
+
+@pytest.mark.parametrize("case", list(HEADER_TABLE) + ["deep", "utf16", "not-utf8"])
+def test_header_validation_agrees_with_safetensors(tmp_path, case):
+    """read_header accepts exactly what the safetensors library accepts (on these cases)."""
+    from safetensors import safe_open
+
+    from fastmerge.io import read_header
+
+    raws = {"deep": b"[" * DEEP + b"]" * DEEP, "utf16": "{}".encode("utf-16"), "not-utf8": b'{"\xff": 1}'}
+    if case in raws:
+        path = _raw_safetensors(tmp_path / "x.safetensors", None, 0, raws[case])
+        valid = False
+    else:
+        header, n, valid = HEADER_TABLE[case]
+        path = _raw_safetensors(tmp_path / "x.safetensors", header, n)
+    try:
+        with safe_open(str(path), "pt") as f:
+            list(f.keys())
+        library_ok = True
+    except Exception:  # noqa: BLE001 - whatever the library raises
+        library_ok = False
+    assert library_ok == valid
+    if valid:
+        read_header(path)
+    else:
+        with pytest.raises(FastmergeError, match=re.escape(str(path))):
+            read_header(path)
+
+
+BAD_JSON = {  # (file, content, needles)
+    "index-list": ("model.safetensors.index.json", b"[]", ["must be a JSON object, got list"]),
+    "index-string": ("model.safetensors.index.json", b'"weights"', ["must be a JSON object, got string"]),
+    "index-invalid": ("model.safetensors.index.json", b'{"weight_map": ', ["not valid JSON"]),
+    "index-not-utf8": ("model.safetensors.index.json", b'{"weight_map": {"\xff": "x"}}', ["not UTF-8"]),
+    "index-deep": ("model.safetensors.index.json", b"[" * DEEP + b"]" * DEEP, ["nested too deeply"]),
+    "weight-map-list": ("model.safetensors.index.json", b'{"weight_map": ["model.safetensors"]}', ["weight_map is a list"]),
+    "weight-map-missing": ("model.safetensors.index.json", b'{"metadata": {}}', ["weight_map is missing"]),
+    "weight-map-value": ("model.safetensors.index.json", json.dumps({"weight_map": {NAME: 3}}).encode(),
+                         ["weight_map", NAME, "got 3"]),
+    "weight-map-null": ("model.safetensors.index.json", json.dumps({"weight_map": {NAME: None}}).encode(),
+                        ["weight_map", NAME]),
+    "config-list": ("config.json", b"[1]", ["config must be a JSON object, got list"]),
+    "config-string": ("config.json", b'"llama"', ["config must be a JSON object, got string"]),
+    "config-invalid": ("config.json", b"{", ["not valid JSON"]),
+    "config-not-utf8": ("config.json", b'{"model_type": "\xfe"}', ["not UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_JSON))
+def test_bad_index_or_config_is_one_line(fam, tmp_path, capsys, case):
+    base, ft0, ft1 = fam
+    name, content, needles = BAD_JSON[case]
+    (ft0 / name).write_bytes(content)
+    merge_cli_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", capsys, str(ft0 / name), *needles,
+                    inputs=(base, ft0, ft1))
+
+
+@pytest.mark.parametrize("victim", ["config.json", "README.md", "generation_config.json"])
+def test_full_disk_writing_metadata(fam, tmp_path, capsys, monkeypatch, victim):
+    """A full disk after the shards (config, model card, copied files): one line naming the file,
+    nothing left; with --force the old output stays as it was."""
+    base, ft0, ft1 = fam
+    assert (base / "generation_config.json").exists()
+    real_write_text, real_copy2 = Path.write_text, shutil.copy2
+
+    def write_text(self, *args, **kwargs):
+        if self.name == victim and ".fastmerge-tmp" in str(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(self, *args, **kwargs)
+
+    def copy2(src, dst, *args, **kwargs):
+        if Path(dst).name == victim:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_copy2(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    out = tmp_path / "out"
+    merge_cli_fails(ta_recipe(base, ft0, ft1), out, capsys, f"{out / victim}: cannot", "No space left on device",
+                    inputs=(base, ft0, ft1))
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    monkeypatch.setattr(shutil, "copy2", real_copy2)
+    fastmerge.merge(ta_recipe(base, ft0, ft1), out)
+    old = digest(out)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(shutil, "copy2", copy2)
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ta_recipe(base, ft0, ft1)))
+    cli_fails(["merge", str(recipe), str(out), "--force", "--no-progress"], capsys, f"{out / victim}: cannot")
+    assert digest(out) == old
+    assert not list(tmp_path.glob(".out.fastmerge-*"))
+
+
+def test_writer_thread_failure_names_the_shard(fam, tmp_path, capsys, monkeypatch):
+    """A failed write on the writer thread (torch route: tensors made by torch ops) surfaces as
+    its own error naming the shard and tensor, not as a generic stop."""
+    base, ft0, ft1 = fam
+    from fastmerge import engine, io
+
+    calls = {"n": 0}
+
+    def disk_full(self, name, tensor):
+        calls["n"] += 1
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(engine, "_raw_ok", lambda task, readers: False)  # every result via the writer thread
+    monkeypatch.setattr(io.ShardedWriter, "write", disk_full)
+    out = tmp_path / "out"
+    line = merge_cli_fails(ta_recipe(base, ft0, ft1), out, capsys, f"{out / 'model.safetensors'}: cannot write tensor",
+                           "No space left on device", inputs=(base, ft0, ft1))
+    assert "stopped" not in line
+    assert calls["n"] >= 1
+
+
+def test_eval_data_not_utf8(fam, tmp_path, capsys):
+    base = fam[0]
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    before = digest(data, base)
+    cli_fails(["eval", str(base), "--task", "loglik", "--data", str(data), "--no-progress"], capsys,
+              f"{data}:2: not UTF-8")
+    assert digest(data, base) == before
+
+
+def test_eval_refuses_pickled_weights(fam, tmp_path, capsys):
+    base, ft0, ft1 = fam
+    binmodel = tmp_path / "binmodel"
+    binmodel.mkdir()
+    shutil.copy(ft1 / "config.json", binmodel / "config.json")
+    state = {}
+    for f in ft1.glob("*.safetensors"):
+        state.update(load_file(f))
+    torch.save(state, binmodel / "pytorch_model.bin")
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello world"}\n')
+    before = digest(binmodel, data)
+    cli_fails(["eval", str(binmodel), "--task", "loglik", "--data", str(data), "--no-progress"], capsys,
+              str(binmodel / "pytorch_model.bin"), "--allow-bin")
+    assert digest(binmodel, data) == before
+    from fastmerge.evaluate import load_model
+
+    with pytest.raises(FastmergeError, match="cannot load tokenizer"):  # past the pickle check: it loads
+        load_model(binmodel, allow_bin=True)
+
+
+BAD_PATHS = {  # path file content -> needles (besides the file)
+    "list": ([[0, 0]], ["expected an object"]),
+    "no-hops": ({"models": ["a"]}, ["missing 'hops'"]),
+    "hops-string": ({"hops": "0,0"}, ["hops: expected a list"]),
+    "negative-layer": ({"hops": [[0, 0], [1, -1]]}, ["hops[1][1] (layer)", "-1"]),
+    "float-layer": ({"hops": [[0, 1.5]]}, ["hops[0][1] (layer)"]),
+    "bool-model": ({"hops": [[True, 0]]}, ["hops[0][0] (model)"]),
+    "string-scale": ({"hops": [[0, 0, "big"]]}, ["hops[0][2] (scale)", "'big'"]),
+    "null-scale": ({"hops": [[0, 0, None]]}, ["hops[0][2] (scale)"]),
+    "short-hop": ({"hops": [[0]]}, ["hops[0]: expected [model, layer]"]),
+    "hop-missing-key": ({"hops": [{"model": 0}]}, ["hops[0]: missing 'layer'"]),
+    "hop-unknown-key": ({"hops": [{"model": 0, "layer": 0, "sclae": 1}]}, ["hops[0]: unknown key 'sclae'"]),
+    "dict-negative-model": ({"hops": [{"model": -2, "layer": 0}]}, ["hops[0].model"]),
+    "head-string": ({"hops": [[0, 0]], "head": "0"}, ["head: expected a non-negative integer"]),
+    "head-negative": ({"hops": [[0, 0]], "head": -1}, ["head: expected a non-negative integer"]),
+    "head-beyond": ({"hops": [[0, 0]], "head": 2, "models": ["a", "b"]}, ["head: 2 is not one of the 2 models"]),
+    "models-string": ({"hops": [[0, 0]], "models": "a"}, ["models: expected a list"]),
+    "models-ints": ({"hops": [[0, 0]], "models": [1, 2]}, ["models: expected a list"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PATHS) + ["invalid-json", "not-utf8"])
+def test_bad_dfs_path_file(fam, tmp_path, capsys, case):
+    base, _, ft1 = fam
+    file = tmp_path / "path.json"
+    if case == "invalid-json":
+        file.write_text('{"hops": [[0, 0]')
+        needles = ["not a JSON path file"]
+    elif case == "not-utf8":
+        file.write_bytes(b'{"hops": [[0, 0]], "models": ["\xff"]}')
+        needles = ["not UTF-8"]
+    else:
+        content, needles = BAD_PATHS[case]
+        file.write_text(json.dumps(content))
+    out = tmp_path / "out"
+    before = digest(file)
+    cli_fails(["dfs", "export", str(file), str(out), "--models", str(base), str(ft1)], capsys, f"{file}: ", *needles)
+    assert not out.exists()
+    assert digest(file) == before
+
+
+BAD_OPTIONS = [
+    ["merge", "R", "OUT", "--threads", "-1"],
+    ["merge", "R", "OUT", "--threads", "0"],
+    ["merge", "R", "OUT", "--threads", "two"],
+    ["merge", "R", "OUT", "--threads", "100000000000"],
+    ["merge", "R", "OUT", "--out-shard-size", "0"],
+    ["merge", "R", "OUT", "--out-shard-size", "-1"],
+    ["merge", "R", "OUT", "--out-shard-size", "lots"],
+    ["merge", "R", "OUT", "--out-shard-size", "infG"],
+    ["merge", "R", "OUT", "--seed", "-1"],
+    ["merge", "R", "OUT", "--seed", "x"],
+    ["merge", "R", "OUT", "--seed", str(2**64)],
+    ["dfs", "export", "P", "OUT", "--head", "-1"],
+    ["eval", "M", "--task", "math", "--limit", "0"],
+    ["eval", "M", "--task", "math", "--batch-size", "0"],
+    ["eval", "M", "--task", "math", "--max-new-tokens", "-3"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_OPTIONS, ids=lambda a: " ".join(a[-2:]))
+def test_invalid_numeric_options(tmp_path, capsys, argv):
+    """argparse's usage error: exit 2, the last line names the option and the value."""
+    out = tmp_path / "out"
+    argv = [str(out) if a == "OUT" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert f"argument {argv[-2]}: expected" in last and repr(argv[-1]) in last
+    assert not out.exists()
+
+
+def test_valid_numeric_options_parse():
+    from fastmerge.cli import build_parser
+
+    args = build_parser().parse_args(["merge", "r", "o", "--threads", "3", "--out-shard-size", "1.5G", "--seed", "0"])
+    assert (args.threads, args.out_shard_size, args.seed) == (3, int(1.5 * 1024**3), 0)
+
+
+def test_linear_weights_summing_to_zero_with_normalize(fam, tmp_path, capsys):
+    """mergekit's linear divides by the weights' sum: 0 with normalize is refused, naming the
+    tensor; normalize: false merges the plain weighted sum."""
+    base, ft0, ft1 = fam
+    recipe = {"merge_method": "linear",
+              "models": [{"model": str(ft0), "parameters": {"weight": 1.0}},
+                         {"model": str(ft1), "parameters": {"weight": -1.0}}]}
+    merge_cli_fails(recipe, tmp_path / "out", capsys, "weights sum to 0 with normalize: true for tensor",
+                    "model.embed_tokens.weight", "normalize: false", inputs=(ft0, ft1))
+    recipe["parameters"] = {"normalize": False}
+    fastmerge.merge(recipe, tmp_path / "out")
+    got = load_file(shard_of(tmp_path / "out", NAME))[NAME] if (tmp_path / "out" / "model.safetensors.index.json").exists() \
+        else load_file(tmp_path / "out" / "model.safetensors")[NAME]
+    want = load_file(shard_of(ft0, NAME))[NAME] - load_file(shard_of(ft1, NAME))[NAME]
+    torch.testing.assert_close(got, want)
