@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from .errors import FastmergeError
@@ -147,7 +150,8 @@ def _dfs_export(args: argparse.Namespace) -> int:
         raise FastmergeError(f"{args.path}: names no models; pass --models DIR [DIR ...]")
     head = head if args.head is None else args.head
     sources, tokenizer = load_sources(models, head=head)
-    out = export(sources, path, args.out, head=head, plain=args.plain, tokenizer=tokenizer, force=args.force)
+    out = export(sources, path, args.out, head=head, plain=args.plain, tokenizer=tokenizer, force=args.force,
+                 protect=[*models, ("the path file", args.path)])
     kind = "plain HF model" if args.plain else f"path model ({len(path.unique_layers())} unique layers)"
     print(f"wrote {out}: {kind}, {len(path)} hops over {len(models)} models")
     return 0
@@ -239,26 +243,62 @@ def _evolve(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, Slurm and Kubernetes send), raised like Ctrl-C in the main thread so
+    the same clean-up runs (temporaries removed, the output lock dropped)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises ``_Terminated`` in the main thread for the block (once: a second SIGTERM while
+    cleaning up is ignored, SIGKILL still ends the process); the old handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
     try:
-        if args.command == "merge":
-            return _merge(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "dfs" and args.dfs_command == "export":
-            return _dfs_export(args)
-        if args.command == "evolve":
-            return _evolve(args)
+        with _sigterm_as_interrupt():
+            return _run(args)
     except FastmergeError as e:
         print(f"fastmerge: error: {e}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("fastmerge: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("fastmerge: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "merge":
+        return _merge(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "dfs" and args.dfs_command == "export":
+        return _dfs_export(args)
+    if args.command == "evolve":
+        return _evolve(args)
     return 1
+
+
 
 
 def entry() -> None:

@@ -31,6 +31,7 @@ holding ``trials.jsonl``, ``state.json``, ``space.json``, ``fitness.png`` and th
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,7 @@ import yaml
 
 from .errors import FastmergeError
 from .evolve_config import Budget, EvolveConfig, _is_hub_id
+from .safety import OutputClaim, given_file, protected_inputs
 from .space import DFSSpace, PSSpace
 
 #: the run state file of a stage (JSON: data only, never code) and its format; version 1 was ``state.pkl``
@@ -125,6 +127,7 @@ def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, ma
     running that person's script. Only run configs you wrote or have read. (The run's saved state
     is data, not code: ``resume`` loads it without unpickling anything.)
     """
+    source = given_file(config)
     if not isinstance(config, EvolveConfig):
         config = EvolveConfig.from_yaml(config, out=out)
     else:
@@ -132,7 +135,13 @@ def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, ma
             config = config.model_copy(update={"out": str(Path(out).resolve())})
         config.check()
     root = Path(config.out)
-    _claim_out_dir(root, config, resume)
+    with _claim_out_dir(root, config, resume, source):
+        return _evolve_claimed(root, config, resume, materialize, progress)
+
+
+def _evolve_claimed(root: Path, config: EvolveConfig, resume: bool, materialize: bool,
+                    progress: ProgressFn | None) -> EvolveResult:
+    """``evolve`` once its output directory is claimed."""
     recorded = config
     config = _localize(config)
     if resume:
@@ -162,13 +171,23 @@ def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, ma
     return result
 
 
-def _claim_out_dir(root: Path, config: EvolveConfig, resume: bool) -> None:
-    """Refuse to mix a new run into an old one."""
-    used = [root / s / f for s in ("ps", "dfs") for f in ("trials.jsonl", STATE_FILE, LEGACY_STATE_FILE)]
-    if not resume and any(p.exists() for p in used):
-        raise FastmergeError(f"{root}: already holds an evolve run; pass --resume to continue it, "
-                             "or choose another output directory")
-    root.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def _claim_out_dir(root: Path, config: EvolveConfig, resume: bool, source: Path | None = None) -> Iterator[None]:
+    """Hold the output directory for the run (``safety.OutputClaim``: locked, a second run to it
+    fails at once); refuse one that is, holds or lies inside an input model, or holds the config
+    file, the evaluator's data or the working directory; refuse to mix a new run into an old one."""
+    models: list[str] = []
+    config.with_model_paths(lambda p: models.append(p) or p)
+    files = [("the config file", source)]
+    if isinstance(config.evaluator, dict) and isinstance(config.evaluator.get("data"), str):
+        files.append(("the evaluator's data", config.evaluator["data"]))
+    with OutputClaim(root, protected=protected_inputs(models, files), label="evolve output", staged=False):
+        used = [root / s / f for s in ("ps", "dfs") for f in ("trials.jsonl", STATE_FILE, LEGACY_STATE_FILE)]
+        if not resume and any(p.exists() for p in used):
+            raise FastmergeError(f"{root}: already holds an evolve run; pass --resume to continue it, "
+                                 "or choose another output directory")
+        root.mkdir(parents=True, exist_ok=True)
+        yield
 
 
 def _localize(config: EvolveConfig) -> EvolveConfig:
