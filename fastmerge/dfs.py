@@ -114,7 +114,7 @@ class LayerPath:
         if hops is None:
             raise FastmergeError("layer path: expected a 'hops' list of [model, layer, scale]")
         if not isinstance(hops, (list, tuple)):
-            raise FastmergeError(f"{key}: expected a list of [model, layer, scale], got {_json_type(hops)}")
+            raise FastmergeError(f"layer path: {key}: expected a list of [model, layer, scale], got {_json_type(hops)}")
         return cls([_hop(h, f"{key}[{i}]") for i, h in enumerate(hops)])
 
     def save(self, file: str | Path, models: Sequence[str] | None = None, head: int = 0) -> Path:
@@ -133,36 +133,39 @@ def _json_type(value: object) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _hop(h: Hop | Sequence | dict, where: str = "layer path: hop") -> Hop:
+def _hop(h: Hop | Sequence | dict, where: str | None = None) -> Hop:
     """One hop from ``[model, layer]``, ``[model, layer, scale]`` or ``{"model", "layer", "scale"}``:
     model and layer non-negative integers, scale a finite number (JSON booleans and strings are
     not numbers here). ``where`` names the hop in messages (``hops[3]``)."""
     if isinstance(h, Hop):
         return h
+    shown = repr(h) if len(repr(h)) <= 80 else repr(h)[:77] + "..."
+    where = f"layer path: bad hop {where + ' ' if where else ''}{shown}"
     if isinstance(h, dict):
-        unknown = sorted(set(h) - {"model", "layer", "scale"})
+        unknown = sorted(set(h) - {"model", "layer", "scale"}, key=str)
         if unknown:
             raise FastmergeError(f"{where}: unknown key {unknown[0]!r} (expected model, layer, scale)")
         for key in ("model", "layer"):
             if key not in h:
                 raise FastmergeError(f"{where}: missing {key!r}")
-        fields = {key: (f"{where}.{key}", h[key]) for key in ("model", "layer")}
-        fields["scale"] = (f"{where}.scale", h.get("scale", 1.0))
+        fields = {"model": h["model"], "layer": h["layer"], "scale": h.get("scale", 1.0)}
     elif isinstance(h, (list, tuple)) and len(h) in (2, 3):
-        fields = {key: (f"{where}[{i}] ({key})", v) for i, (key, v) in enumerate(zip(("model", "layer", "scale"), h))}
-        fields.setdefault("scale", ("", 1.0))
+        fields = dict(zip(("model", "layer", "scale"), h))
+        fields.setdefault("scale", 1.0)
     else:
-        raise FastmergeError(f"{where}: expected [model, layer] or [model, layer, scale], got {h!r}")
-    values = {}
+        raise FastmergeError(f"{where}: expected [model, layer] or [model, layer, scale]")
     for key in ("model", "layer"):
-        name, v = fields[key]
-        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
-            raise FastmergeError(f"{name}: expected a non-negative integer, got {v!r}")
-        values[key] = int(v)
-    name, v = fields["scale"]
-    if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
-        raise FastmergeError(f"{name}: expected a finite number, got {v!r}")
-    return Hop(values["model"], values["layer"], float(v))
+        v = fields[key]
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+            raise FastmergeError(f"{where}: {key} {v!r} is not an integer")
+        if v < 0:
+            raise FastmergeError(f"{where}: {key} {v!r} is negative")
+    v = fields["scale"]
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        raise FastmergeError(f"{where}: scale {v!r} is not a number")
+    if not math.isfinite(v):
+        raise FastmergeError(f"{where}: scale {v!r} is non-finite")
+    return Hop(int(fields["model"]), int(fields["layer"]), float(v))
 
 
 def load_path_file(file: str | Path) -> tuple[LayerPath, list[str] | None, int]:
