@@ -143,15 +143,19 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _dfs_export(args: argparse.Namespace) -> int:
     from .dfs import export, load_path_file, load_sources
+    from .safety import OutputClaim, protected_inputs
 
     path, models, head = load_path_file(args.path)
     models = args.models or models
     if not models:
         raise FastmergeError(f"{args.path}: names no models; pass --models DIR [DIR ...]")
     head = head if args.head is None else args.head
+    protect = [*models, ("the path file", args.path)]
+    # the output rules, before minutes of loading (``export`` checks again, and under its lock)
+    OutputClaim(args.out, args.force, protected_inputs(models, protect[-1:])).check()
     sources, tokenizer = load_sources(models, head=head)
     out = export(sources, path, args.out, head=head, plain=args.plain, tokenizer=tokenizer, force=args.force,
-                 protect=[*models, ("the path file", args.path)])
+                 protect=protect)
     kind = "plain HF model" if args.plain else f"path model ({len(path.unique_layers())} unique layers)"
     print(f"wrote {out}: {kind}, {len(path)} hops over {len(models)} models")
     return 0
@@ -297,8 +301,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "evolve":
         return _evolve(args)
     return 1
-
-
 
 
 def entry() -> None:
