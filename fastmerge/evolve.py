@@ -644,6 +644,8 @@ def _save_state(file: Path, state: dict) -> None:
 
 
 def _json_type(v: Any) -> str:
+    if _is_int(v) and abs(v) >= 2**63:
+        return "a number out of range"
     for t, name in ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"),
                     ((int, float), "a number")):
         if isinstance(v, t):
@@ -656,7 +658,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A JSON number that is also a float (an integer beyond float range is not)."""
+    return isinstance(v, float) or (_is_int(v) and abs(v) < 2**63)
 
 
 def _is_num_or_null(v: Any) -> bool:
@@ -753,7 +756,10 @@ def _dec(file: Path, where: str, v: Any) -> Any:
         ok = {"float64": _is_num, "int64": _is_int, "bool": lambda x: isinstance(x, bool)}.get(name)
         if ok is None or not ok(value):
             raise FastmergeError(f"{file}: {where}: not a float64, int64 or bool scalar")
-        return np.dtype(name).type(value)
+        try:
+            return np.dtype(name).type(value)
+        except OverflowError:
+            raise FastmergeError(f"{file}: {where}: {value} does not fit a {name}") from None
     if isinstance(v, dict) and set(v) == {"ndarray", "shape", "order", "data"}:
         name, shape, order = v["ndarray"], v["shape"], v["order"]
         if name not in _ARRAY_DTYPES or order not in ("C", "F") or not isinstance(v["data"], str) or \
@@ -801,8 +807,8 @@ def _cma_load(file: Path, d: dict):
     mean, weights = attrs.get("_mean"), attrs.get("_weights")
     if not (isinstance(mean, np.ndarray) and mean.ndim == 1 and mean.size > 0 and np.all(np.abs(mean) < 1e32)):
         raise FastmergeError(f"{file}: cma.attrs._mean: missing or not a non-empty vector")
-    if not (isinstance(weights, np.ndarray) and weights.ndim == 1 and weights.size > 0):
-        raise FastmergeError(f"{file}: cma.attrs._weights: missing or not a non-empty vector")
+    if not (isinstance(weights, np.ndarray) and weights.ndim == 1 and weights.size >= 2):
+        raise FastmergeError(f"{file}: cma.attrs._weights: missing or not a vector of at least 2 weights")
     n = mean.size
     fresh = CMA(mean=np.full(n, 0.5), sigma=1.0, bounds=np.tile([0.0, 1.0], (n, 1)), population_size=weights.size)
     want = {k: v for k, v in fresh.__dict__.items() if k != "_rng"}

@@ -251,6 +251,7 @@ BAD_STATES = [
     ("version as text", _set("version", "2"), "version: '2'"),
     ("no trials", _set("trials", DELETE), "trials: missing"),
     ("trials as text", _set("trials", "4"), "trials: expected an integer >= 0, got a string"),
+    ("elapsed too large", _set("elapsed", 10**400), "elapsed: expected a number, got a number out of range"),
     ("unknown key", _set("extra", 1), "extra: unknown key"),
     ("best not an object", _set("best", [1]), "best: expected an object or null"),
     ("best without x", _set("best.x", DELETE), "best.x: missing"),
@@ -268,6 +269,12 @@ BAD_STATES = [
      "cma.rng.key: expected 624 uint32 words"),
     ("rng name", _set("cma.rng.bit_generator", "PCG64"), "cma.rng.bit_generator: expected 'MT19937'"),
     ("rng pos", _set("cma.rng.pos", None), "cma.rng.pos: expected an integer"),
+    ("rng pos too large", _set("cma.rng.pos", 2**80), "cma.rng:"),
+    ("int64 overflow", _set("cma.attrs._sigma", {"scalar": "int64", "value": 2**70}), "cma.attrs._sigma: 1180591620717411303424 does not fit"),
+    ("float64 overflow", _set("cma.attrs._sigma", {"scalar": "float64", "value": 10**400}), "cma.attrs._sigma:"),
+    ("one weight", _set("cma.attrs._weights", lambda e: {**e, "shape": [1], "data": base64.b64encode(b"\0" * 8).decode()}),
+     "cma.attrs._weights: missing or not a vector of at least 2"),
+    ("huge genome claimed", _set("cma.attrs._n_dim", 10**9), "cma.attrs._n_dim: does not match"),
 ]
 
 
