@@ -174,6 +174,9 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
         raise FastmergeError("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model")
     if tokenizer_model not in readers and not Path(tokenizer_model).is_dir():
         raise FastmergeError(f"tokenizer_source: {tokenizer_model}: directory not found")
+    zero_sum = builder.zero_sum_warning()
+    if zero_sum:
+        builder.warnings.append(zero_sum)
     return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings)
 
 
@@ -206,6 +209,20 @@ class _Builder:
         self.readers = readers
         self.seed = seed
         self.warnings: list[str] = []
+        self.zero_sum: list[tuple[str, str]] = []  # linear tensors whose weights sum to 0 with normalize
+
+    def zero_sum_warning(self) -> str | None:
+        """One line for every linear tensor whose weights sum to 0 under normalize. mergekit divides
+        by the sum there (NaN/Inf out); fastmerge's rule (DESIGN.md section 3: 0 -> 1) writes the plain
+        weighted sum. A warning, not an error: the evolutionary search can reach such weights (genes
+        clipped to the range's ends), and the recipe it writes must rebuild the model it scored."""
+        if not self.zero_sum:
+            return None
+        name, listed = self.zero_sum[0]
+        more = f" and {len(self.zero_sum) - 1} more tensors" if len(self.zero_sum) > 1 else ""
+        return (f"weights sum to 0 with normalize: true for tensor {name} ({listed}){more}; mergekit would divide "
+                "by zero (NaN/Inf), fastmerge skips the division there and writes the plain weighted sum; "
+                "set normalize: false to say so, or change the weights")
 
     def reference(self, sl) -> str:
         srcs, _, sbase = sl
@@ -283,12 +300,8 @@ class _Builder:
         elif method == "linear":
             weights = tuple(as_float("weight", per_model("weight", s), out_name) for s in srcs)
             normalize = bool(shared("normalize"))
-            if normalize and abs(sum(weights)) < 1e-8:
-                # mergekit's linear divides by the sum (NaN/Inf out); the fused loop would skip the
-                # division (0 -> 1) and write the plain weighted sum: neither is what was asked
-                listed = ", ".join(f"{s.model}: {w:g}" for s, w in zip(srcs, weights))
-                raise FastmergeError(f"weights sum to 0 with normalize: true for tensor {out_name} ({listed}); "
-                                     "mergekit would divide by zero; set normalize: false or change the weights")
+            if normalize and abs(sum(weights)) < 1e-8:  # the fused loop's own test
+                self.zero_sum.append((out_name, ", ".join(f"{s.model}: {w:g}" for s, w in zip(srcs, weights))))
             opts = FusedOptions(weights=weights, normalize=normalize, seed=self.seed)
             plan = TensorPlan(out_name, shape, dtype, "fused", [src[s.model] for s in srcs], fused=opts)
         else:
