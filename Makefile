@@ -1,19 +1,24 @@
 # The two commands of the README: `make demo` (the main job on its bundled default) and
 # `make test` (install, lint, tests). Both install what they need; torch comes first, pinned to
-# the CPU build this machine kind carries, so no CUDA wheels are pulled.
+# the CPU build this machine kind carries, so no CUDA wheels are pulled. Every install is
+# constrained to the releases CI last passed with (constraints.txt); `make test-latest` resolves
+# the newest releases instead, in a venv of its own, and says which releases moved.
 PY ?= python3
 PIP = $(PY) -m pip
 TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
+# the oldest transformers the DFS executor and evaluators are tested on (pyproject's lower bound)
+TRANSFORMERS_OLDEST ?= transformers==5.4.0
 
-.PHONY: install install-test demo demo-quick merge-demo test lint bench clean
+.PHONY: install install-test demo demo-quick merge-demo test test-latest test-oldest constraints lint bench clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e .
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[evolve]"
 
 install-test:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test]"
 
 # the paper's experiment in miniature: trains tiny models (cached), evolves PS / PS+DFS / DFS merges,
 # scores everything on held-out problems, writes examples/toy_world/RESULTS.md
@@ -28,14 +33,39 @@ merge-demo: install
 	$(PY) examples/tiny_merge/run.py
 
 lint: install-test
-	$(PY) -m ruff check fastmerge kernels tests bench examples
+	$(PY) -m ruff check fastmerge kernels tests bench examples .ci
 
 test: install-test lint
 	$(PY) -m pytest -q
 
+# What a new user gets: the newest releases pyproject admits (torch stays $(TORCH)), in a fresh venv.
+# The drift report comes first, so a failure names what moved since constraints.txt.
+test-latest:
+	rm -rf .venv-latest && $(PY) -m venv .venv-latest
+	.venv-latest/bin/pip install -q "$(TORCH)"
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	.venv-latest/bin/python .ci/drift.py $(CONSTRAINTS)
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider \
+	  || { echo "make test-latest: the newest releases fail where $(CONSTRAINTS) passes; the drift above says what moved"; exit 1; }
+
+# The oldest transformers supported, on the tests that use transformers' model and cache API.
+test-oldest:
+	rm -rf .venv-oldest && $(PY) -m venv .venv-oldest
+	grep -vE '^(transformers|tokenizers|huggingface.hub)==' $(CONSTRAINTS) > .venv-oldest/constraints.txt
+	.venv-oldest/bin/pip install -q "$(TORCH)"
+	.venv-oldest/bin/pip install -q -c .venv-oldest/constraints.txt -e ".[test]" "$(TRANSFORMERS_OLDEST)"
+	.venv-oldest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/test_dfs.py tests/test_evaluate.py \
+	  tests/test_merger.py tests/test_evolve.py
+
+# After a green `make test-latest`: record its releases as the new tested set.
+constraints:
+	{ sed -n '/^#/p' $(CONSTRAINTS); .venv-latest/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
 bench: install
-	$(PIP) install -q -e ".[bench]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[bench]"
 	$(PY) bench/compare_mergekit.py
 
 clean:
-	rm -rf build *.egg-info .pytest_cache
+	rm -rf build *.egg-info .pytest_cache .venv-latest .venv-oldest

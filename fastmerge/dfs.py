@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -524,7 +525,8 @@ def _scale_hook(scale: float):
 def export(models: Sequence[nn.Module], path: LayerPath | Sequence, out: str | Path, head: int = 0,
            plain: bool = False, tokenizer=None, force: bool = False,
            protect: Sequence[str | Path | tuple[str, str | Path]] = ()) -> Path:
-    """Save a path model as a checkpoint.
+    """Save a path model as a checkpoint, with ``tokenizer`` or else the head model's tokenizer files
+    (copied from the directory it was loaded from, where there is one).
 
     Default: the unique layers used plus the hops in a ``fastmerge_path`` config; it loads with
     ``PathModel.from_pretrained`` or, once fastmerge is imported, ``AutoModelForCausalLM``.
@@ -562,8 +564,19 @@ def export(models: Sequence[nn.Module], path: LayerPath | Sequence, out: str | P
         model.save_pretrained(claim.tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(claim.tmp)
+        else:  # the head's own tokenizer files, where it was loaded from a local directory
+            _copy_tokenizer_files(getattr(models[head].config, "_name_or_path", None), claim.tmp)
         claim.commit()
     return out
+
+
+def _copy_tokenizer_files(source: str | None, out: Path) -> None:
+    from .engine import TOKENIZER_FILES
+
+    if source and Path(source).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, out / name)
 
 
 AutoConfig.register(FastmergePathConfig.model_type, FastmergePathConfig, exist_ok=True)
