@@ -134,7 +134,8 @@ def _signals_deferred() -> Iterator[None]:
     caught: list[int] = []
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        old[sig] = signal.signal(sig, lambda s, f: caught.append(s))
+        if signal.getsignal(sig) is not None:  # None: a handler Python did not install; leave it be
+            old[sig] = signal.signal(sig, lambda s, f: caught.append(s))
     try:
         yield
     finally:
@@ -273,12 +274,17 @@ class OutputClaim:
                 continue
             path = parent / entry
             kind, pid = m.groups()
-            if kind == "old" and not os.path.lexists(parent / self.name):
-                os.rename(path, parent / self.name)
-                warnings.warn(f"{self.out}: put back the previous output, which an interrupted fastmerge run "
-                              f"(pid {pid}) had moved aside to {entry}", stacklevel=3)
+            try:
+                if kind == "old" and not os.path.lexists(parent / self.name):
+                    os.rename(path, parent / self.name)
+                    warnings.warn(f"{self.out}: put back the previous output, which an interrupted fastmerge run "
+                                  f"(pid {pid}) had moved aside to {entry}", stacklevel=3)
+                    continue
+                remove_path(path)
+            except OSError as e:  # not ours to remove (another user's), or the disk fails: say so, go on
+                warnings.warn(f"{self.out}: cannot remove {entry}, a temporary left by an interrupted fastmerge "
+                              f"run (pid {pid}): {e.strerror or e}", stacklevel=3)
                 continue
-            remove_path(path)
             warnings.warn(f"{self.out}: removed {entry}, a temporary left by an interrupted fastmerge run "
                           f"(pid {pid})", stacklevel=3)
 
