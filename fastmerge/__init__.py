@@ -35,7 +35,7 @@ _EXPORTS = {
 }
 __all__ = ["merge", "load_recipe", "MergeOptions", "MergeResult", "Progress", "Recipe", "FastmergeError", "Merger",
            "Genome", "evolve", "EvolveConfig", "EvolveResult"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the distribution's version too (pyproject.toml reads it from here)
 
 
 def __getattr__(name: str):

@@ -52,8 +52,34 @@ _threads = _int_at_least(1, 4096, "a thread count")
 _seed = _int_at_least(0, 2**64 - 1, "a seed")
 
 
+def version() -> str:
+    """The installed distribution's version; ``fastmerge.__version__`` when run from a source tree
+    that is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("fastmerge")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+class _Version(argparse.Action):
+    """``--version``: looks the version up only when asked (no metadata scan on every start-up)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"fastmerge {version()}")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastmerge", description="Fast, mergekit-compatible LLM checkpoint merging.")
+    p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="merge checkpoints per a mergekit-style YAML recipe")
     m.add_argument("recipe", help="recipe YAML (mergekit schema)")

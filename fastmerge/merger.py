@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import cpu
+from ._optional import require
 from .engine import compute, open_models
 from .errors import FastmergeError
 from .plan import Plan, TensorPlan, build_plan
@@ -82,6 +83,8 @@ class Merger:
             raise FastmergeError(f"backend: expected 'cpu' or 'triton', got {self.backend!r}")
         if self.backend == "cpu" and self.device.type != "cpu":
             raise FastmergeError("the cpu backend merges CPU tensors; use backend='triton' on a GPU")
+        if self.backend == "triton":
+            require("triton", "the Triton backend")  # before the sources are loaded
         self.threads = threads
         self._readers = open_models(self.recipe, allow_bin)
         self.plan = build_plan(self.recipe, self._readers)
