@@ -489,3 +489,23 @@ def test_check_target_compares_real_paths(tmp_path):
             safety.check_target(bad, prot)
     safety.check_target(tmp_path / "elsewhere", prot)
     safety.check_target(tmp_path / "m2", prot)  # a name that only starts like the model's
+
+
+def test_signals_wait_for_the_commit_renames():
+    """SIGTERM/Ctrl-C during the commit act once its renames are done, never between them."""
+    order = []
+
+    def handler(signum, frame):
+        order.append("handler")
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with safety._signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                order.append("renames done")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert order == ["renames done", "handler"]
