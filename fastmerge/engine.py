@@ -265,6 +265,8 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     except OSError as e:  # a full disk while writing the headers or the index
         where = _final_path(tmp) / Path(e.filename).name if e.filename else _final_path(tmp)
         raise FastmergeError(f"{where}: cannot write the output: {e.strerror or e}") from None
+    except FastmergeError as e:  # no room for a shard: name it where the user will look for it
+        raise FastmergeError(str(e).replace(str(tmp), str(_final_path(tmp)))) from None
     stop = threading.Event()
     loaded: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
     merged: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))

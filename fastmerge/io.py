@@ -438,29 +438,33 @@ class ShardedWriter:
         self._populate = True
         self.total_bytes = 0
         weight_map = {}
-        for fname, group in zip(self.files, groups):
-            header: dict = {"__metadata__": metadata or {"format": "pt"}}
-            off = 0
-            for t in group:
-                header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
-                off += t.nbytes
-                weight_map[t.name] = fname
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)
-            fd = os.open(directory / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            start = 8 + len(raw)
-            _reserve(fd, start + off, directory / fname)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
-            os.ftruncate(fd, start + off)
-            self._sizes[fd] = start + off
-            for t in group:
-                self.location[t.name] = (fd, start + header[t.name]["data_offsets"][0], t.nbytes)
-            self.total_bytes += start + off
-        if n > 1:
-            total = sum(t.nbytes for t in tensors)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        try:  # a full disk (no room to reserve, to write a header or the index): no fd left open
+            for fname, group in zip(self.files, groups):
+                header: dict = {"__metadata__": metadata or {"format": "pt"}}
+                off = 0
+                for t in group:
+                    header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+                    off += t.nbytes
+                    weight_map[t.name] = fname
+                raw = json.dumps(header, separators=(",", ":")).encode()
+                raw += b" " * (-len(raw) % 8)
+                fd = os.open(directory / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                start = 8 + len(raw)
+                _reserve(fd, start + off, directory / fname)
+                os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+                os.ftruncate(fd, start + off)
+                self._sizes[fd] = start + off
+                for t in group:
+                    self.location[t.name] = (fd, start + header[t.name]["data_offsets"][0], t.nbytes)
+                self.total_bytes += start + off
+            if n > 1:
+                total = sum(t.nbytes for t in tensors)
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                (directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
         """Write a tensor (or a numpy array of its bytes) at its place in its shard."""

@@ -55,6 +55,19 @@ def merge_fails(recipe: dict, out: Path, match: str) -> None:
     assert_clean(out)
 
 
+def open_files_under(root: Path) -> list[str]:
+    """Files under ``root`` this process still has open (Linux /proc; [] elsewhere)."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir() if Path("/proc/self/fd").is_dir() else []:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(root)):
+            found.append(target)
+    return found
+
+
 def assert_clean(out: Path) -> None:
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.fastmerge-*")), "temporary directory left behind"
@@ -163,7 +176,8 @@ def test_full_disk_is_an_error_before_the_merge(fam, tmp_path, monkeypatch):
     from fastmerge import io
 
     monkeypatch.setattr(io, "_fallocate", lambda fd, size: errno.ENOSPC)
-    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", r"model\.safetensors: cannot reserve .* No space left")
+    merge_fails(ta_recipe(base, ft0, ft1), tmp_path / "out", rf"{tmp_path / 'out'}/model\.safetensors: cannot reserve .* No space left")
+    assert not open_files_under(tmp_path), "the shard's descriptor was left open (its blocks stay allocated)"
     monkeypatch.setattr(io, "_fallocate", lambda fd, size: errno.EOPNOTSUPP)  # a filesystem without it: fine
     fastmerge.merge(ta_recipe(base, ft0, ft1), tmp_path / "out")
 
@@ -613,3 +627,60 @@ def test_linear_weights_summing_to_zero_with_normalize(fam, tmp_path, capsys):
         warnings.simplefilter("error")
         fastmerge.merge(recipe, tmp_path / "out2")
     torch.testing.assert_close(tensor(tmp_path / "out2"), want)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that many bytes at one directory (root only; skipped where
+    mounting is not allowed); unmounted afterwards."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)  # lazy: even with a descriptor still open
+
+
+def test_real_full_disk_at_each_step(fam, tmp_path, capsys, tiny_tmpfs):
+    """A real full filesystem (no monkeypatch): room for the shard but not for config.json, the
+    generation config, the model card. Each is one line naming the file in the output directory,
+    and the filesystem is left empty."""
+    base, ft0, ft1 = fam
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    ref = tmp_path / "ref"
+    fastmerge.merge(ta_recipe(base, ft0, ft1), ref)
+    assert sorted(p.name for p in ref.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors"], "the tiny family is one shard"
+    page = 4096
+    pages = -(-(ref / "model.safetensors").stat().st_size // page)
+    seen = []
+    for extra in range(0, 6):
+        fs = tiny_tmpfs((pages + extra) * page)
+        out = fs / "out"
+        recipe = tmp_path / "r.yml"
+        recipe.write_text(yaml.safe_dump(ta_recipe(base, ft0, ft1)))
+        capsys.readouterr()
+        rc = main(["merge", str(recipe), str(out), "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        if rc == 0:
+            break
+        assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert "No space left on device" in err and f"{out}/" in err, err
+        assert not list(fs.iterdir()), "something left on the full filesystem"
+        assert not open_files_under(fs), "a descriptor left open on the full filesystem"
+        seen.append(err.split(f"{out}/")[1].split(":")[0])
+    else:
+        pytest.fail("never enough room")
+    assert {"config.json", "README.md"} <= set(seen), seen
