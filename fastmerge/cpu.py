@@ -5,6 +5,23 @@ Why C and not torch.compile: Inductor (torch 2.13, CPU) miscompiles the uint32 P
 element. A 200-line C file built once per machine with the system compiler (cached under
 ``$FASTMERGE_CACHE`` or ``~/.cache/fastmerge``) streams base + K sources and writes the output
 once, with OpenMP threads. It follows ``fastmerge.reference`` operation by operation.
+
+The loop is built lazily, by the first call that merges with it (``available()``, the only caller
+of the compiler): slerp, passthrough and GPU merges never run it. Where it cannot be built or
+loaded (no C compiler; one without OpenMP, such as Apple's clang; one without ``_Float16``, such as
+gcc < 12 on x86-64; any other failed build or load) every function here falls back to a numpy
+path, after a one-line notice (a UserWarning, once per process) saying what failed and how to fix
+it; a failed build is not retried in the same process. ``FASTMERGE_NO_C=1`` forces the numpy path:
+no build, no notice. ``library()`` still raises for callers that need the C loop itself (benches).
+
+The numpy path does the C loop's fp32 operations in its order (same Philox stream, same exact
+TIES threshold, same sign election, same round-to-nearest-even casts, same NaN/Inf counts), so it
+writes the same bytes for every method and dtype, with one caveat: the "l1" rescale (dare_ties,
+dare_linear) adds its two double sums in another order (the C loop's own order depends on its
+thread count), so in rare cases (a sum within ~1e-13, relative, of an fp32 rounding boundary) a
+tensor's fp32 scale, and then its values, differ by one ulp. It works on the same raw pointers (no
+torch), in pieces of ``NP_PIECE`` elements on a few threads; on a 150M-parameter bf16 model with 2
+cores a merge took 2x (task_arithmetic), 5x (ties) and 7x (dare_ties) the C loop's time.
 """
 
 from __future__ import annotations
@@ -12,12 +29,14 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,8 +55,13 @@ _SOURCE = Path(__file__).with_name("csrc") / "fused.c"
 _CODES = {"F32": 0, "BF16": 1, "F16": 2}  # the dtypes the C loop reads and writes
 _SPARSIFY = {"none": 0, "random": 1, "magnitude": 2}
 _CONSENSUS = {"none": 0, "sum": 1, "count": 2}
+#: set (to anything but 0 or empty) to skip the C loop: the numpy path, no build, no notice
+NO_C_ENV = "FASTMERGE_NO_C"
+BUILD_TIMEOUT = 600  # seconds
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_failure: str | None = None  # why the C loop is unavailable, once known (a failed build is not retried)
+_noticed = False  # the one-line notice has been given
 
 
 class _Params(ctypes.Structure):
@@ -83,42 +107,131 @@ def _cpu_fingerprint() -> str:
         return ""
 
 
-def library() -> ctypes.CDLL:
-    """Build (once per machine and source version) and load the fused C library."""
-    global _lib
-    with _lock:
-        if _lib is not None:
-            return _lib
-        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-        if cc is None:
-            raise FastmergeError("the fused CPU path needs a C compiler (gcc); install gcc or set CC")
-        source = _SOURCE.read_bytes()
-        key = hashlib.sha256(source + _cpu_fingerprint().encode() + cc.encode()).hexdigest()[:16]
-        target = _cache_dir() / f"fused-{key}.so"
-        if not target.exists():
+class _Unavailable(Exception):
+    """Why the C loop cannot be built or loaded: one line, saying how to fix it."""
+
+
+def _disabled() -> bool:
+    """``FASTMERGE_NO_C`` set (to anything but 0 or empty): the numpy path, without building."""
+    return os.environ.get(NO_C_ENV, "").strip() not in ("", "0")
+
+
+def _compiler() -> list[str]:
+    """The compiler command: ``$CC`` (which may carry words, e.g. ``ccache gcc``), else gcc, else cc."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        argv = shlex.split(cc)
+        found = shutil.which(argv[0])
+        if found is None:
+            raise _Unavailable(f"the C compiler {cc!r} from CC was not found: set CC to an installed compiler "
+                               "such as gcc, or unset it")
+        return [found, *argv[1:]]
+    found = shutil.which("gcc") or shutil.which("cc")
+    if found is None:
+        raise _Unavailable("no C compiler found: install gcc or set CC")
+    return [found]
+
+
+def _build_failure(cc: str, stderr: str) -> str:
+    """The reason a build failed, in one line, with the likely fix."""
+    low = stderr.lower()
+    if "openmp" in low or "omp.h" in low or "gomp" in low or "-lomp" in low:
+        return f"{cc} has no OpenMP (-fopenmp): install gcc, or libomp for clang, and set CC to it"
+    if "_float16" in low:
+        return f"{cc} has no _Float16 (gcc 12+ or clang 15+ needed on x86-64): set CC to a newer compiler"
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "no message")
+    return f"building fused.c with {cc} failed: {first[:200]}; set CC to a working gcc"
+
+
+def _build() -> ctypes.CDLL:
+    """Build (once per machine, compiler and source version) and load the library, or say why not."""
+    cc = _compiler()
+    name = os.path.basename(cc[0])
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + _cpu_fingerprint().encode() + " ".join(cc).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"fused-{key}.so"
+    if not target.exists():
+        try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / "fused.so"
-                cmd = [cc, "-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared",
+                cmd = [*cc, "-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared",
                        str(_SOURCE), "-o", str(built), "-lm"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise FastmergeError(f"building the fused CPU path failed: {' '.join(cmd)}\n{proc.stderr}")
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    raise _Unavailable(f"{name} did not finish building fused.c in {BUILD_TIMEOUT} s") from None
+                if proc.returncode != 0 or not built.exists():
+                    raise _Unavailable(_build_failure(name, proc.stderr or proc.stdout or ""))
                 os.replace(built, target)
-        # Our OpenMP runtime must not spin-wait between the many short parallel regions: the
-        # reader and writer threads need those cycles (spinning made small tensors 25x slower).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        except OSError as e:
+            raise _Unavailable(f"cannot build in {target.parent} ({e.strerror or e}): "
+                               "set FASTMERGE_CACHE to a writable directory") from None
+    # Our OpenMP runtime must not spin-wait between the many short parallel regions: the
+    # reader and writer threads need those cycles (spinning made small tensors 25x slower).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
         lib = ctypes.CDLL(str(target))
         lib.fm_merge.argtypes = [ctypes.POINTER(_Params)]
-        lib.fm_sums.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double)]
+        lib.fm_sums.argtypes = [ctypes.POINTER(_Params), ctypes.POINTER(ctypes.c_double),
+                                ctypes.POINTER(ctypes.c_double)]
         lib.fm_abs_hist.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         lib.fm_abs_keys.argtypes = [ctypes.POINTER(_Params), ctypes.c_void_p]
         lib.fm_select.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
         lib.fm_select.restype = ctypes.c_int64
         lib.fm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
         lib.fm_count_nonfinite.restype = ctypes.c_int64
-        _lib = lib
-        return lib
+    except (OSError, AttributeError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise _Unavailable(f"loading the built {target} failed ({first}): remove it, and check that "
+                           f"{name}'s OpenMP runtime is installed") from None
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The fused C library, built and loaded on the first call; raises ``FastmergeError`` saying why
+    when it is unavailable or disabled (``available()`` is the call that falls back instead)."""
+    global _lib, _failure
+    if _disabled():
+        raise FastmergeError(f"the fused C loop is disabled ({NO_C_ENV} is set)")
+    with _lock:
+        if _lib is None and _failure is None:
+            try:
+                _lib = _build()
+            except _Unavailable as e:
+                _failure = str(e)
+        if _lib is None:
+            raise FastmergeError(f"the fused C loop is unavailable: {_failure}")
+        return _lib
+
+
+def available() -> bool:
+    """Whether the fused C loop serves this process. The first call builds it (the only place the
+    compiler runs, so only routes that merge with the loop ever run it); False when
+    ``FASTMERGE_NO_C`` is set, or when it cannot be built or loaded, then with a one-line notice
+    (once per process) of what failed and how to fix it."""
+    global _noticed
+    if _disabled():
+        return False
+    if _lib is not None:
+        return True
+    try:
+        library()
+        return True
+    except FastmergeError:
+        with _lock:
+            first, _noticed = not _noticed, True
+        if first:
+            warnings.warn(f"fastmerge: fused C loop unavailable ({_failure}); using the slower numpy path "
+                          f"(set {NO_C_ENV}=1 to skip the build and this notice)", stacklevel=3)
+        return False
+
+
+def _loaded() -> ctypes.CDLL | None:
+    """The library if it is already loaded and not disabled; never builds."""
+    lib = _lib
+    return lib if lib is not None and not _disabled() else None
 
 
 @dataclass(frozen=True)
@@ -140,12 +253,13 @@ def count_nonfinite(t: torch.Tensor) -> int:
     if not t.is_floating_point():
         return 0
     code = _code(t.dtype)
-    if code not in _CODES:
+    lib = _loaded()  # never builds: slerp and passthrough merges count their inputs too
+    if code not in _CODES or lib is None:
         import torch
 
         return int((~torch.isfinite(t)).sum())
     t = t.contiguous()
-    return int(library().fm_count_nonfinite(t.data_ptr(), _CODES[code], t.numel()))
+    return int(lib.fm_count_nonfinite(t.data_ptr(), _CODES[code], t.numel()))
 
 
 def default_threads() -> int:
@@ -282,6 +396,8 @@ def thresholds(base: Flat | None, xs: list[Flat], densities: tuple[float, ...], 
     for i, x in enumerate(xs):
         p.x[i] = x.ptr
         p.dtype_x[i] = _CODES[x.code]
+    if not available():
+        return _np_thresholds(base, xs, ms, threads)
     if n <= SMALL_SELECT:
         return _small_thresholds(p, ms)
     return _radix_thresholds(p, ms)
@@ -337,8 +453,11 @@ def merge_into(
         raise FastmergeError(f"{name}: the fused CPU path merges 1..{MAXK} models, got {len(xs)}")
     if out.code not in _CODES:
         raise FastmergeError(f"{name}: output dtype {dtypes.torch_name(out.code)} is not supported by the fused path")
-    lib = library()
     threads = threads or default_threads()
+    if not available():
+        _np_merge(base, xs, opts, name, out, threads, piece_elements, nonfinite)
+        return
+    lib = library()
     n = xs[0].n
 
     p = _Params()
@@ -407,3 +526,267 @@ def merge_into(
         lib.fm_merge(ctypes.byref(p))
     if nonfinite is not None:
         nonfinite[:] = list(counts[: opts.k + 1])
+
+
+# --- the numpy path: the C loop's operations, in its order, where the loop is unavailable -----------
+
+NP_PIECE = 1 << 15  # elements per merge piece: its ~20 fp32 temporaries per model stay in the cache
+NP_HIST_PIECE = 1 << 20  # elements per threshold piece: each adds a 1 MB histogram
+_NP_DTYPES = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}  # bf16 as its bits
+_F32 = np.float32
+_EXP = np.uint32(0x7F800000)
+
+
+def _np_array(f: Flat, s: int, e: int) -> np.ndarray:
+    """Elements [s, e) of a Flat as a numpy array over its memory (bf16 as uint16 bits)."""
+    dtype = _NP_DTYPES[f.code]
+    if e <= s:
+        return np.empty(0, dtype=dtype)
+    return np.frombuffer((ctypes.c_char * ((e - s) * dtypes.itemsize(f.code))).from_address(f.at(s)), dtype=dtype)
+
+
+def _np_load(f: Flat, s: int, e: int) -> np.ndarray:
+    """Elements [s, e) upcast to fp32 (load_block): a view for fp32, exact for bf16 and fp16."""
+    a = _np_array(f, s, e)
+    if f.code == "BF16":
+        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return a if f.code == "F32" else a.astype(np.float32)
+
+
+def _np_store(f: Flat, s: int, e: int, v: np.ndarray) -> None:
+    """One cast on store (store_block): round to nearest even, NaN -> 0x7FC0 for bf16."""
+    a = _np_array(f, s, e)
+    if f.code == "BF16":
+        u = v.view(np.uint32)
+        r = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+        a[:] = np.where((u & np.uint32(0x7FFFFFFF)) > _EXP, np.uint16(0x7FC0), r)
+    else:
+        a[:] = v.astype(a.dtype)
+
+
+def _np_nonfinite(v: np.ndarray) -> int:
+    return v.size - int(np.count_nonzero(np.isfinite(v)))
+
+
+def _np_philox(seed: int, j: int, cnt: int) -> list[np.ndarray]:
+    """The four uniforms of Philox4x32-10 at counters j..j+cnt-1 (philox_block), fp32."""
+    a, b, shift, low = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), np.uint64(32), np.uint64(0xFFFFFFFF)
+    c0 = np.arange(j, j + cnt, dtype=np.uint64)
+    c1, c2, c3 = np.zeros(cnt, np.uint64), np.zeros(cnt, np.uint64), np.zeros(cnt, np.uint64)
+    pa, pb = np.empty(cnt, np.uint64), np.empty(cnt, np.uint64)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(rng.PHILOX_ROUNDS):
+        np.multiply(c2, b, out=pb)
+        np.multiply(c0, a, out=pa)
+        np.right_shift(pb, shift, out=c0)
+        c0 ^= c1
+        c0 ^= np.uint64(k0)
+        np.right_shift(pa, shift, out=c2)
+        c2 ^= c3
+        c2 ^= np.uint64(k1)
+        np.bitwise_and(pb, low, out=c1)
+        np.bitwise_and(pa, low, out=c3)
+        k0 = (k0 + rng.PHILOX_KEY_A) & 0xFFFFFFFF
+        k1 = (k1 + rng.PHILOX_KEY_B) & 0xFFFFFFFF
+    out = []
+    for c in (c0, c1, c2, c3):
+        x = c.astype(np.uint32).view(np.int32)
+        x ^= x >> np.int32(31)  # x < 0 -> ~x
+        u = x.astype(np.float32)
+        u *= _F32(rng.UNIFORM_SCALE)
+        out.append(u)
+    return out
+
+
+def _np_map(fn, items: list, threads: int) -> list:
+    """fn over items, in order; on a few threads (numpy releases the GIL in its loops)."""
+    def quiet(item):  # inf * 0 and the like are values here, as in C, not warnings
+        with np.errstate(all="ignore"):
+            return fn(item)
+
+    if threads <= 1 or len(items) <= 1:
+        return [quiet(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(quiet, items))
+
+
+def _np_ranges(n: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _np_keys(base: Flat | None, x: Flat, s: int, e: int) -> np.ndarray:
+    """Bits of |x - base| as fp32 for [s, e): non-negative, so they order as the values do."""
+    d = _np_load(x, s, e)
+    if base is not None:
+        d = d - _np_load(base, s, e)
+    return d.view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+
+def _np_select(hist: np.ndarray, rank: int) -> tuple[int, int]:
+    """``_select`` in numpy: (bin, rank within the bin) of the rank-th largest element."""
+    above = np.cumsum(hist[::-1])
+    i = int(np.searchsorted(above, rank))
+    if i >= hist.size:
+        raise ValueError(f"rank {rank} beyond the histogram's {int(hist.sum())} elements")
+    return hist.size - 1 - i, rank - (int(above[i - 1]) if i else 0)
+
+
+def _np_thresholds(base: Flat | None, xs: list[Flat], ms: list[int], threads: int | None = None) -> list[float]:
+    """``thresholds`` in numpy: the same exact m-th largest key (a partial sort for small tensors,
+    the same two-level radix select by pieces for others)."""
+    n = xs[0].n
+    taus = [float("inf")] * len(xs)
+    todo = [i for i, m in enumerate(ms) if m]
+    if n <= SMALL_SELECT:
+        for i in todo:
+            keys = _np_keys(base, xs[i], 0, n)
+            taus[i] = _key_value(int(np.partition(keys, n - ms[i])[n - ms[i]]))
+        return taus
+    pieces = _np_ranges(n, NP_HIST_PIECE)
+    threads = threads or default_threads()
+
+    def level0(r: tuple[int, int]) -> list[np.ndarray]:
+        out = []
+        for i in todo:
+            k = _np_keys(base, xs[i], *r)
+            out.append(np.bincount(((k >> np.uint32(16)) << np.uint32(1)) | ((k & np.uint32(0xFFFF)) != 0),
+                                   minlength=BINS0))
+        return out
+
+    hist0 = [sum(h) for h in zip(*_np_map(level0, pieces, threads))]
+    second = []  # (model, top 16 bits, rank among that bin's keys with nonzero low bits)
+    for i, h in zip(todo, hist0):
+        sub, rank = _np_select(h, ms[i])
+        if sub & 1:
+            second.append((i, sub >> 1, rank))
+        else:  # every key in the bin is exactly top << 16
+            taus[i] = _key_value((sub >> 1) << 16)
+    if second:
+        def level1(r: tuple[int, int]) -> list[np.ndarray]:
+            out = []
+            for i, top, _ in second:
+                k = _np_keys(base, xs[i], *r)
+                low = k[((k >> np.uint32(16)) == top) & ((k & np.uint32(0xFFFF)) != 0)] & np.uint32(0xFFFF)
+                out.append(np.bincount(low, minlength=65536))
+            return out
+
+        hist1 = [sum(h) for h in zip(*_np_map(level1, pieces, threads))]
+        for (i, top, rank), h in zip(second, hist1):
+            low, _ = _np_select(h, rank)
+            taus[i] = _key_value((top << 16) | low)
+    return taus
+
+
+def _np_merge(base: Flat | None, xs: list[Flat], opts: FusedOptions, name: str, out: Flat, threads: int,
+              piece_elements: int | None, nonfinite: list[int] | None) -> None:
+    """``merge_into`` without the C loop: fm_sums and fm_merge in numpy, operation by operation in
+    the same order and in fp32, over pieces of at most ``NP_PIECE`` elements (threaded)."""
+    k, n = opts.k, xs[0].n
+    weights = [_F32(w) for w in opts.weights]
+    dens = [_F32(d) for d in opts.densities]
+    scales = [_F32(1.0)] * k
+    taus = [_F32(0.0)] * k
+    if opts.sparsify == "magnitude":
+        taus = [_F32(t) for t in _np_thresholds(base, xs, [keep_count(d, n) for d in opts.densities], threads)]
+    step = min(piece_elements or NP_PIECE, NP_PIECE)
+    work = []  # (start, end, index within its chunk, the chunk's Philox keys)
+    for c, (cs, ce) in enumerate(rng.chunks(n)):
+        cname = rng.chunk_name(name, c, n)
+        seeds = [rng.group_seed(opts.seed, cname, g) for g in range((k + 3) // 4)] if opts.sparsify == "random" else []
+        work += [(s, min(ce, s + step), s - cs, seeds) for s in range(cs, ce, step)]
+    l1 = opts.sparsify != "none" and opts.rescale == "l1"
+    # the l1 rescale's pass keeps the DARE masks as bits (bit m for model m), so the merge pass
+    # does not draw Philox again (as the C loop's keepbits)
+    bits = np.empty(n, np.uint8 if k <= 8 else np.uint16 if k <= 16 else np.uint32) if l1 and opts.sparsify == "random" else None
+
+    def inputs(item, counts: list[int] | None):
+        """base (zeros without one), the deltas, the keep masks (None: all kept)."""
+        s, e, j, seeds = item
+        b = _np_load(base, s, e) if base is not None else np.zeros(e - s, np.float32)
+        if counts is not None and base is not None:
+            counts[0] += _np_nonfinite(b)
+        ds = []
+        for m, x in enumerate(xs):
+            v = _np_load(x, s, e)
+            if counts is not None:
+                counts[1 + m] += _np_nonfinite(v)
+            ds.append(v - b)
+        if opts.sparsify == "random" and bits is not None and counts is not None:  # drawn by the l1 pass
+            keep = [(bits[s:e] >> m) & 1 != 0 for m in range(k)]
+        elif opts.sparsify == "random":
+            keep = []
+            for g, seed in enumerate(seeds):
+                us = _np_philox(seed, j, e - s)
+                keep += [u < dens[4 * g + lane] for lane, u in enumerate(us) if 4 * g + lane < k]
+            if bits is not None:
+                packed = np.zeros(e - s, bits.dtype)
+                for m, kp in enumerate(keep):
+                    packed |= kp.astype(bits.dtype) << bits.dtype.type(m)
+                bits[s:e] = packed
+        elif opts.sparsify == "magnitude":
+            keep = [np.abs(d) >= t for d, t in zip(ds, taus)]
+        else:
+            keep = None
+        return b, ds, keep
+
+    if opts.sparsify != "none" and opts.rescale == "inverse":
+        scales = [_F32(inverse_scale(d)) for d in opts.densities]
+    elif l1:
+        def sums(item) -> list[tuple[float, float]]:
+            _, ds, keep = inputs(item, None)
+            out = []
+            for d, kp in zip(ds, keep):
+                a = np.abs(d).astype(np.float64)
+                out.append((float(a.sum()), float((a * kp).sum())))  # a * 0 is NaN for inf, as in C
+            return out
+
+        per_piece = _np_map(sums, work, threads)
+        for m in range(k):
+            scales[m] = _F32(l1_scale(sum(p[m][0] for p in per_piece), sum(p[m][1] for p in per_piece)))
+    lam = _F32(opts.lambda_)
+    zero, one = _F32(0.0), _F32(1.0)
+
+    def merge(item) -> list[int]:
+        s, e = item[0], item[1]
+        counts = [0] * (k + 1)
+        b, ds, keep = inputs(item, counts)
+        sgn = np.zeros(e - s, np.float32)
+        vs = []
+        for m, d in enumerate(ds):
+            v = d * scales[m]
+            v *= weights[m]
+            if keep is not None:
+                v = np.where(keep[m], v, zero)
+            vs.append(v)
+            if opts.consensus == "sum":
+                sgn += v
+            elif opts.consensus == "count":
+                sgn += (v > zero).astype(np.float32) - (v < zero).astype(np.float32)
+        mixed = np.zeros(e - s, np.float32)
+        if opts.consensus == "none":
+            div = zero
+            for v, w in zip(vs, weights):
+                mixed += v
+                div = _F32(div + w)
+            div = one if abs(div) < _F32(1e-8) else div
+        else:
+            sigma = np.where(sgn >= zero, one, _F32(-1.0))
+            div = np.zeros(e - s, np.float32)
+            for v, w in zip(vs, weights):
+                agree = (v * sigma) > zero
+                # mixed + (agree ? v : 0), as in C: mixed never holds -0, so mixed + 0 == mixed
+                np.add(mixed, v, out=mixed, where=agree)
+                np.add(div, w, out=div, where=agree)
+            div[div == zero] = one
+        if opts.normalize:
+            mixed /= div
+        if lam != one:
+            mixed *= lam
+        _np_store(out, s, e, b + mixed)
+        return counts
+
+    counts = _np_map(merge, work, threads)
+    if nonfinite is not None:
+        nonfinite[:] = [sum(c[m] for c in counts) for m in range(k + 1)]

@@ -242,7 +242,8 @@ def merge(
     plan = build_plan(recipe, readers, seed=opts.seed)
     for w in plan.warnings:
         warnings.warn(w, stacklevel=2)
-    cpu.library()  # build the fused loop before any output exists
+    if backend == "cpu" and any(t.op == "fused" for t in plan.tensors):
+        cpu.available()  # build the fused loop, or fall back to numpy with a notice, before any output exists
     start = time.perf_counter()
     try:
         with claim:  # the target locked, stale temporaries removed, ``claim.tmp`` made; left: removed

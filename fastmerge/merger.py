@@ -68,8 +68,10 @@ Candidate = Recipe | dict | str | Path | Genome | Callable[[TensorPlan], FusedOp
 class Merger:
     """Load a recipe's sources once; merge candidates into ``self.module`` in place.
 
-    ``backend``: "cpu" (the fused C loop) or "triton" (the fused kernel; CUDA tensors, or CPU
-    tensors under ``TRITON_INTERPRET=1``). ``device`` is where sources and the module live.
+    ``backend``: "cpu" (the fused C loop, built on the first merge; where it cannot be built, or
+    with ``FASTMERGE_NO_C=1``, its numpy twin with the same results: see ``fastmerge.cpu``) or
+    "triton" (the fused kernel; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+    ``device`` is where sources and the module live.
     """
 
     def __init__(self, recipe: Recipe | dict | str | Path, device: str = "cpu", backend: str | None = None,
