@@ -156,13 +156,19 @@ def _build() -> ctypes.CDLL:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / "fused.so"
-                cmd = [*cc, "-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared",
-                       str(_SOURCE), "-o", str(built), "-lm"]
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    raise _Unavailable(f"{name} did not finish building fused.c in {BUILD_TIMEOUT} s") from None
-                if proc.returncode != 0 or not built.exists():
+                # -march=native where the compiler takes it (the loop is written for AVX-512 and
+                # plain vectors alike); some (older clang, other architectures) do not: then without
+                for arch in (["-march=native"], []):
+                    cmd = [*cc, "-O3", *arch, "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared",
+                           str(_SOURCE), "-o", str(built), "-lm"]
+                    try:
+                        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        raise _Unavailable(f"{name} did not finish building fused.c in {BUILD_TIMEOUT} s") from None
+                    ok = proc.returncode == 0 and built.exists()
+                    if ok or "march" not in (proc.stderr or "").lower():
+                        break
+                if not ok:
                     raise _Unavailable(_build_failure(name, proc.stderr or proc.stdout or ""))
                 os.replace(built, target)
         except OSError as e:
@@ -613,6 +619,7 @@ def _np_map(fn, items: list, threads: int) -> list:
 
 
 def _np_ranges(n: int, step: int) -> list[tuple[int, int]]:
+    """[start, end) of the pieces of [0, n)."""
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
@@ -622,6 +629,23 @@ def _np_keys(base: Flat | None, x: Flat, s: int, e: int) -> np.ndarray:
     if base is not None:
         d = d - _np_load(base, s, e)
     return d.view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+
+def _np_hist_sum(fn, n: int, threads: int) -> list[np.ndarray]:
+    """The sum over pieces of [0, n) of ``fn(start, end)`` (a list of histograms), one contiguous run
+    of pieces per thread: a few histograms in memory, not one per piece."""
+    pieces = _np_ranges(n, NP_HIST_PIECE)
+    per = -(-len(pieces) // max(1, threads))
+
+    def run(group: list[tuple[int, int]]) -> list[np.ndarray]:
+        acc = fn(*group[0])
+        for s, e in group[1:]:
+            for a, h in zip(acc, fn(s, e)):
+                a += h
+        return acc
+
+    parts = _np_map(run, [pieces[i:i + per] for i in range(0, len(pieces), per)], threads)
+    return [sum(hs) for hs in zip(*parts)]
 
 
 def _np_select(hist: np.ndarray, rank: int) -> tuple[int, int]:
@@ -644,18 +668,17 @@ def _np_thresholds(base: Flat | None, xs: list[Flat], ms: list[int], threads: in
             keys = _np_keys(base, xs[i], 0, n)
             taus[i] = _key_value(int(np.partition(keys, n - ms[i])[n - ms[i]]))
         return taus
-    pieces = _np_ranges(n, NP_HIST_PIECE)
     threads = threads or default_threads()
 
-    def level0(r: tuple[int, int]) -> list[np.ndarray]:
+    def level0(s: int, e: int) -> list[np.ndarray]:
         out = []
         for i in todo:
-            k = _np_keys(base, xs[i], *r)
+            k = _np_keys(base, xs[i], s, e)
             out.append(np.bincount(((k >> np.uint32(16)) << np.uint32(1)) | ((k & np.uint32(0xFFFF)) != 0),
                                    minlength=BINS0))
         return out
 
-    hist0 = [sum(h) for h in zip(*_np_map(level0, pieces, threads))]
+    hist0 = _np_hist_sum(level0, n, threads)
     second = []  # (model, top 16 bits, rank among that bin's keys with nonzero low bits)
     for i, h in zip(todo, hist0):
         sub, rank = _np_select(h, ms[i])
@@ -664,15 +687,15 @@ def _np_thresholds(base: Flat | None, xs: list[Flat], ms: list[int], threads: in
         else:  # every key in the bin is exactly top << 16
             taus[i] = _key_value((sub >> 1) << 16)
     if second:
-        def level1(r: tuple[int, int]) -> list[np.ndarray]:
+        def level1(s: int, e: int) -> list[np.ndarray]:
             out = []
             for i, top, _ in second:
-                k = _np_keys(base, xs[i], *r)
+                k = _np_keys(base, xs[i], s, e)
                 low = k[((k >> np.uint32(16)) == top) & ((k & np.uint32(0xFFFF)) != 0)] & np.uint32(0xFFFF)
                 out.append(np.bincount(low, minlength=65536))
             return out
 
-        hist1 = [sum(h) for h in zip(*_np_map(level1, pieces, threads))]
+        hist1 = _np_hist_sum(level1, n, threads)
         for (i, top, rank), h in zip(second, hist1):
             low, _ = _np_select(h, rank)
             taus[i] = _key_value((top << 16) | low)

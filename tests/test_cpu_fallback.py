@@ -134,10 +134,11 @@ def test_numpy_path_edge_values_pieces_and_chunks(c_loop, monkeypatch, dtype, co
     base, models = base.to(dtype), [m.to(dtype) for m in models]
     opts = _opts(6, combo, lam=0.7)
     b = base if with_base else None
-    for piece in (None, 333):
-        def run(piece=piece):
+    for piece, threads in ((None, 1), (333, 3)):  # one piece; many pieces on three threads
+        def run(piece=piece, threads=threads):
             counts: list[int] = []
-            return cpu.fused_merge(b, models, opts, NAME, dtype, nonfinite=counts, piece_elements=piece), counts
+            return cpu.fused_merge(b, models, opts, NAME, dtype, threads=threads, nonfinite=counts,
+                                   piece_elements=piece), counts
 
         (want, want_counts), (got, got_counts) = c_and_numpy(monkeypatch, run)
         assert torch.equal(bits(got), bits(want)), piece
@@ -162,8 +163,9 @@ def test_numpy_thresholds_are_exact(c_loop, monkeypatch, case):
         models = [base + vals, base - vals * 0.5, base + vals * 2]
     models[2] = models[2].clone()
     models[2][[3, 4]] = float("nan")
+    monkeypatch.setattr(cpu, "NP_HIST_PIECE", 7001)  # histograms of many pieces, summed across threads
     for dens in ((0.3, 0.55, 0.8), (0.0, 1e-4, 1.0), (0.999, 0.5, 0.05)):
-        want, got = c_and_numpy(monkeypatch, lambda: cpu.fused_thresholds(base, models, dens))  # noqa: B023
+        want, got = c_and_numpy(monkeypatch, lambda: cpu.fused_thresholds(base, models, dens, threads=3))  # noqa: B023
         assert got == want, dens
         for x, d, tau in zip(models[:2], dens, got):
             delta = (x.float() - base.float()).abs()
@@ -310,6 +312,31 @@ def test_build_failures_fall_back_with_the_reason(fresh, tmp_path, monkeypatch, 
     got = cpu.fused_merge(base, models, opts, NAME, torch.bfloat16)  # the numpy path, no second notice
     want = reference.fused_merge(base, models, opts, NAME, torch.bfloat16)
     assert torch.equal(bits(got), bits(want))
+
+
+def test_a_compiler_without_march_native_still_builds(fresh, tmp_path, monkeypatch):
+    """A compiler that refuses -march=native (older clang, other architectures) builds without it."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc here")
+    log = tmp_path / "cc.log"
+    monkeypatch.setenv("CC", str(fake_cc(tmp_path / "cc", f'''echo "$@" >> "{log}"
+for a in "$@"; do
+  if [ "$a" = -march=native ]; then echo "cc: error: unsupported argument 'native' to option '-march='" >&2; exit 1; fi
+done
+exec "{gcc}" "$@"
+''')))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not cpu.available():
+            pytest.skip(f"gcc cannot build the loop here ({cpu._failure})")
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and "-march=native" in calls[0] and "-march" not in calls[1]
+    assert cpu._lib is not None and cpu._failure is None  # the C loop, built without -march
+    base, models = _family(ODD, 5, torch.bfloat16)
+    opts = _opts(5, ("random", "sum", "l1", False))
+    want = reference.fused_merge(base, models, opts, NAME, torch.bfloat16)
+    assert torch.equal(bits(cpu.fused_merge(base, models, opts, NAME, torch.bfloat16)), bits(want))
 
 
 def test_no_compiler_on_the_path(fresh, tmp_path, monkeypatch):
