@@ -13,13 +13,30 @@
 #      kernels under TRITON_INTERPRET=1), merges with the Triton backend on the CPU (the
 #      interpreter) and compares it with the fused C loop, and runs the language check.
 #
-# Usage: bash .ci/wheel_check.sh      (env: PY=python3, TORCH=torch==2.13.0, KEEP=1 keeps the temp dir)
+# Usage: bash .ci/wheel_check.sh
+#   env: PY=python3, TORCH=torch==2.13.0 (a CPU build is enough), KEEP=1 keeps the work directory,
+#        CONSTRAINTS=constraints.txt (pins as `make test`; empty: the newest releases pyproject admits),
+#        WHEEL_CHECK_TMP=DIR puts it under DIR (default /dev/shm when it has 6 GiB free, else $TMPDIR)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-python3}"
 TORCH="${TORCH:-torch==2.13.0}"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/fastmerge-wheel.XXXXXX")"
+# the releases CI last passed with, as `make test` installs them; CONSTRAINTS= resolves the newest
+CONSTRAINTS="${CONSTRAINTS-$ROOT/constraints.txt}"
+PIN_ARGS=()
+if [[ -n "$CONSTRAINTS" && -f "$CONSTRAINTS" ]]; then PIN_ARGS=(-c "$CONSTRAINTS"); fi
+# The venv is ~2 GB of small files. On these machines / is ext4 mounted with `discard`, where
+# deleting it takes minutes: the work goes to /dev/shm (tmpfs) when it has room, else $TMPDIR.
+# WHEEL_CHECK_TMP=DIR chooses.
+base="${WHEEL_CHECK_TMP:-}"
+if [[ -z "$base" ]]; then
+    base="${TMPDIR:-/tmp}"
+    if [[ -d /dev/shm && -w /dev/shm ]] && (( $(df -Pk /dev/shm | awk 'NR==2 {print $4}') > 6 * 1024 * 1024 )); then
+        base=/dev/shm
+    fi
+fi
+WORK="$(mktemp -d "$base/fastmerge-wheel.XXXXXX")"
 if [[ "${KEEP:-0}" == 1 ]]; then
     trap 'echo "kept $WORK"' EXIT
 else
@@ -30,6 +47,8 @@ START=$SECONDS
 pipq() { "$@" 2>&1 | { grep -v "is neither a file nor a directory" || true; }; }
 step() { printf '[wheel_check %4ds] %s\n' "$((SECONDS - START))" "$*"; }
 export PIP_DISABLE_PIP_VERSION_CHECK=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
+export TMPDIR="$WORK/tmp"  # pip unpacks wheels there
+mkdir -p "$TMPDIR"
 export FASTMERGE_CACHE="$WORK/cache"  # the fused C loop is compiled afresh from the installed csrc/
 
 # ---------------------------------------------------------------------------------------- 1. build
@@ -73,7 +92,7 @@ VBIN="$WORK/venv/bin"
 step "installing $TORCH into the venv"
 pipq "$VPY" -m pip install -q --no-compile "$TORCH"
 step "installing the wheel (no extras)"
-pipq "$VPY" -m pip install -q --no-compile "$WHEEL"
+pipq "$VPY" -m pip install -q --no-compile "${PIN_ARGS[@]}" "$WHEEL"
 
 cd "$WORK/run"  # outside the repository: only the installed package can be imported
 cat > "$WORK/walk.py" <<'EOF'
@@ -210,7 +229,7 @@ EOF
 
 # -------------------------------------------------------------------------------------- 3. extras
 step "installing the wheel's extras [evolve,triton]"
-pipq "$VPY" -m pip install -q --no-compile "$WHEEL[evolve,triton]"
+pipq "$VPY" -m pip install -q --no-compile "${PIN_ARGS[@]}" "$WHEEL[evolve,triton]"
 step "extras: importing every module (TRITON_INTERPRET=1)"
 export TRITON_INTERPRET=1
 ROOT="$ROOT" "$VPY" "$WORK/walk.py" extras
