@@ -77,8 +77,16 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the usage is one ``--help`` away), exit code 2.
+    Subcommand parsers are made of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastmerge", description="Fast, mergekit-compatible LLM checkpoint merging.")
+    p = _Parser(prog="fastmerge", description="Fast, mergekit-compatible LLM checkpoint merging.")
     p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="merge checkpoints per a mergekit-style YAML recipe")

@@ -587,7 +587,7 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize("argv", BAD_OPTIONS, ids=lambda a: " ".join(a[-2:]))
 def test_invalid_numeric_options(tmp_path, capsys, argv):
-    """argparse's usage error: exit 2, the last line names the option and the value."""
+    """A usage error is one line (not argparse's usage block) naming the option and the value, exit 2."""
     out = tmp_path / "out"
     argv = [str(out) if a == "OUT" else a for a in argv]
     with pytest.raises(SystemExit) as e:
@@ -595,8 +595,9 @@ def test_invalid_numeric_options(tmp_path, capsys, argv):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert f"argument {argv[-2]}: expected" in last and repr(argv[-1]) in last
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"argument {argv[-2]}: expected" in lines[0] and repr(argv[-1]) in lines[0]
     assert not out.exists()
 
 
