@@ -21,7 +21,7 @@ dare_linear) adds its two double sums in another order (the C loop's own order d
 thread count), so in rare cases (a sum within ~1e-13, relative, of an fp32 rounding boundary) a
 tensor's fp32 scale, and then its values, differ by one ulp. It works on the same raw pointers (no
 torch), in pieces of ``NP_PIECE`` elements on a few threads; on a 150M-parameter bf16 model with 2
-cores a merge took 2x (task_arithmetic), 5x (ties) and 7x (dare_ties) the C loop's time.
+(busy) cores a merge took about 2x (task_arithmetic) and 5-7x (ties, dare_ties) the C loop's time.
 """
 
 from __future__ import annotations
