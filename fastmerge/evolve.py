@@ -799,7 +799,7 @@ def _cma_load(file: Path, d: dict):
     """The ``cmaes.CMA`` ``_cma_dump`` described; checked against a fresh one of the same size (the
     same attributes, arrays of the same dtype and shape) so that a damaged or foreign file fails here,
     in one line, rather than inside the optimizer."""
-    from cmaes import CMA
+    CMA = require("cmaes", "resuming an evolve run (CMA-ES)").CMA
 
     _check_keys(file, "cma", d, {"class": (lambda v: v == "cmaes.CMA", "'cmaes.CMA'"),
                                  "attrs": (lambda v: isinstance(v, dict), "an object"),
