@@ -39,6 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import FastmergeError
 from .hf_compat import CACHE_OUTPUT_FIELD, cache_kwarg
+from .io import read_json
 from .safety import OutputClaim, protected_inputs
 
 #: Architectures whose decoder layer has the Llama contract
@@ -172,18 +173,7 @@ def _hop(h: Hop | Sequence | dict, where: str | None = None) -> Hop:
 def load_path_file(file: str | Path) -> tuple[LayerPath, list[str] | None, int]:
     """A path file -> (path, model paths or None, head)."""
     file = Path(file)
-    try:
-        data = json.loads(file.read_bytes().decode("utf-8-sig"))
-    except FileNotFoundError:
-        raise FastmergeError(f"{file}: no such path file") from None
-    except OSError as e:
-        raise FastmergeError(f"{file}: cannot read the path file: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise FastmergeError(f"{file}: not a JSON path file (not UTF-8 at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise FastmergeError(f"{file}: not a JSON path file ({e})") from None
-    except RecursionError:
-        raise FastmergeError(f"{file}: not a JSON path file (nested too deeply)") from None
+    data = read_json(file, "path file")
     if not isinstance(data, dict):
         raise FastmergeError(f"{file}: expected an object with 'hops' (and 'models', 'head'), got {_json_type(data)}")
     if "hops" not in data and "path" not in data:

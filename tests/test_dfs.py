@@ -240,12 +240,12 @@ def test_incompatible_models():
 def test_bad_path_file(tmp_path):
     f = tmp_path / "p.json"
     f.write_text("{not json")
-    with pytest.raises(FastmergeError, match="p.json: not a JSON path file"):
+    with pytest.raises(FastmergeError, match="p.json: path file is not valid JSON"):
         LayerPath.load(f)
     f.write_text(json.dumps({"hops": [[0, "a"]]}))
     with pytest.raises(FastmergeError, match="p.json: layer path: bad hop"):
         LayerPath.load(f)
-    with pytest.raises(FastmergeError, match="no such path file"):
+    with pytest.raises(FastmergeError, match="missing.json: path file not found"):
         LayerPath.load(tmp_path / "missing.json")
 
 

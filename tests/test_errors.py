@@ -43,6 +43,17 @@ def edit_shard(model: Path, edit) -> Path:
     return shard
 
 
+def bin_model(src: Path, dst: Path) -> Path:
+    """``src``'s weights as one pickled ``pytorch_model.bin`` (with its config) in ``dst``."""
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    state = {}
+    for f in src.glob("*.safetensors"):
+        state.update(load_file(f))
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
 def ta_recipe(base: Path, *models: Path) -> dict:
     return {"merge_method": "ties", "base_model": str(base),
             "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in models]}
@@ -201,16 +212,10 @@ def test_reader_failure_mid_merge(fam, tmp_path, monkeypatch):
 
 def test_bin_weights_refused_unless_allowed(fam, tmp_path):
     base, ft0, ft1 = fam
-    binmodel = tmp_path / "binmodel"
-    binmodel.mkdir()
-    shutil.copy(ft1 / "config.json", binmodel / "config.json")
-    state = {}
-    for f in ft1.glob("*.safetensors"):
-        state.update(load_file(f))
-    torch.save(state, binmodel / "pytorch_model.bin")
+    binmodel = bin_model(ft1, tmp_path / "binmodel")
     merge_fails(ta_recipe(base, ft0, binmodel), tmp_path / "out", r"binmodel: only pickled .bin weights found; pass --allow-bin")
     res = fastmerge.merge(ta_recipe(base, ft0, binmodel), tmp_path / "out", MergeOptions(allow_bin=True))
-    assert res.tensors == len(state)
+    assert res.tensors == len(torch.load(binmodel / "pytorch_model.bin", weights_only=True))
 
 
 def test_cli_errors_are_one_line(fam, tmp_path, capsys):
@@ -506,13 +511,7 @@ def test_eval_data_not_utf8(fam, tmp_path, capsys):
 
 def test_eval_refuses_pickled_weights(fam, tmp_path, capsys):
     base, ft0, ft1 = fam
-    binmodel = tmp_path / "binmodel"
-    binmodel.mkdir()
-    shutil.copy(ft1 / "config.json", binmodel / "config.json")
-    state = {}
-    for f in ft1.glob("*.safetensors"):
-        state.update(load_file(f))
-    torch.save(state, binmodel / "pytorch_model.bin")
+    binmodel = bin_model(ft1, tmp_path / "binmodel")
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "hello world"}\n')
     before = digest(binmodel, data)
@@ -552,7 +551,7 @@ def test_bad_dfs_path_file(fam, tmp_path, capsys, case):
     file = tmp_path / "path.json"
     if case == "invalid-json":
         file.write_text('{"hops": [[0, 0]')
-        needles = ["not a JSON path file"]
+        needles = ["path file is not valid JSON"]
     elif case == "not-utf8":
         file.write_bytes(b'{"hops": [[0, 0]], "models": ["\xff"]}')
         needles = ["not UTF-8"]
