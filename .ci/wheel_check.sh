@@ -52,11 +52,17 @@ mkdir -p "$TMPDIR"
 export FASTMERGE_CACHE="$WORK/cache"  # the fused C loop is compiled afresh from the installed csrc/
 
 # ---------------------------------------------------------------------------------------- 1. build
-step "copying the source tree (without build/, *.egg-info, caches)"
+step "copying the source tree (what git tracks or would track: no build/, *.egg-info, venvs)"
 mkdir -p "$WORK/src" "$WORK/dist" "$WORK/run"
-tar -C "$ROOT" -cf - --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.egg-info' \
-    --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache --exclude=.benchmarks \
-    --exclude=./out --exclude=./examples/tiny_merge/work . | tar -C "$WORK/src" -xf -
+if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard \
+        | xargs -0 -r sh -c 'for f; do [ -f "$f" ] && printf "%s\0" "$f"; done' sh \
+        | tar --null -T - -cf -) | tar -C "$WORK/src" -xf -
+else
+    tar -C "$ROOT" -cf - --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+        --exclude='./.venv*' --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache \
+        --exclude=.benchmarks --exclude=./out --exclude=./examples/tiny_merge/work . | tar -C "$WORK/src" -xf -
+fi
 
 step "building the wheel: $PY -m pip wheel --no-deps"
 pipq "$PY" -m pip wheel --no-deps -q -w "$WORK/dist" "$WORK/src"

@@ -90,15 +90,32 @@ def _setuptools_major() -> int:
         return 0
 
 
+def _copy_source(dst: Path) -> None:
+    """The files git tracks or would track (not build/, *.egg-info or the venvs of make test-oldest)."""
+    try:
+        r = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        r = None
+    if r is None or r.returncode != 0:  # not a git checkout
+        ignore = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                        ".ruff_cache", ".benchmarks", ".venv*", "out", "work", "*.so")
+        shutil.copytree(ROOT, dst, ignore=ignore)
+        return
+    for name in r.stdout.decode().split("\0"):
+        f = ROOT / name
+        if name and f.is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / name)
+
+
 def _wheel(tmp_path: Path) -> Path:
     """The wheel of the working tree, built from a copy (a stale build/ in the checkout could hide a
     missing file)."""
     if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
         pytest.skip("pip is not available")
     src = tmp_path / "src"
-    ignore = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                                    ".ruff_cache", ".benchmarks", "out", "work", "*.so")
-    shutil.copytree(ROOT, src, ignore=ignore)
+    _copy_source(src)
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)]
     if _setuptools_major() >= 77:  # pyproject's build requirement is here: skip the isolated build env (~20 s)
         cmd.append("--no-build-isolation")
