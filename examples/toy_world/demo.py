@@ -176,6 +176,7 @@ def run(work: Path, quick: bool, seed: int, progress: bool = True, results_dir: 
     t = time.perf_counter()
     models = train.build_models(work, quick=quick, seed=seed, progress=progress)
     train_s = time.perf_counter() - t
+    trained_s = _trained_seconds(models)
     loads.append(_load())
     data = world.write_splits(work / "data", seed=seed)
     tag = "quick" if quick else "full"
@@ -228,11 +229,20 @@ def run(work: Path, quick: bool, seed: int, progress: bool = True, results_dir: 
     loads.append(_load())
     total = time.perf_counter() - t_start
     summary = {"quick": quick, "seed": seed, "search_seeds": search_seeds, "train_s": train_s,
+               "trained_s": trained_s,
                "evolve_s": sum(r["evolve_s"] for r in runs), "score_s": score_s, "total_s": total,
                "load_1min": [x for x in loads if x is not None], "rows": rows, "budgets": asdict(b),
                "machine": _machine(), "runs": runs, "summary": summarize(rows)}
     _write_results(summary, results_dir, tag)
     return summary
+
+
+def _trained_seconds(models: dict[str, Path]) -> float | None:
+    """How long training the (possibly cached) models took when they were trained, from their metadata."""
+    try:
+        return sum(json.loads((p / "toy_world.json").read_text())["seconds"] for p in models.values())
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _stats(values: list[float]) -> dict:
@@ -388,12 +398,15 @@ def _write_results(s: dict, results_dir: Path, tag: str) -> None:
     load_txt = (f" The 1-minute load average, sampled between phases, ranged {min(loads):.1f}-{max(loads):.1f} on "
                 f"{m['cores']} cores (this run itself accounts for about {min(m['threads'], m['cores'] or 1)}); a "
                 f"higher load means other jobs shared the CPUs and inflated these wall times." if loads else "")
+    trained = s.get("trained_s")
+    train_note = (f" (models cached: training them took {trained:.0f} s when they were trained)"
+                  if trained is not None and s["train_s"] < 0.5 * trained else "")
     seed_word = "seed" if len(seeds) == 1 else "seeds"
     text = f"""# Toy world results{' (--quick smoke run: tiny budgets, not a result)' if s['quick'] else ''}
 
 Measured by `python examples/toy_world/demo.py{' --quick' if s['quick'] else ''}` (world seed {s['seed']}, search
 {seed_word} {' '.join(map(str, seeds))}) on {m['cpu']} ({m['threads']} thread{'' if m['threads'] == 1 else 's'}), torch {m['torch']}: training
-{s['train_s']:.0f} s (0 when cached), evolution {s['evolve_s']:.0f} s ({evolve_walls}), scoring
+{s['train_s']:.0f} s{train_note}, evolution {s['evolve_s']:.0f} s ({evolve_walls}), scoring
 {s['score_s']:.0f} s, whole run {s['total_s']:.0f} s.{load_txt}
 
 Test split: {n_ja} Japanese and {n_en} English problems, none seen in training or search. `acc_lang`:
