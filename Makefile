@@ -43,7 +43,8 @@ test: install-test lint
 test-latest:
 	rm -rf .venv-latest && $(PY) -m venv .venv-latest
 	.venv-latest/bin/pip install -q "$(TORCH)"
-	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	echo "$(TORCH)" > .venv-latest/torch.txt  # an eager upgrade would otherwise pull a CUDA torch
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch.txt -e ".[test]"
 	.venv-latest/bin/python .ci/drift.py $(CONSTRAINTS)
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider \
 	  || { echo "make test-latest: the newest releases fail where $(CONSTRAINTS) passes; the drift above says what moved"; exit 1; }
