@@ -154,11 +154,12 @@ def _load() -> float | None:
 
 
 def run(work: Path, quick: bool, seed: int, progress: bool = True, results_dir: Path = HERE,
-        search_seeds: list[int] | tuple[int, ...] | None = None) -> dict:
+        search_seeds: list[int] | tuple[int, ...] | None = None, command: str | None = None) -> dict:
     """The whole demo; returns the summary written to ``results[_quick].json``.
 
     ``seed`` is the world and training seed; each of ``search_seeds`` (default: the budget's) runs
-    every evolution stage once on the same models and data.
+    every evolution stage once on the same models and data. ``command``: the command line to quote in
+    RESULTS.md (default: the plain demo command).
     """
     from transformers.utils import logging as hf_logging
 
@@ -228,7 +229,8 @@ def run(work: Path, quick: bool, seed: int, progress: bool = True, results_dir: 
     score_s = time.perf_counter() - t_score
     loads.append(_load())
     total = time.perf_counter() - t_start
-    summary = {"quick": quick, "seed": seed, "search_seeds": search_seeds, "train_s": train_s,
+    summary = {"command": command or "python examples/toy_world/demo.py" + (" --quick" if quick else ""),
+               "quick": quick, "seed": seed, "search_seeds": search_seeds, "train_s": train_s,
                "trained_s": trained_s,
                "evolve_s": sum(r["evolve_s"] for r in runs), "score_s": score_s, "total_s": total,
                "load_1min": [x for x in loads if x is not None], "rows": rows, "budgets": asdict(b),
@@ -404,7 +406,7 @@ def _write_results(s: dict, results_dir: Path, tag: str) -> None:
     seed_word = "seed" if len(seeds) == 1 else "seeds"
     text = f"""# Toy world results{' (--quick smoke run: tiny budgets, not a result)' if s['quick'] else ''}
 
-Measured by `python examples/toy_world/demo.py{' --quick' if s['quick'] else ''}` (world seed {s['seed']}, search
+Measured by `{s.get('command') or 'python examples/toy_world/demo.py' + (' --quick' if s['quick'] else '')}` (world seed {s['seed']}, search
 {seed_word} {' '.join(map(str, seeds))}) on {m['cpu']} ({m['threads']} thread{'' if m['threads'] == 1 else 's'}), torch {m['torch']}: training
 {s['train_s']:.0f} s{train_note}, evolution {s['evolve_s']:.0f} s ({evolve_walls}), scoring
 {s['score_s']:.0f} s, whole run {s['total_s']:.0f} s.{load_txt}
@@ -501,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     s = run(Path(args.work), args.quick, args.seed, progress=not args.no_progress, results_dir=Path(args.results),
-            search_seeds=args.search_seeds)
+            search_seeds=args.search_seeds,
+            command=" ".join(["python examples/toy_world/demo.py", *(sys.argv[1:] if argv is None else argv)]))
     print(Path(args.results) / ("RESULTS_quick.md" if args.quick else "RESULTS.md"))
     for r in s["rows"]:
         if "search_seed" not in r:
