@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plain", action="store_true",
                    help="write a standard HF model with repeated layers copied (every scale must be 1)")
     e.add_argument("--force", action="store_true", help="replace an existing output directory")
+    e.add_argument("--allow-bin", action="store_true", help="allow pickled .bin sources (loaded weights_only)")
 
     v = sub.add_parser("eval", help="score a checkpoint (a merge, a DFS export, any HF causal LM) with an evaluator")
     v.add_argument("model", help="model directory (config.json, weights, tokenizer)")
@@ -187,7 +188,7 @@ def _dfs_export(args: argparse.Namespace) -> int:
     protect = [*models, ("the path file", args.path)]
     # the output rules, before minutes of loading (``export`` checks again, and under its lock)
     OutputClaim(args.out, args.force, protected_inputs(models, protect[-1:])).check()
-    sources, tokenizer = load_sources(models, head=head)
+    sources, tokenizer = load_sources(models, head=head, allow_bin=args.allow_bin)
     out = export(sources, path, args.out, head=head, plain=args.plain, tokenizer=tokenizer, force=args.force,
                  protect=protect)
     kind = "plain HF model" if args.plain else f"path model ({len(path.unique_layers())} unique layers)"

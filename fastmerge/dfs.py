@@ -39,7 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import FastmergeError
 from .hf_compat import CACHE_OUTPUT_FIELD, cache_kwarg
-from .io import read_json
+from .io import read_json, refuse_pickled_weights
 from .safety import OutputClaim, protected_inputs
 
 #: Architectures whose decoder layer has the Llama contract
@@ -193,14 +193,18 @@ def load_path_file(file: str | Path) -> tuple[LayerPath, list[str] | None, int]:
     return path, (models or None), head
 
 
-def load_sources(models: Sequence[str | Path], head: int = 0, device: str = "cpu", dtype="auto"):
-    """Load source checkpoints for a path (eval mode) and the head model's tokenizer, if it has one."""
+def load_sources(models: Sequence[str | Path], head: int = 0, device: str = "cpu", dtype="auto",
+                 allow_bin: bool = False):
+    """Load source checkpoints for a path (eval mode) and the head model's tokenizer, if it has one.
+    Pickled ``.bin`` weights only with ``allow_bin``."""
     from transformers import AutoTokenizer
 
-    loaded = []
-    for m in models:
+    for m in models:  # every source checked before minutes of loading
         if not Path(m).is_dir():
             raise FastmergeError(f"{m}: not a model directory")
+        refuse_pickled_weights(Path(m), allow_bin)
+    loaded = []
+    for m in models:
         try:
             loaded.append(AutoModelForCausalLM.from_pretrained(m, dtype=dtype).to(device).eval())
         except (OSError, ValueError) as e:

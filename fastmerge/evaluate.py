@@ -633,14 +633,12 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .io import refuse_pickled_weights
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FastmergeError(f"not a model checkpoint (no config.json): {path}")
-    if not allow_bin and not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.glob("*.bin") if p.name != "training_args.bin")
-        if pickles:
-            raise FastmergeError(f"{path / pickles[0]}: only pickled .bin weights found; pass --allow-bin to "
-                                 "load them (unpickled with weights_only=True)")
+    refuse_pickled_weights(path, allow_bin)
     if dtype is None:
         dtype = torch.float32 if str(device).startswith("cpu") else "auto"
     try:

@@ -215,6 +215,18 @@ def _shard_in(directory: Path, index: Path, key: str, shard: str) -> Path:
     return directory / shard
 
 
+def refuse_pickled_weights(path: Path, allow_bin: bool) -> None:
+    """For loaders that hand a directory to transformers (eval, DFS sources): a checkpoint whose
+    only weights are pickled ``.bin`` files is refused unless ``allow_bin`` (transformers then
+    unpickles them with weights_only), as ``fastmerge merge`` refuses them."""
+    if allow_bin or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.glob("*.bin") if p.name != "training_args.bin")
+    if pickles:
+        raise FastmergeError(f"{path / pickles[0]}: only pickled .bin weights found; pass --allow-bin to "
+                             "load them (unpickled with weights_only=True)")
+
+
 class CheckpointReader:
     """One Hugging Face checkpoint directory: config, tensor index, and on-demand tensor reads."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .errors import FastmergeError
 
@@ -83,7 +83,7 @@ class Recipe(BaseModel):
     tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     modules: dict | None = None
-    random_seed: int = 0
+    random_seed: int = Field(0, ge=0, le=2**64 - 1)  # as the CLI's --seed: the DARE seed's range
     name: str | None = None
 
 

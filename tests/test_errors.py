@@ -509,6 +509,21 @@ def test_eval_data_not_utf8(fam, tmp_path, capsys):
     assert digest(data, base) == before
 
 
+def test_dfs_export_refuses_pickled_sources(fam, tmp_path, capsys):
+    """dfs export loads its sources through transformers: pickled-only weights need --allow-bin there too."""
+    base, _, ft1 = fam
+    binmodel = bin_model(ft1, tmp_path / "binmodel")
+    file = tmp_path / "path.json"
+    file.write_text(json.dumps({"hops": [[0, 0], [1, 1]], "models": [str(base), str(binmodel)]}))
+    out = tmp_path / "out"
+    before = digest(binmodel, file)
+    cli_fails(["dfs", "export", str(file), str(out)], capsys, str(binmodel / "pytorch_model.bin"), "--allow-bin")
+    assert digest(binmodel, file) == before
+    assert_clean(out)
+    assert main(["dfs", "export", str(file), str(out), "--allow-bin"]) == 0
+    assert (out / "config.json").exists()
+
+
 def test_eval_refuses_pickled_weights(fam, tmp_path, capsys):
     base, ft0, ft1 = fam
     binmodel = bin_model(ft1, tmp_path / "binmodel")
@@ -598,6 +613,17 @@ def test_invalid_numeric_options(tmp_path, capsys, argv):
     assert len(lines) == 1, err
     assert f"argument {argv[-2]}: expected" in lines[0] and repr(argv[-1]) in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, "x"])
+def test_recipe_random_seed_in_the_clis_range(fam, tmp_path, capsys, seed):
+    """A recipe's random_seed takes what --seed takes (0..2**64-1): one line naming the file and key."""
+    base, ft0, ft1 = fam
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({**ta_recipe(base, ft0, ft1), "random_seed": seed}))
+    out = tmp_path / "out"
+    cli_fails(["merge", str(recipe), str(out)], capsys, f"{recipe}: random_seed: ")
+    assert_clean(out)
 
 
 def test_valid_numeric_options_parse():
