@@ -12,6 +12,7 @@ import threading
 import warnings
 
 from .errors import FastmergeError
+from .rng import SEED_MAX
 
 
 def _size(text: str) -> int:
@@ -49,7 +50,7 @@ def _int_at_least(low: int, high: int | None = None, what: str = "an integer"):
 
 _positive = _int_at_least(1)
 _threads = _int_at_least(1, 4096, "a thread count")
-_seed = _int_at_least(0, 2**64 - 1, "a seed")
+_seed = _int_at_least(0, SEED_MAX, "a seed")
 
 
 def version() -> str:

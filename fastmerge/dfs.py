@@ -565,12 +565,11 @@ def export(models: Sequence[nn.Module], path: LayerPath | Sequence, out: str | P
 
 
 def _copy_tokenizer_files(source: str | None, out: Path) -> None:
-    from .engine import TOKENIZER_FILES
+    from .engine import tokenizer_files
 
     if source and Path(source).is_dir():
-        for name in TOKENIZER_FILES:
-            if (Path(source) / name).is_file():
-                shutil.copyfile(Path(source) / name, out / name)
+        for f in tokenizer_files(source):
+            shutil.copyfile(f, out / f.name)
 
 
 AutoConfig.register(FastmergePathConfig.model_type, FastmergePathConfig, exist_ok=True)

@@ -48,11 +48,11 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
 )
 _DONE = object()
+_KERNEL_CODES = ("F32", "BF16", "F16")
 
 
 class _Stopped(Exception):
     """The main thread waited on a thread that has failed: that thread's error is raised instead."""
-_KERNEL_CODES = ("F32", "BF16", "F16")
 
 
 @dataclass
@@ -111,15 +111,8 @@ def resolve_device(device: str) -> str:
 
 
 def open_models(recipe: Recipe, allow_bin: bool = False) -> dict[str, CheckpointReader]:
-    names: list[str] = []
-    if recipe.base_model:
-        names.append(recipe.base_model)
-    for m in recipe.models or []:
-        names.append(m.model)
-    for sl in recipe.slices or []:
-        names.extend(s.model for s in sl.sources)
     readers = {}
-    for n in dict.fromkeys(names):
+    for n in _source_models(recipe):
         if not Path(n).exists():
             raise FastmergeError(f"{n}: model not found (a local directory is needed; no hub access)")
         readers[n] = CheckpointReader(n, allow_bin=allow_bin)
@@ -227,7 +220,8 @@ def merge(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out_path)
-    claim = OutputClaim(out, opts.force, protected_inputs(_recipe_models(recipe), [("the recipe file", recipe_file)]))
+    claim = OutputClaim(out, opts.force, protected_inputs([*_source_models(recipe), recipe.tokenizer_source],
+                                                    [("the recipe file", recipe_file)]))
     claim.check()  # before any work; again under the lock
     device = resolve_device(opts.device)
     backend = opts.backend or ("triton" if device == "cuda" else "cpu")
@@ -460,10 +454,8 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     if gen.exists():
         copy(gen)
     if plan.tokenizer_model:
-        tok_dir = Path(plan.tokenizer_model)
-        for f in TOKENIZER_FILES:
-            if (tok_dir / f).exists():
-                copy(tok_dir / f)
+        for f in tokenizer_files(plan.tokenizer_model):
+            copy(f)
     if recipe.chat_template:
         tok_cfg_path = Path(plan.tokenizer_model or "") / "tokenizer_config.json"  # as copied above
         tok_cfg = read_json_object(tok_cfg_path, "tokenizer config") if plan.tokenizer_model and tok_cfg_path.exists() else {}
@@ -479,8 +471,13 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     write_text("README.md", card)
 
 
-def _recipe_models(recipe: Recipe) -> list[str]:
-    """Every model directory a recipe reads (sources, base, tokenizer source)."""
-    names = [recipe.base_model, recipe.tokenizer_source, *(m.model for m in recipe.models or [])]
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The tokenizer files a checkpoint directory holds (what a merged or exported model carries)."""
+    return [Path(directory) / f for f in TOKENIZER_FILES if (Path(directory) / f).exists()]
+
+
+def _source_models(recipe: Recipe) -> list[str]:
+    """The model directories a recipe merges, base first, each once."""
+    names = [recipe.base_model, *(m.model for m in recipe.models or [])]
     names += [s.model for sl in recipe.slices or [] for s in sl.sources]
-    return [n for n in names if n and n != "base"]
+    return list(dict.fromkeys(n for n in names if n))

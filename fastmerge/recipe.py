@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .errors import FastmergeError
+from .rng import SEED_MAX
 
 Scalar = Union[bool, int, float, str]  # noqa: UP007 - a runtime alias pydantic reads
 
@@ -83,7 +84,7 @@ class Recipe(BaseModel):
     tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     modules: dict | None = None
-    random_seed: int = Field(0, ge=0, le=2**64 - 1)  # as the CLI's --seed: the DARE seed's range
+    random_seed: int = Field(0, ge=0, le=SEED_MAX)
     name: str | None = None
 
 

@@ -26,6 +26,10 @@ CHUNK_ELEMENTS = 2**31
 MODELS_PER_CALL = 4
 
 
+#: the largest DARE seed a recipe's ``random_seed`` or ``--seed`` may give (seeds are 0..SEED_MAX)
+SEED_MAX = 2**64 - 1
+
+
 def group_seed(seed: int, tensor_name: str, group: int) -> int:
     """The 63-bit Philox key of one tensor (or chunk) and one group of four models."""
     digest = hashlib.blake2b(f"{seed}:{tensor_name}:{group}".encode(), digest_size=8).digest()
