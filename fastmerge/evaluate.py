@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ._optional import missing, require
+from .backends import as_backend
 from .errors import FastmergeError
 
 __all__ = [
@@ -172,149 +173,31 @@ def _lang_code(lang: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Greedy generation through the bare forward contract
+# Greedy generation (the hf backend's loop; kept here as functions over a bare module)
 # --------------------------------------------------------------------------------------------------
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The tokenizer's eos plus the model's generation_config eos (an int or a list: chat models end
-    a turn with a token other than the tokenizer's eos, e.g. Llama 3's <|eot_id|>)."""
-    ids: set[int] = set()
-    candidates = [getattr(tokenizer, "eos_token_id", None)]
-    gen_cfg = getattr(model, "generation_config", None)
-    candidates.append(getattr(gen_cfg, "eos_token_id", None))
-    for c in candidates:
-        if isinstance(c, int):
-            ids.add(c)
-        elif isinstance(c, (list, tuple)):
-            ids.update(int(x) for x in c)
-    return ids
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(tokenizer, name, None)
-        if isinstance(v, int):
-            return v
-    return 0
-
-
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask of ``rows`` padded on the left (generation appends on the right,
-    so every row's last real token must sit in the last column)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Rotary positions that start at 0 on each row's first real token (pads get 0, as HF does)."""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
-
-
-def _first_stop(text: str, stop: Sequence[str]) -> int:
-    """Index of the earliest stop string in text, or -1."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def _generate_batch(model: Any, tokenizer: Any, rows: list[list[int]], max_new_tokens: int, eos: set[int],
-                    stop: Sequence[str]) -> list[list[int]]:
-    """Greedy continuation of one batch of token rows; each result ends before its eos (exclusive)."""
-    from transformers import DynamicCache
-
-    from .hf_compat import cache_kwarg, output_cache
-
-    device = _model_device(model)
-    ids, mask = _left_pad(rows, _pad_id(tokenizer), device)
-    pos = _positions(mask)
-    past: Any = DynamicCache()
-    cache_kw = cache_kwarg(getattr(type(model), "forward", type(model).__call__))
-    out: list[list[int]] = [[] for _ in rows]
-    done = [False] * len(rows)
-    for _ in range(max_new_tokens):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
-        past = output_cache(res)
-        nxt = res.logits[:, -1, :].argmax(-1)
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            if t in eos:
-                done[i] = True
-                continue
-            out[i].append(t)
-            if stop and _first_stop(tokenizer.decode(out[i], skip_special_tokens=True), stop) >= 0:
-                done[i] = True
-        if all(done):
-            break
-        ids = nxt[:, None]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        pos = pos[:, -1:] + 1
-    return out
-
-
-def _batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first (little padding, and an
-    out-of-memory shows up on the first batch rather than the last)."""
-    if batch_size < 1:
-        raise FastmergeError(f"batch_size must be at least 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@torch.inference_mode()
 def generate_ids(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
                  stop: Sequence[str] | None = None, progress: Progress | None = None) -> list[list[int]]:
     """The new token ids :func:`greedy_generate` decodes (eos excluded), in prompt order."""
-    if not prompts:
-        return []
-    rows = [list(r) for r in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
-    eos = _eos_ids(model, tokenizer)
-    out: list[list[int]] = [[] for _ in prompts]
-    done = 0
-    for batch in _batches_by_length([len(r) for r in rows], batch_size):
-        for i, ids in zip(batch, _generate_batch(model, tokenizer, [rows[i] for i in batch], max_new_tokens, eos,
-                                                 stop or ())):
-            out[i] = ids
-        done += len(batch)
-        if progress is not None:
-            progress(done, len(prompts))
-    return out
+    backend = as_backend(model, tokenizer)
+    return backend.generate_ids(backend.encode(prompts), max_new_tokens, list(stop or ()), batch_size, progress)
 
 
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
                     stop: list[str] | None = None, progress: Progress | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (new text only, special tokens skipped), in prompt order.
 
-    Our own loop rather than ``model.generate`` so that anything honouring the HF causal-LM forward
-    contract -- ``model(input_ids=, attention_mask=, position_ids=, cache=, use_cache=True)`` returning
-    ``.logits`` and ``.cache`` (``past_key_values`` in both places before transformers 5.24, and for
-    any model whose ``forward`` names no ``cache`` argument) -- can be scored, e.g. the DFS executor, which is a
-    plain ``nn.Module``. Prompts are sorted by length into batches, left-padded by hand (the shared
-    tokenizer is never mutated), positions count from each row's first real token, and a
-    ``transformers.DynamicCache`` is passed on the first step (whatever comes back is passed on). A row
-    stops at any eos id (tokenizer's or ``model.generation_config``'s) or once its text contains a
+    ``model`` is a backend (:mod:`fastmerge.backends`) or any module honouring the HF causal-LM forward
+    contract, scored by the ``hf`` backend's own loop (see :mod:`fastmerge.backends.hf`), e.g. the DFS
+    executor, which is a plain ``nn.Module``. Prompts are sorted by length into batches, left-padded by
+    hand (the shared tokenizer is never mutated), positions count from each row's first real token. A
+    row stops at any eos id (tokenizer's or ``model.generation_config``'s) or once its text contains a
     ``stop`` string, which is cut off. Equal token for token to ``model.generate(do_sample=False)``.
 
     ``progress(prompts_done, prompts_total)`` is called after each batch.
     """
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, stop, progress)
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-    if stop:
-        texts = [t[:k] if (k := _first_stop(t, stop)) >= 0 else t for t in texts]
-    return texts
+    return as_backend(model, tokenizer).generate(prompts, max_new_tokens, stop, batch_size, progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,8 +344,8 @@ class MathEvaluator:
         return [self.template.format(question=q) for q in self.questions]
 
     def __call__(self, model: Any, tokenizer: Any) -> dict:
-        outputs = greedy_generate(model, tokenizer, self.prompts(), self.max_new_tokens, self.batch_size,
-                                  self.stop, self.progress)
+        outputs = as_backend(model, tokenizer).generate(self.prompts(), self.max_new_tokens, self.stop,
+                                                        self.batch_size, self.progress)
         items = []
         for q, out, ans in zip(self.questions, outputs, self.answers):
             j = judge(out, ans, self.lang)
@@ -529,37 +412,18 @@ class LoglikEvaluator:
                 out.append((ids + cont, len(ids)))
         return out
 
-    @torch.inference_mode()
     def __call__(self, model: Any, tokenizer: Any) -> dict:
-        encoded = self.encode(tokenizer)
-        device = _model_device(model)
-        total, count, done = 0.0, 0, 0
-        for batch in _batches_by_length([len(ids) for ids, _ in encoded], self.batch_size):
-            s, c = _loglik_batch(model, [encoded[i] for i in batch], _pad_id(tokenizer), device)
-            total, count, done = total + s, count + c, done + len(batch)
-            if self.progress is not None:
-                self.progress(done, len(encoded))
-        if count == 0:
+        backend = as_backend(model, tokenizer)
+        encoded = self.encode(backend.tokenizer)
+        if not any(len(ids) > start for ids, start in encoded):
             raise FastmergeError(f"{self.name}: no token to score (every item is a single token)")
+        scored = [(ids, start) for ids, start in encoded if len(ids) > start]
+        results = backend.loglikelihood([(ids[:start], ids[start:]) for ids, start in scored], self.batch_size,
+                                        self.progress)
+        total = math.fsum(lp for lp, _ in results)
+        count = sum(len(ids) - start for ids, start in scored)
         loglik = total / count
         return {"loglik": loglik, "ppl": math.exp(-loglik), "n": len(encoded), "tokens": count}
-
-
-def _loglik_batch(model: Any, rows: list[tuple[list[int], int]], pad_id: int, device: torch.device) -> tuple[float, int]:
-    """(sum of log p(token | prefix) over the scored tokens, how many) for one right-padded batch."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    scored = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (r, start) in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-        scored[i, max(start, 1):len(r)] = True
-    ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-    keep = scored[:, 1:]
-    return float(logp[keep].sum()), int(keep.sum())
 
 
 # --------------------------------------------------------------------------------------------------
