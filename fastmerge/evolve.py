@@ -62,7 +62,7 @@ LEGACY_STATE_FILE = "state.pkl"
 #: what CMA-ES is told for a failed (NaN) fitness: worse than any real one, still finite
 _FAILED = 1e30
 #: trial fields that are timings, not results (a resumed run's log equals an uninterrupted one's without them)
-TIMING_FIELDS = ("merge_s", "eval_s")
+TIMING_FIELDS = ("merge_s", "upload_s", "eval_s")
 
 
 # ----------------------------------------------------------------------------------------- public results
@@ -82,6 +82,7 @@ class EvolveProgress:
     trials_per_min: float  # in this session
     merge_s: float  # seconds merging / evaluating in this session
     eval_s: float
+    upload_s: float = 0.0  # seconds handing candidates to the evaluation engine (vllm; 0 on hf)
 
 
 @dataclass
@@ -155,7 +156,8 @@ def _evolve_claimed(root: Path, config: EvolveConfig, resume: bool, materialize:
         if stage == "ps":
             space = ps_space(config)
             spec = _RunnerSpec("ps", space, config.evaluator, config.metric, _tokenizer_dirs(config, config.ps_models),
-                               config.device, config.backend)
+                               config.device, config.backend, eval_backend=config.eval_backend,
+                               vllm=config.vllm.model_dump(), engine_model=config.ps_models[0])
         else:
             models = ([str(ps_model)] if ps_model is not None else []) + config.dfs_models
             space = dfs_space(config, models)
@@ -276,6 +278,9 @@ class _RunnerSpec:
     device: str = "cpu"
     backend: str | None = None
     threads: int | None = None
+    eval_backend: str = "hf"
+    vllm: dict = field(default_factory=dict)  # VLLMConfig as a dict, for eval_backend "vllm"
+    engine_model: str | None = None  # the checkpoint a vllm engine starts from (the PS base)
 
 
 def _tokenizer_dirs(config: EvolveConfig, models: Sequence[str]) -> list[str]:
@@ -308,12 +313,20 @@ class _Runner:
         self.tokenizer = _load_tokenizer(spec.tokenizer_dirs)
         if self.tokenizer is None and not (isinstance(spec.evaluator, str) or ":" in str(spec.evaluator.get("name"))):
             raise FastmergeError(f"no tokenizer in {', '.join(spec.tokenizer_dirs)}; set tokenizer: in the config")
+        self.backend = None
         if spec.stage == "ps":
             from .merger import Merger
 
             self.merger = Merger(spec.space.base_recipe(), device=spec.device, backend=spec.backend,
                                  threads=spec.threads)
             self.model = self.merger.module
+            if spec.eval_backend == "vllm":
+                from .backends.vllm_engine import VLLMBackend
+
+                # the engine starts from the base's checkpoint (the candidates' architecture and shapes);
+                # every candidate then replaces all of its weights
+                self.backend = VLLMBackend(spec.engine_model, self.tokenizer, device=spec.device,
+                                           threads=spec.threads, **spec.vllm)
         else:
             from .dfs import PathModel, load_sources
 
@@ -334,9 +347,14 @@ class _Runner:
         t0 = time.perf_counter()
         self._apply(x)
         _sync(self.spec.device)
-        t1 = time.perf_counter()
+        t1 = t_up = time.perf_counter()
+        if self.backend is not None:
+            # parameters only: buffers (rotary inv_freq) are derived, and the engine derives its own
+            self.backend.load_weights(self.model.named_parameters())
+            t_up = time.perf_counter()
         with torch.no_grad():
-            metrics = self.evaluate(self.model, self.tokenizer)
+            # a user evaluator gets the live module on hf, the backend (generate / loglikelihood / llm) on vllm
+            metrics = self.evaluate(self.backend if self.backend is not None else self.model, self.tokenizer)
         if not isinstance(metrics, dict):
             raise FastmergeError(f"the evaluator returned {type(metrics).__name__}, not a dict of metrics")
         _sync(self.spec.device)
@@ -345,7 +363,8 @@ class _Runner:
             raise FastmergeError(f"metric {self.spec.metric!r} is not among the evaluator's metrics "
                                  f"({', '.join(map(str, metrics)) or 'none'})")
         fitness = float(metrics[self.spec.metric])
-        return {"fitness": fitness, "metrics": _jsonable(metrics), "merge_s": t1 - t0, "eval_s": t2 - t1}
+        return {"fitness": fitness, "metrics": _jsonable(metrics), "merge_s": t1 - t0, "upload_s": t_up - t1,
+                "eval_s": t2 - t_up}
 
 
 def _sync(device: str) -> None:
@@ -513,7 +532,8 @@ def _generation(state: dict, space: PSSpace | DFSSpace, score, log, clock: _Cloc
     told, fitnesses = [], []
     for i, (x, res) in enumerate(zip(xs, score(xs))):
         rec = {"generation": g, "trial": state["trials"] + i, "x": x.tolist(), "decoded": _decoded_json(space, x),
-               "fitness": res["fitness"], "metrics": res["metrics"], "merge_s": res["merge_s"], "eval_s": res["eval_s"]}
+               "fitness": res["fitness"], "metrics": res["metrics"], "merge_s": res["merge_s"],
+               "upload_s": res["upload_s"], "eval_s": res["eval_s"]}
         log.write(json.dumps(rec) + "\n")
         log.flush()
         f = res["fitness"]
@@ -521,7 +541,7 @@ def _generation(state: dict, space: PSSpace | DFSSpace, score, log, clock: _Cloc
         told.append((x, -f if math.isfinite(f) else _FAILED))
         if math.isfinite(f) and (state["best"] is None or f > state["best"]["fitness"]):
             state["best"] = {k: rec[k] for k in ("generation", "trial", "x", "decoded", "fitness", "metrics")}
-        clock.trial(res["merge_s"], res["eval_s"])
+        clock.trial(res["merge_s"], res["upload_s"], res["eval_s"])
     cma.tell(told)
     finite = [f for f in fitnesses if math.isfinite(f)]
     state["history"].append({"generation": g, "best": max(finite) if finite else None,
@@ -541,17 +561,18 @@ class _Clock:
         self.start = time.perf_counter()
         self.done = 0
         self.in_gen = 0
-        self.merge_s = self.eval_s = 0.0
+        self.merge_s = self.upload_s = self.eval_s = 0.0
 
     def ready(self) -> None:
         """Models loaded (in this process; workers load on their first genome): trials start now."""
         self.start = time.perf_counter()
         self.report("ready")
 
-    def trial(self, merge_s: float, eval_s: float) -> None:
+    def trial(self, merge_s: float, upload_s: float, eval_s: float) -> None:
         self.done += 1
         self.in_gen += 1
         self.merge_s += merge_s
+        self.upload_s += upload_s
         self.eval_s += eval_s
         self.report("trial")
 
@@ -567,7 +588,7 @@ class _Clock:
             stage=self.stage, kind=kind, generation=st["generation"], trials=st["trials"] + self.in_gen,
             trials_total=self.total, best=st["best"]["fitness"] if st["best"] else None,
             mean=hist[-1]["mean"] if hist else None, trials_per_min=self.done / minutes if minutes > 0 else 0.0,
-            merge_s=self.merge_s, eval_s=self.eval_s))
+            merge_s=self.merge_s, eval_s=self.eval_s, upload_s=self.upload_s))
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

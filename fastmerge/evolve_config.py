@@ -97,6 +97,16 @@ class DFSConfig(_Strict):
     budget: Budget | None = None
 
 
+class VLLMConfig(_Strict):
+    """The ``vllm`` evaluation backend's engine (``eval_backend: vllm``); see fastmerge.backends.vllm_engine."""
+
+    dtype: str | None = None  # None: float32 on a CPU, the checkpoint's own on a GPU
+    max_model_len: int | None = None  # None: the model's context length
+    kv_cache_gib: float | None = None  # CPU engines only; None: vLLM's default
+    enforce_eager: bool | None = None  # None: eager on a CPU, CUDA graphs on a GPU
+    engine_args: dict[str, Any] = Field(default_factory=dict)  # any other vllm.LLM keyword
+
+
 class EvolveConfig(_Strict):
     """What to evolve, how to score it and for how long (DESIGN.md section 7)."""
 
@@ -115,6 +125,8 @@ class EvolveConfig(_Strict):
     workers: int = 1
     device: str = "cpu"
     backend: Literal["cpu", "triton"] | None = None
+    eval_backend: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
     def with_model_paths(self, f: Callable[[str | None], str | None]) -> EvolveConfig:
         """A copy with ``f`` applied to every model location (models, base, tokenizer, DFS models):
@@ -201,12 +213,34 @@ class EvolveConfig(_Strict):
         if self.backend == "cpu" and self.device != "cpu":
             fail("backend: the cpu backend merges CPU tensors; use backend: triton on a GPU")
         self._check_evaluator(fail)
+        self._check_eval_backend(fail)
         if self.tokenizer is not None and not _is_hub_id(self.tokenizer) and not Path(self.tokenizer).is_dir():
             fail(f"tokenizer: {self.tokenizer}: directory not found")
         if "ps" in self.stages:
             self._check_ps(fail)
         if "dfs" in self.stages:
             self._check_dfs(fail)
+
+    def _check_eval_backend(self, fail) -> None:
+        if self.eval_backend != "vllm":
+            if self.vllm != VLLMConfig():
+                fail("vllm: engine options are for eval_backend: vllm (the config uses eval_backend: hf)")
+            return
+        if "dfs" in self.stages:
+            fail(f"eval_backend: vllm scores parameter-space merges; a DFS path model is no vLLM architecture "
+                 f"(space: {self.space}: use space: ps, or eval_backend: hf)")
+        v = self.vllm
+        if v.max_model_len is not None and v.max_model_len < 1:
+            fail(f"vllm.max_model_len: must be >= 1, got {v.max_model_len}")
+        if v.kv_cache_gib is not None and not (v.kv_cache_gib > 0 and math.isfinite(v.kv_cache_gib)):
+            fail(f"vllm.kv_cache_gib: must be > 0, got {v.kv_cache_gib}")
+        if v.kv_cache_gib is not None and self.device != "cpu":
+            fail("vllm.kv_cache_gib: sizes a CPU engine's KV cache; on a GPU set "
+                 "vllm.engine_args: {gpu_memory_utilization: ...}")
+        reserved = {"model", "tokenizer", "skip_tokenizer_init", "seed"} & set(v.engine_args)
+        if reserved:
+            fail(f"vllm.engine_args: {', '.join(sorted(reserved))} is set by fastmerge (the model is the base, "
+                 "prompts are tokenized by the config's tokenizer)")
 
     def _check_evaluator(self, fail) -> None:
         ev = self.evaluator
@@ -315,8 +349,9 @@ class EvolveConfig(_Strict):
         return groups * (len(self.ps.filters) + 1 if self.ps.filters else 1) * len(self.models) * per
 
     def fingerprint(self, stage: str) -> str:
-        """What a resumed stage must share with the run it continues (not the budget, workers or out)."""
-        keep = self.model_dump(exclude={"budget", "workers", "out", "device", "backend"})
+        """What a resumed stage must share with the run it continues (not the budget, where it runs -- workers,
+        devices, merge and evaluation backends -- or out)."""
+        keep = self.model_dump(exclude={"budget", "workers", "out", "device", "backend", "eval_backend", "vllm"})
         keep["ps"].pop("budget", None)
         keep["dfs"].pop("budget", None)
         keep["stage"] = stage

