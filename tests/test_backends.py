@@ -126,3 +126,13 @@ def test_eval_backend_does_not_change_the_fingerprint(families, tmp_path):
     vllm = EvolveConfig.from_yaml({**cfg, "eval_backend": "vllm", "vllm": {"max_model_len": 64}})
     assert hf.fingerprint("ps") == vllm.fingerprint("ps")  # a search may resume on the other engine
     assert hf.fingerprint("ps") != EvolveConfig.from_yaml({**cfg, "metric": "ppl"}).fingerprint("ps")
+
+
+def test_core_imports_no_engine():
+    """The core library, evolve and the backends package import neither vLLM nor lm-eval nor Ray."""
+    import subprocess
+
+    code = ("import sys, fastmerge, fastmerge.evolve, fastmerge.evaluate, fastmerge.backends, fastmerge.cli; "
+            "print(sorted(m for m in ('vllm', 'lm_eval', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

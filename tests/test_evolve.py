@@ -393,3 +393,5 @@ def test_the_paper_ps_config_is_valid_with_local_stand_ins(families, tmp_path):
     recipe = space.base_recipe()
     assert recipe["merge_method"] == "dare_ties"
     assert recipe["parameters"]["normalize"] is False and recipe["parameters"]["rescale"] is True
+    # the same search scored on vLLM: a valid config, the same fingerprint (a run may resume on it)
+    assert EvolveConfig.from_yaml({**data, "eval_backend": "vllm"}).fingerprint("ps") == config.fingerprint("ps")

@@ -129,8 +129,9 @@ def test_a_fresh_engine_gives_the_updated_engines_outputs(world, engine, tmp_pat
             assert gf == gu and lf == pytest.approx(lu, rel=1e-5, abs=1e-5)
 
 
-@pytest.mark.parametrize("evaluator", ["math", "loglik"])
-def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator):
+@pytest.mark.parametrize("evaluator,workers", [("math", 1), ("loglik", 1), ("loglik", 2)])
+def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator, workers):
+    """workers 2: a spawned pool, one engine per worker process."""
     base, ft0, ft1 = world["models"]
     ev = {"name": evaluator, "data": str(world["data"]), "batch_size": 4}
     if evaluator == "math":
@@ -139,7 +140,7 @@ def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator):
            "evaluator": ev, "metric": "acc" if evaluator == "math" else "loglik", "budget": {"generations": 2},
            "cma": {"popsize": 4, "seed": 1}}
     hf_run = evolve({**cfg, "out": str(tmp_path / "hf")})
-    vllm_run = evolve({**cfg, "out": str(tmp_path / "vllm"), "eval_backend": "vllm",
+    vllm_run = evolve({**cfg, "out": str(tmp_path / "vllm"), "eval_backend": "vllm", "workers": workers,
                        "vllm": {"max_model_len": 128, "kv_cache_gib": 1}})
     a = read_trials(tmp_path / "hf/ps/trials.jsonl", timings=False)
     b = read_trials(tmp_path / "vllm/ps/trials.jsonl", timings=False)
@@ -154,3 +155,17 @@ def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator):
     uploads = [r["upload_s"] for r in read_trials(tmp_path / "vllm/ps/trials.jsonl")]
     assert len(uploads) == 8 and all(u > 0 for u in uploads)
     assert all(r["upload_s"] == 0 for r in read_trials(tmp_path / "hf/ps/trials.jsonl"))
+
+
+def test_cli_eval_on_vllm_equals_hf(world, capsys):
+    from fastmerge.cli import main
+
+    base = world["models"][0]
+    args = ["eval", str(base), "--task", "loglik", "--data", str(world["data"]), "--no-progress", "--json"]
+    assert main(args) == 0
+    hf_metrics = json.loads(capsys.readouterr().out)
+    assert main([*args, "--backend", "vllm"]) == 0
+    vllm_metrics = json.loads(capsys.readouterr().out)
+    assert vllm_metrics.keys() == hf_metrics.keys()
+    for k, v in hf_metrics.items():
+        assert vllm_metrics[k] == pytest.approx(v, rel=1e-5), k

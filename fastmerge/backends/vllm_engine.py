@@ -90,6 +90,11 @@ class VLLMBackend(Backend):
         }
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
+        if not cpu and "gpu_memory_utilization" not in (engine_args or {}):
+            # the Merger's sources and live module already sit on this GPU: vLLM's default (0.9 of the
+            # whole GPU) would not fit beside them, so it gets 0.9 of what is free now (untested on a GPU)
+            free, total = torch.cuda.mem_get_info(torch.device(device))
+            kwargs["gpu_memory_utilization"] = round(0.9 * free / total, 3)
         kwargs.update(engine_args or {})
         try:
             self.llm = vllm.LLM(**kwargs)
