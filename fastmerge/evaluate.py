@@ -1,6 +1,6 @@
 """Evaluators: how good is a (merged) model, as one dict of metrics.
 
-Two built-ins (DESIGN 8) and a door for the user's own:
+Three built-ins (DESIGN 8) and a door for the user's own:
 
 - :class:`MathEvaluator` -- MGSM-style word problems: a zero-shot prompt, batched greedy generation
   (our own loop, :func:`greedy_generate`, so that any module honouring the HF causal-LM forward
@@ -8,6 +8,8 @@ Two built-ins (DESIGN 8) and a door for the user's own:
   last number of the output (:func:`extract_answer`), ``acc`` and ``acc_lang`` (correct *and* written
   in the target language per fastText lid.176, :func:`detect_language`).
 - :class:`LoglikEvaluator` -- mean per-token log-likelihood of a text set: cheap, smooth fitness.
+- :class:`~fastmerge.lmeval.LMEvalEvaluator` (``lm_eval``) -- lm-evaluation-harness tasks (local task
+  YAML + JSONL), several combined into one ``score``.
 - ``"package.module:function"`` -- anything callable as ``f(model, tokenizer) -> dict``.
 
 Every evaluator is a callable ``(model, tokenizer) -> dict[str, float]``; :func:`load_evaluator` builds
@@ -35,6 +37,7 @@ import torch
 from ._optional import missing, require
 from .backends import as_backend
 from .errors import FastmergeError
+from .lmeval import LMEvalEvaluator
 
 __all__ = [
     "DEFAULT_STOP",
@@ -430,7 +433,7 @@ class LoglikEvaluator:
 # Specs, user evaluators, checkpoints
 # --------------------------------------------------------------------------------------------------
 
-BUILTINS: dict[str, type] = {"math": MathEvaluator, "loglik": LoglikEvaluator}
+BUILTINS: dict[str, type] = {"math": MathEvaluator, "loglik": LoglikEvaluator, "lm_eval": LMEvalEvaluator}
 
 
 def _import_callable(ref: str) -> Callable:
@@ -455,8 +458,9 @@ def _import_callable(ref: str) -> Callable:
 def load_evaluator(spec: dict | str) -> Evaluator:
     """An evaluator ``(model, tokenizer) -> dict`` from a spec.
 
-    - ``{"name": "math" | "loglik", **kwargs}``: the built-in class with those keyword arguments
-      (``data`` at least), e.g. ``{"name": "math", "data": "mgsm_ja.jsonl", "lang": "ja"}``.
+    - ``{"name": "math" | "loglik" | "lm_eval", **kwargs}``: the built-in class with those keyword
+      arguments (``data`` at least; ``tasks`` for lm_eval), e.g. ``{"name": "math", "data":
+      "mgsm_ja.jsonl", "lang": "ja"}``, ``{"name": "lm_eval", "tasks": ["arith"], "include_path": "tasks/"}``.
     - ``"package.module:function"`` or ``{"name": "package.module:function"}``: that function is the
       evaluator.
     - ``{"name": "package.module:factory", **kwargs}``: with keyword arguments, the function is a
