@@ -118,8 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="score a checkpoint (a merge, a DFS export, any HF causal LM) with an evaluator")
     v.add_argument("model", help="model directory (config.json, weights, tokenizer)")
     v.add_argument("--task", required=True,
-                   help="math | loglik | package.module:function (with --data: a factory called with data=FILE)")
+                   help="math | loglik | lm_eval:TASK[,TASK...] (lm-evaluation-harness tasks) | "
+                        "package.module:function (with --data: a factory called with data=FILE)")
     v.add_argument("--data", default=None, help="JSONL: question/answer (math), text or question/answer (loglik)")
+    v.add_argument("--include-path", default=None, help="lm_eval: directory of task YAMLs (lm-eval's --include_path)")
+    v.add_argument("--num-fewshot", type=_int_at_least(0), default=None, help="lm_eval: few-shot examples per prompt")
     v.add_argument("--lang", default=None, help="target language of the answers for acc_lang (e.g. ja)")
     v.add_argument("--template", default=None,
                    help="math prompt template with {question}; \\n is a newline (default: 'Q: {question}\\nA:')")
@@ -202,6 +205,17 @@ def _dfs_export(args: argparse.Namespace) -> int:
 
 def _eval_spec(args: argparse.Namespace) -> dict:
     """The evaluator spec of ``fastmerge eval``'s flags (only those the task takes)."""
+    name, _, tasks = args.task.partition(":")
+    if name == "lm_eval":
+        if not tasks:
+            raise FastmergeError("--task lm_eval:TASK[,TASK...] names the lm-eval tasks "
+                                 "(e.g. --task lm_eval:arith,copy --include-path DIR)")
+        if args.data is not None:
+            raise FastmergeError("--data is not used by lm_eval tasks (each task YAML names its data)")
+        return {"name": "lm_eval", "tasks": [t.strip() for t in tasks.split(",")], "include_path": args.include_path,
+                "num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size}
+    if args.include_path is not None or args.num_fewshot is not None:
+        raise FastmergeError("--include-path and --num-fewshot are for --task lm_eval:TASK[,TASK...]")
     if args.task not in ("math", "loglik"):  # module:function; with --data it is a factory called with data=
         return {"name": args.task} if args.data is None else {"name": args.task, "data": args.data}
     if args.data is None:
@@ -237,11 +251,21 @@ def _eval(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    def fields(items) -> str:
+        return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
     if args.json:
         print(json.dumps(metrics))
+    elif any("/" in str(k) for k in metrics):  # "<task>/<metric>" (lm_eval): a line per task
+        print(f"{args.model}:")
+        tasks: dict[str, list] = {}
+        for k, v in metrics.items():
+            task, _, name = str(k).rpartition("/")
+            tasks.setdefault(task, []).append((name, v))
+        for task, items in tasks.items():
+            print(f"  {task}: {fields(items)}" if task else f"  {fields(items)}")
     else:
-        fields = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        print(f"{args.model}: {fields}")
+        print(f"{args.model}: {fields(metrics.items())}")
     return 0
 
 

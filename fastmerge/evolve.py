@@ -178,12 +178,17 @@ def _evolve_claimed(root: Path, config: EvolveConfig, resume: bool, materialize:
 def _claim_out_dir(root: Path, config: EvolveConfig, resume: bool, source: Path | None = None) -> Iterator[None]:
     """Hold the output directory for the run (``safety.OutputClaim``: locked, a second run to it
     fails at once); refuse one that is, holds or lies inside an input model, or holds the config
-    file, the evaluator's data or the working directory; refuse to mix a new run into an old one."""
+    file, the evaluator's data or task directory, or the working directory; refuse to mix a new run
+    into an old one."""
     models: list[str] = []
     config.with_model_paths(lambda p: models.append(p) or p)
     files = [("the config file", source)]
     if isinstance(config.evaluator, dict) and isinstance(config.evaluator.get("data"), str):
         files.append(("the evaluator's data", config.evaluator["data"]))
+    if isinstance(config.evaluator, dict):  # lm_eval's task directories
+        paths = config.evaluator.get("include_path")
+        files += [("the evaluator's task directory", p) for p in (paths if isinstance(paths, list) else [paths])
+                  if isinstance(p, str)]
     with OutputClaim(root, protected=protected_inputs(models, files), label="evolve output", staged=False):
         used = [root / s / f for s in ("ps", "dfs") for f in ("trials.jsonl", STATE_FILE, LEGACY_STATE_FILE)]
         if not resume and any(p.exists() for p in used):
@@ -310,6 +315,10 @@ class _Runner:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.evaluate = load_evaluator(spec.evaluator)
+        known = getattr(self.evaluate, "metric_names", None)  # an evaluator that knows them before it runs
+        if known is not None and spec.metric not in known:
+            raise FastmergeError(f"metric {spec.metric!r} is not among the evaluator's metrics "
+                                 f"({', '.join(sorted(known))})")
         self.tokenizer = _load_tokenizer(spec.tokenizer_dirs)
         if self.tokenizer is None and not (isinstance(spec.evaluator, str) or ":" in str(spec.evaluator.get("name"))):
             raise FastmergeError(f"no tokenizer in {', '.join(spec.tokenizer_dirs)}; set tokenizer: in the config")

@@ -4,9 +4,9 @@ Why validation is its own step: an evolutionary run loads several models and may
 so every mistake that can be found from the YAML and the files' headers (a missing model, an
 unknown method or metric, an empty range, no budget) is reported before any weight is read.
 
-Relative paths in the config (models, base model, tokenizer, evaluator data) are resolved against
-the config file's directory, so a config and its models can move together; ``out`` given on the
-command line is relative to the working directory.
+Relative paths in the config (models, base model, tokenizer, evaluator data, the lm_eval evaluator's
+include_path) are resolved against the config file's directory, so a config and its models can move
+together; ``out`` given on the command line is relative to the working directory.
 
 A config is code, like a script: ``evaluator`` may name any ``module:function`` (with arguments),
 which ``fastmerge evolve`` imports and calls, so running a config you did not write is like running
@@ -38,6 +38,9 @@ SPARSIFYING = ("ties", "dare_ties", "dare_linear")
 DFS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 #: metrics the built-in evaluators report; a ``module:function`` evaluator is checked on its first trial
 BUILTIN_METRICS = {"math": ("acc", "acc_lang", "n"), "loglik": ("loglik", "ppl", "n", "tokens")}
+#: every built-in evaluator; lm_eval reports "score" and "<task>/<metric>" for its tasks (the names are
+#: checked once its tasks are loaded, before any model)
+BUILTIN_EVALUATORS = (*BUILTIN_METRICS, "lm_eval")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -183,8 +186,14 @@ class EvolveConfig(_Strict):
             return p  # a hub id
 
         c = self.with_model_paths(fix)
-        if isinstance(c.evaluator, dict) and isinstance(c.evaluator.get("data"), str):
-            c.evaluator["data"] = str((root / Path(c.evaluator["data"]).expanduser()).resolve())
+        if isinstance(c.evaluator, dict):
+            def at_root(p: Any) -> Any:
+                return str((root / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
+
+            for key in ("data", "include_path"):
+                if key in c.evaluator:
+                    v = c.evaluator[key]
+                    c.evaluator[key] = [at_root(p) for p in v] if isinstance(v, list) else at_root(v)
         if c.out is not None:
             c.out = str((root / Path(c.out).expanduser()).resolve())
         return c
@@ -245,19 +254,23 @@ class EvolveConfig(_Strict):
     def _check_evaluator(self, fail) -> None:
         ev = self.evaluator
         if isinstance(ev, str):
-            if ":" not in ev and ev not in BUILTIN_METRICS:
-                fail(f"evaluator: {ev!r} is neither a built-in evaluator ({', '.join(BUILTIN_METRICS)}) "
+            if ":" not in ev and ev not in BUILTIN_EVALUATORS:
+                fail(f"evaluator: {ev!r} is neither a built-in evaluator ({', '.join(BUILTIN_EVALUATORS)}) "
                      "nor 'package.module:function'")
+            if ev == "lm_eval":
+                fail("evaluator: lm_eval needs its tasks: {name: lm_eval, tasks: [...], include_path: DIR}")
             name = ev
         else:
             name = ev.get("name")
             if not isinstance(name, str):
-                fail("evaluator: a mapping needs a 'name' (math, loglik or 'package.module:function')")
+                fail("evaluator: a mapping needs a 'name' (math, loglik, lm_eval or 'package.module:function')")
             data = ev.get("data")
             if data is not None and not Path(data).is_file():
                 fail(f"evaluator.data: {data}: file not found")
         if not self.metric:
             fail("metric: name the evaluator metric to maximise (e.g. acc_lang)")
+        if name == "lm_eval":
+            _check_lm_eval(ev, self.metric, fail)
         known = BUILTIN_METRICS.get(name)
         if known is not None and self.metric not in known:
             fail(f"metric: {self.metric!r} is not reported by the {name!r} evaluator (it reports {', '.join(known)})")
@@ -393,6 +406,21 @@ def _check_cma(c: CMAConfig, fail) -> None:
         fail(f"cma.sigma0: must be > 0, got {c.sigma0}")
     if c.popsize is not None and c.popsize < 4:  # below 4, CMA-ES's rank-mu update has zero weight (0/0)
         fail(f"cma.popsize: must be >= 4, got {c.popsize}")
+
+
+def _check_lm_eval(ev: dict, metric: str, fail) -> None:
+    """The lm_eval evaluator's shape (its task names and metrics are checked when its tasks load)."""
+    tasks = ev.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        fail(f"evaluator.tasks: a non-empty list of lm-eval task names, got {tasks!r}")
+    paths = ev.get("include_path")
+    for p in paths if isinstance(paths, list) else [] if paths is None else [paths]:
+        if not isinstance(p, str) or not Path(p).is_dir():
+            fail(f"evaluator.include_path: {p}: directory not found")
+    task, slash, name = metric.partition("/")
+    if metric != "score" and not (slash and task and name):
+        fail(f"metric: the lm_eval evaluator reports 'score' (the weighted mean over its tasks) and "
+             f"'<task>/<metric>' (e.g. {tasks[0]}/acc), not {metric!r}")
 
 
 def _check_range(r: tuple[float, float], key: str, fail) -> None:
