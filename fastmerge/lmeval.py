@@ -10,9 +10,9 @@ task name, directory or metric fails before any model is loaded; each call runs 
 - a ``transformers.PreTrainedModel`` (a ``Merger``'s module, a checkpoint) is scored by lm-eval's own
   ``HFLM`` wrapped around the live module (built once per module: candidates change its weights in
   place), so the result is lm-eval's to the last digit;
-- anything else -- a :class:`~fastmerge.backends.Backend` (the vLLM engine), a DFS ``PathModel`` (a
-  plain ``nn.Module``) -- through :class:`BackendLM`, an ``lm_eval`` ``LM`` over the backend interface
-  that tokenizes exactly as ``HFLM`` does;
+- anything else -- a :class:`~fastmerge.backends.Backend` (the vLLM engine), a DFS ``PathModel``, a
+  plain module honouring the HF forward contract -- through :class:`BackendLM`, an ``lm_eval`` ``LM``
+  over the backend interface that tokenizes exactly as ``HFLM`` does;
 - an ``lm_eval.api.model.LM`` is used as it is.
 
 Metrics are ``"<task>/<metric>"`` for every task (lm-eval's ``acc,none`` is ``acc``; a metric under a
@@ -39,7 +39,7 @@ from ._optional import require
 from .backends import Backend, HFBackend
 from .errors import FastmergeError
 
-__all__ = ["BackendLM", "LMEvalEvaluator", "metric_key"]
+__all__ = ["LMEvalEvaluator", "metric_key"]  # and BackendLM, made on first access (module __getattr__)
 
 #: the few-shot sampler's seed: lm-eval's default (``simple_evaluate``'s ``fewshot_random_seed``)
 FEWSHOT_SEED = 1234
@@ -154,18 +154,39 @@ def _exists(base: Path, p: str) -> bool:
     return any(base.glob(p)) if any(c in p for c in "*?[") else (base / p).exists()
 
 
-def _data_dir(entry: Any) -> Path | None:
-    """The task YAML's directory when its data are given relative to it and not to the working
-    directory (which is what lm-eval itself reads them relative to), else None."""
-    yaml_path = getattr(entry, "yaml_path", None)
-    cfg = getattr(entry, "cfg", None)
-    if yaml_path is None or not isinstance(cfg, Mapping):
-        return None
-    root = Path(yaml_path).resolve().parent
-    rel = _relative_paths(cfg)
-    if any(_exists(root, p) for p in rel) and not any(_exists(Path.cwd(), p) for p in rel):
-        return root
-    return None
+def _leaf_entries(index: Mapping[str, Any], name: str, seen: set[str] | None = None) -> list[Any]:
+    """The task-index entries of ``name``'s tasks: itself, or a group's or tag's members."""
+    seen = set() if seen is None else seen
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return []
+    seen.add(name)
+    kind = getattr(getattr(entry, "kind", None), "name", "")
+    if kind == "TAG":
+        members = sorted(getattr(entry, "tags", ()))
+    elif kind == "GROUP" and isinstance(getattr(entry, "cfg", None), Mapping):
+        task = entry.cfg.get("task")
+        members = [m if isinstance(m, str) else m.get("task") for m in (task if isinstance(task, list) else [])
+                   if isinstance(m, (str, Mapping))]
+    else:
+        return [entry]
+    return [e for m in members if isinstance(m, str) for e in _leaf_entries(index, m, seen)]
+
+
+def _data_dir(index: Mapping[str, Any], name: str) -> Path | None:
+    """The directory of ``name``'s task YAMLs when their data are given relative to it and not to
+    the working directory (which is what lm-eval itself reads them relative to), else None. Tasks of
+    a group whose data lie beside YAMLs in different directories are left to lm-eval."""
+    dirs = set()
+    for entry in _leaf_entries(index, name):
+        yaml_path, cfg = getattr(entry, "yaml_path", None), getattr(entry, "cfg", None)
+        if yaml_path is None or not isinstance(cfg, Mapping):
+            continue
+        root = Path(yaml_path).resolve().parent
+        rel = _relative_paths(cfg)
+        if any(_exists(root, p) for p in rel) and not any(_exists(Path.cwd(), p) for p in rel):
+            dirs.add(root)
+    return dirs.pop() if len(dirs) == 1 else None
 
 
 def metric_key(key: str) -> str | None:
@@ -184,7 +205,8 @@ def metric_key(key: str) -> str | None:
 
 def _backend_lm_class() -> type:
     """``BackendLM`` subclasses lm-eval's ``TemplateLM``, so it is defined on first use (lm-eval is
-    an optional dependency)."""
+    an optional dependency): ``BackendLM(backend, batch_size=16, max_length=None, max_gen_toks=256,
+    add_bos_token=None)``."""
     global _BACKEND_LM
     if _BACKEND_LM is not None:
         return _BACKEND_LM
@@ -200,7 +222,7 @@ def _backend_lm_class() -> type:
         resolve_max_length,
     )
 
-    class _BackendLM(TemplateLM):
+    class BackendLM(TemplateLM):
         """lm-eval's ``LM`` over a :class:`~fastmerge.backends.Backend`: what the vLLM backend and DFS
         path models are scored through. Tokenization is ``HFLM``'s -- context ids + continuation ids
         with the context's trailing whitespace moved into the continuation (``TemplateLM._encode_pair``),
@@ -255,7 +277,9 @@ def _backend_lm_class() -> type:
                                   disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
             pairs = []
             for _, ctx, cont in requests:
-                if not cont or len(cont) > self.max_length:
+                if not cont:
+                    raise FastmergeError("lm_eval: a request's continuation is empty (nothing to score)")
+                if len(cont) > self.max_length:
                     raise FastmergeError(f"lm_eval: a continuation of {len(cont)} tokens does not fit "
                                          f"the model's {self.max_length}")
                 whole = (list(ctx) + list(cont))[-(self.max_length + 1):]  # HFLM's left truncation
@@ -309,18 +333,19 @@ def _backend_lm_class() -> type:
                     out[i] = postprocess_generated_text(text, until, None)
             return out  # type: ignore[return-value]
 
-    _BACKEND_LM = _BackendLM
+    BackendLM.__module__ = __name__
+    _BACKEND_LM = BackendLM
     return _BACKEND_LM
 
 
 _BACKEND_LM: type | None = None
 
 
-def BackendLM(backend: Backend, batch_size: int = 16, max_length: int | None = None, max_gen_toks: int = 256,
-              add_bos_token: bool | None = None) -> Any:
-    """An ``lm_eval.api.model.LM`` that scores through ``backend`` (tokenized as lm-eval's ``HFLM``)."""
-    return _backend_lm_class()(backend, batch_size=batch_size, max_length=max_length, max_gen_toks=max_gen_toks,
-                               add_bos_token=add_bos_token)
+def __getattr__(name: str) -> Any:
+    """``fastmerge.lmeval.BackendLM``: the class, made (and lm-eval imported) on first access."""
+    if name == "BackendLM":
+        return _backend_lm_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,6 +373,14 @@ def _as_dirs(include_path: Any) -> list[Path]:
             raise FastmergeError(f"lm_eval: include_path {p}: directory not found")
         dirs.append(Path(p).expanduser().resolve())
     return dirs
+
+
+def _is_path_model(module: Any) -> bool:
+    """A DFS ``PathModel`` is a PreTrainedModel too, but its decoder is a path over other models'
+    layers: it is scored by the hf backend's own loop (the one tested on path models), through
+    :class:`BackendLM`. fastmerge.dfs is not imported for this: no path model exists without it."""
+    dfs = sys.modules.get("fastmerge.dfs")
+    return dfs is not None and isinstance(module, dfs.PathModel)
 
 
 class LMEvalEvaluator:
@@ -389,7 +422,7 @@ class LMEvalEvaluator:
         self.weights = self._weights(weights)
         self._loaded = self._load(include_defaults)
         self._set_fewshot(num_fewshot)
-        self.metrics = self._score_metrics(metric)
+        self.score_metrics, self.higher_is_better = self._score_metrics(metric)
         self.last_results: dict = {}
         self._cached: tuple[Any, Any, Any] | None = None  # (model, tokenizer, LM) of the last call
 
@@ -401,7 +434,8 @@ class LMEvalEvaluator:
         elif isinstance(weights, Mapping):
             unknown = [k for k in weights if k not in self.tasks]
             if unknown:
-                raise FastmergeError(f"lm_eval: weights: {unknown[0]!r} is not one of the tasks ({', '.join(self.tasks)})")
+                raise FastmergeError(f"lm_eval: weights: {unknown[0]!r} is not one of the tasks "
+                                     f"({', '.join(self.tasks)})")
             out = {t: weights.get(t, 1.0) for t in self.tasks}
         elif isinstance(weights, (list, tuple)):
             if len(weights) != len(self.tasks):
@@ -441,7 +475,7 @@ class LMEvalEvaluator:
             for name in self.tasks:
                 tm = managers[name]
                 try:
-                    with _cwd(_data_dir(tm.task_index.get(name))):
+                    with _cwd(_data_dir(tm.task_index, name)):
                         got = tm.load([name])
                 except FastmergeError:
                     raise
@@ -485,16 +519,18 @@ class LMEvalEvaluator:
         filters = [getattr(f, "name", "none") for f in getattr(task, "_filters", None) or []] or ["none"]
         return {metric_key(f"{m},{f}"): bool(hib) for f in filters for m, hib in better.items()}
 
-    def _score_metrics(self, metric: str | Mapping[str, str] | None) -> dict[str, str | None]:
-        """task -> the metric it contributes to ``score`` (checked against what it reports)."""
+    def _score_metrics(self, metric: str | Mapping[str, str] | None) -> tuple[dict[str, str | None], dict[str, bool]]:
+        """task -> the metric it contributes to ``score`` (checked against what it reports), and
+        task -> whether that metric is higher-is-better (a group's: known once it has run)."""
         if isinstance(metric, Mapping):
             unknown = [k for k in metric if k not in self.tasks]
             if unknown:
-                raise FastmergeError(f"lm_eval: metric: {unknown[0]!r} is not one of the tasks ({', '.join(self.tasks)})")
+                raise FastmergeError(f"lm_eval: metric: {unknown[0]!r} is not one of the tasks "
+                                     f"({', '.join(self.tasks)})")
         elif metric is not None and not isinstance(metric, str):
             raise FastmergeError(f"lm_eval: metric must be a metric name or a mapping task -> name, got {metric!r}")
         out: dict[str, str | None] = {}
-        self.higher_is_better: dict[str, bool] = {}
+        better: dict[str, bool] = {}
         for t in self.tasks:
             want = metric.get(t) if isinstance(metric, Mapping) else metric
             if want is not None and not isinstance(want, str):
@@ -513,8 +549,8 @@ class LMEvalEvaluator:
                                          f"(it reports {', '.join(known)})")
                 want = filtered[0]
             out[t] = want
-            self.higher_is_better[t] = known[want]
-        return out
+            better[t] = known[want]
+        return out, better
 
     @property
     def metric_names(self) -> set[str] | None:
@@ -544,7 +580,7 @@ class LMEvalEvaluator:
                 raise FastmergeError("lm_eval: no tokenizer (set tokenizer: in the config)")
             from transformers import PreTrainedModel
 
-            if isinstance(module, PreTrainedModel):
+            if isinstance(module, PreTrainedModel) and not _is_path_model(module):
                 from lm_eval.models.huggingface import HFLM
 
                 # a copy: HFLM may give a tokenizer without one a pad token, and the caller shares it
@@ -553,7 +589,7 @@ class LMEvalEvaluator:
                               max_length=self.max_length)
             else:
                 backend = model if isinstance(model, Backend) else HFBackend(module, tok)
-                lm = BackendLM(backend, batch_size=self.batch_size, max_length=self.max_length)
+                lm = _backend_lm_class()(backend, batch_size=self.batch_size, max_length=self.max_length)
         self._cached = (model, tokenizer, lm)
         return lm
 
@@ -572,11 +608,11 @@ class LMEvalEvaluator:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise FastmergeError(f"lm_eval: evaluation failed: {type(e).__name__}: {first}") from None
         self.last_results = dict(res)
-        return self._metrics(res["results"])
+        return self._metrics(res)
 
-    def _metrics(self, results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    def _metrics(self, res: Mapping[str, Any]) -> dict[str, float]:
         out: dict[str, float] = {}
-        for name, row in results.items():
+        for name, row in res["results"].items():
             for key, v in row.items():
                 m = metric_key(key)
                 if m is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -584,14 +620,17 @@ class LMEvalEvaluator:
         total = 0.0
         for t in self.tasks:
             name = self._loaded["names"][t]
-            m = self.metrics[t]
+            m = self.score_metrics[t]
             if m is None:  # a group with no metric named: its first aggregate
                 m = next((k.partition("/")[2] for k in out if k.startswith(f"{name}/")), None)
             key = f"{name}/{m}"
             if key not in out:
                 have = [k.partition("/")[2] for k in out if k.startswith(f"{name}/")]
-                raise FastmergeError(f"lm_eval: {name!r} reported no {m!r} (it reported {', '.join(have) or 'nothing'})")
-            hib = self.higher_is_better.get(t, True)
+                raise FastmergeError(f"lm_eval: {name!r} reported no {m!r} "
+                                     f"(it reported {', '.join(have) or 'nothing'})")
+            hib = self.higher_is_better.get(t)
+            if hib is None:  # a group's, as lm-eval reports it
+                hib = bool(res.get("higher_is_better", {}).get(name, {}).get(m.partition(",")[0], True))
             total += self.weights[t] * (out[key] if hib else -out[key])
         out["score"] = total / sum(self.weights.values())
         return out
