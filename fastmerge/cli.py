@@ -251,6 +251,7 @@ def _eval(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+
     def fields(items) -> str:
         return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
 
