@@ -237,8 +237,9 @@ def _backend_lm_class() -> type:
             self.batch_size = batch_size
             self.add_bos_token = add_bos_token
             self._max_gen_toks = max_gen_toks
-            if max_length is None:
-                max_length = getattr(backend, "max_length", None)
+            if max_length is None:  # the engine's own limit: vLLM's max_model_len, else the model config's
+                max_length = getattr(backend, "max_length", None) or getattr(
+                    getattr(getattr(backend, "llm", None), "model_config", None), "max_model_len", None)
             if max_length is None:
                 config = getattr(getattr(backend, "model", None), "config", None)
                 max_length = resolve_max_length(config, self.tokenizer)
