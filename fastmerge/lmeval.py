@@ -394,8 +394,8 @@ class LMEvalEvaluator:
     ``include_defaults``: True/False to always/never index the built-in tasks.
     ``metric``: the metric each task contributes to ``score`` -- one name for all, or a mapping
     task -> name (default: each task's first metric, under its first filter).
-    ``weights``: task -> weight, or a list in task order (default equal: a plain average, the paper's
-    JP-LMEH score). ``num_fewshot``, ``limit`` (a count, or a fraction < 1), ``batch_size`` and
+    ``weights``: task -> weight (a task not named weighs 1), or a list in task order (default equal:
+    a plain average, the paper's JP-LMEH score). ``num_fewshot``, ``limit`` (a count, or a fraction < 1), ``batch_size`` and
     ``max_length`` are lm-eval's. A relative data path in a task YAML is read relative to the YAML's
     directory when it is there (lm-eval itself reads it relative to the working directory).
     """
