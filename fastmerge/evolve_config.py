@@ -126,6 +126,8 @@ class EvolveConfig(_Strict):
     budget: Budget | None = None
     out: str | None = None
     workers: int = 1
+    scale: Literal["local", "ray"] = "local"  # local: this process or a spawn pool; ray: one Ray actor per worker
+    ray_address: str | None = None  # join this Ray cluster (default: start a local one for the stage)
     device: str = "cpu"
     backend: Literal["cpu", "triton"] | None = None
     eval_backend: Literal["hf", "vllm"] = "hf"
@@ -219,6 +221,7 @@ class EvolveConfig(_Strict):
             fail(f"workers: must be >= 1, got {self.workers}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             fail(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        self._check_scale(fail)
         if self.backend == "cpu" and self.device != "cpu":
             fail("backend: the cpu backend merges CPU tensors; use backend: triton on a GPU")
         self._check_evaluator(fail)
@@ -250,6 +253,14 @@ class EvolveConfig(_Strict):
         if reserved:
             fail(f"vllm.engine_args: {', '.join(sorted(reserved))} is set by fastmerge (the model is the base, "
                  "prompts are tokenized by the config's tokenizer)")
+
+    def _check_scale(self, fail) -> None:
+        if self.ray_address is not None and self.scale != "ray":
+            fail("ray_address: joining a Ray cluster needs scale: ray")
+        if self.ray_address is not None and not self.ray_address.strip():
+            fail("ray_address: empty; give the head's host:port or auto, or leave it out to start a local cluster")
+        if self.scale == "ray" and self.device.startswith("cuda:"):
+            fail(f"device: with scale: ray each worker gets its own GPU from Ray; use device: cuda, not {self.device}")
 
     def _check_evaluator(self, fail) -> None:
         ev = self.evaluator
@@ -362,9 +373,11 @@ class EvolveConfig(_Strict):
         return groups * (len(self.ps.filters) + 1 if self.ps.filters else 1) * len(self.models) * per
 
     def fingerprint(self, stage: str) -> str:
-        """What a resumed stage must share with the run it continues (not the budget, where it runs -- workers,
-        devices, merge and evaluation backends -- or out)."""
-        keep = self.model_dump(exclude={"budget", "workers", "out", "device", "backend", "eval_backend", "vllm"})
+        """What a resumed stage must share with the run it continues: not the budget, out, nor where
+        and how the candidates are scored (workers, scale, ray_address, devices, merge and evaluation
+        backends), which do not change the search."""
+        keep = self.model_dump(exclude={"budget", "workers", "scale", "ray_address", "out", "device", "backend",
+                                        "eval_backend", "vllm"})
         keep["ps"].pop("budget", None)
         keep["dfs"].pop("budget", None)
         keep["stage"] = stage
