@@ -278,7 +278,7 @@ def _space_json(space: PSSpace | DFSSpace) -> dict:
 
 @dataclass
 class _RunnerSpec:
-    """Everything a process needs to score genomes (picklable: it travels to spawned workers)."""
+    """Everything a process needs to score genomes (picklable: it travels to spawned workers and Ray actors)."""
 
     stage: str
     space: PSSpace | DFSSpace
@@ -589,7 +589,8 @@ class _Clock:
         self.merge_s = self.upload_s = self.eval_s = 0.0
 
     def ready(self) -> None:
-        """Models loaded (in this process; workers load on their first genome): trials start now."""
+        """Models loaded (in this process or on the Ray actors; pool workers load on their first
+        genome): trials start now."""
         self.start = time.perf_counter()
         self.report("ready")
 
