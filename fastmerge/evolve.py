@@ -666,8 +666,8 @@ def _record_config(root: Path, config: EvolveConfig) -> None:
 
 def _config_changed(out: Path) -> FastmergeError:
     return FastmergeError(f"{out}: the config changed since this run started (only budget, out, workers, scale, "
-                          "ray_address, device and backend may change on --resume); start a new run in another "
-                          "directory")
+                          "ray_address, device, backend, eval_backend and vllm may change on --resume); start a new "
+                          "run in another directory")
 
 
 def _legacy_state_error(file: Path) -> FastmergeError:
