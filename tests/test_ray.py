@@ -1,7 +1,8 @@
-"""``scale: ray`` (fastmerge.ray_scale): Ray actors give the serial trial log for a seed, a worker
-that dies is restarted and its genome scored again, a killed Ray run resumes to the uninterrupted
-log (its driver joined through ``ray_address``), a run without one starts and stops its own local
-cluster, and config errors and a missing Ray are one line. Skipped when Ray is not installed."""
+"""``scale: ray`` (fastmerge.ray_scale): Ray actors give the serial trial log for a seed (PS, and
+PS then DFS through a real evaluator), a worker that dies is restarted and its genome scored again,
+a killed Ray run resumes to the uninterrupted log (its driver joined through ``ray_address``), a run
+without one starts and stops its own local cluster, and config errors and a missing Ray are one
+line. Skipped when Ray is not installed."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fastmerge.errors import FastmergeError  # noqa: E402
 from fastmerge.evolve import EvolveConfig, evolve, read_trials  # noqa: E402
 from fastmerge.merger import Merger  # noqa: E402
 
-from .test_evolve import ROOT, _wait_for, config, make_target  # noqa: E402
+from .test_evolve import ROOT, _wait_for, config, make_target, real_config, world  # noqa: E402, F401
 
 #: the subprocesses' environment: this checkout importable, one torch thread (2 shared cores)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -58,6 +59,17 @@ def test_ray_workers_give_the_serial_log(cluster, serial, tmp_path):
     assert two.best.best_x == one.best.best_x and two.best.best_fitness == one.best.best_fitness
     assert yaml.safe_load((tmp_path / "two/config.yml").read_text())["scale"] == "ray"
     assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2  # the caller's session stays open
+
+
+def test_ps_then_dfs_on_ray_gives_the_serial_logs(cluster, world, tmp_path):  # noqa: F811
+    """Both stages (the DFS one's actors load the PS merge and run path models) with a real evaluator."""
+    cfg = real_config(world, tmp_path / "one", "ps+dfs", merge_method="ties",
+                      evaluator={"name": "loglik", "data": str(world["text"])}, metric="loglik")
+    evolve(cfg)
+    evolve({**cfg, "out": str(tmp_path / "two"), "scale": "ray", "workers": 2})
+    for stage in ("ps", "dfs"):
+        assert read_trials(tmp_path / f"two/{stage}/trials.jsonl", timings=False) == \
+            read_trials(tmp_path / f"one/{stage}/trials.jsonl", timings=False), stage
 
 
 def test_a_dead_worker_is_restarted_and_its_genome_scored_again(cluster, serial, tmp_path):
