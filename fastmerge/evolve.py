@@ -161,13 +161,15 @@ def _evolve_claimed(root: Path, config: EvolveConfig, resume: bool, materialize:
         if stage == "ps":
             space = ps_space(config)
             spec = _RunnerSpec("ps", space, config.evaluator, config.metric, _tokenizer_dirs(config, config.ps_models),
-                               config.device, config.backend, eval_backend=config.eval_backend,
-                               vllm=config.vllm.model_dump(), engine_model=config.ps_models[0])
+                               config.device, config.backend, threads=config.threads,
+                               eval_backend=config.eval_backend, vllm=config.vllm.model_dump(),
+                               engine_model=config.ps_models[0])
         else:
             models = ([str(ps_model)] if ps_model is not None else []) + config.dfs_models
             space = dfs_space(config, models)
             spec = _RunnerSpec("dfs", space, config.evaluator, config.metric,
-                               _tokenizer_dirs(config, [models[space.head], *models]), config.device, config.backend)
+                               _tokenizer_dirs(config, [models[space.head], *models]), config.device, config.backend,
+                               threads=config.threads)
         res = _run_stage(stage, config, space, spec, stage_dir, resume, progress)
         if stage == "ps" and (materialize or "dfs" in config.stages):
             res.model_dir = _materialize(res.best_file, stage_dir / "model", _materialize_ps, config.device)
@@ -665,9 +667,9 @@ def _record_config(root: Path, config: EvolveConfig) -> None:
 
 
 def _config_changed(out: Path) -> FastmergeError:
-    return FastmergeError(f"{out}: the config changed since this run started (only budget, out, workers, scale, "
-                          "ray_address, device, backend, eval_backend and vllm may change on --resume); start a new "
-                          "run in another directory")
+    return FastmergeError(f"{out}: the config changed since this run started (only budget, out, workers, "
+                          "threads, scale, ray_address, device, backend, eval_backend and vllm may change on "
+                          "--resume); start a new run in another directory")
 
 
 def _legacy_state_error(file: Path) -> FastmergeError:

@@ -126,6 +126,7 @@ class EvolveConfig(_Strict):
     budget: Budget | None = None
     out: str | None = None
     workers: int = 1
+    threads: int | None = None  # CPU threads per worker (torch, vLLM); None: the cores split between workers
     scale: Literal["local", "ray"] = "local"  # local: this process or a spawn pool; ray: one Ray actor per worker
     ray_address: str | None = None  # join this Ray cluster (default: start a local one for the stage)
     device: str = "cpu"
@@ -219,6 +220,8 @@ class EvolveConfig(_Strict):
         _check_cma(self.cma, fail)
         if self.workers < 1:
             fail(f"workers: must be >= 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            fail(f"threads: must be >= 1, got {self.threads}")
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             fail(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
         self._check_scale(fail)
@@ -374,10 +377,10 @@ class EvolveConfig(_Strict):
 
     def fingerprint(self, stage: str) -> str:
         """What a resumed stage must share with the run it continues: not the budget, out, nor where
-        and how the candidates are scored (workers, scale, ray_address, devices, merge and evaluation
-        backends), which do not change the search."""
-        keep = self.model_dump(exclude={"budget", "workers", "scale", "ray_address", "out", "device", "backend",
-                                        "eval_backend", "vllm"})
+        and how the candidates are scored (workers, threads, scale, ray_address, devices, merge and
+        evaluation backends), which do not change the search."""
+        keep = self.model_dump(exclude={"budget", "workers", "threads", "scale", "ray_address", "out", "device",
+                                        "backend", "eval_backend", "vllm"})
         keep["ps"].pop("budget", None)
         keep["dfs"].pop("budget", None)
         keep["stage"] = stage

@@ -129,9 +129,12 @@ def test_a_fresh_engine_gives_the_updated_engines_outputs(world, engine, tmp_pat
             assert gf == gu and lf == pytest.approx(lu, rel=1e-5, abs=1e-5)
 
 
-@pytest.mark.parametrize("evaluator,workers", [("math", 1), ("loglik", 1), ("loglik", 2)])
-def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator, workers):
-    """workers 2: a spawned pool, one engine per worker process."""
+@pytest.mark.parametrize("evaluator,workers,scale", [("math", 1, "local"), ("loglik", 1, "local"),
+                                                     ("loglik", 2, "local"), ("loglik", 2, "ray")])
+def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator, workers, scale):
+    """workers 2: a spawned pool or two Ray actors (a local cluster the run starts), one engine each."""
+    if scale == "ray" and os.environ.get("FASTMERGE_REQUIRE_ENGINES") != "1":
+        pytest.importorskip("ray")
     base, ft0, ft1 = world["models"]
     ev = {"name": evaluator, "data": str(world["data"]), "batch_size": 4}
     if evaluator == "math":
@@ -141,7 +144,7 @@ def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator, worke
            "cma": {"popsize": 4, "seed": 1}}
     hf_run = evolve({**cfg, "out": str(tmp_path / "hf")})
     vllm_run = evolve({**cfg, "out": str(tmp_path / "vllm"), "eval_backend": "vllm", "workers": workers,
-                       "vllm": {"max_model_len": 128, "kv_cache_gib": 1}})
+                       "scale": scale, "vllm": {"max_model_len": 128, "kv_cache_gib": 1}})
     a = read_trials(tmp_path / "hf/ps/trials.jsonl", timings=False)
     b = read_trials(tmp_path / "vllm/ps/trials.jsonl", timings=False)
     assert [r["x"] for r in a] == [r["x"] for r in b]  # same fitness ranking, so the same search
