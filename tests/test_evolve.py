@@ -329,6 +329,7 @@ BAD = [
     ({"cma": {"x0": 1.5}}, "x0 must lie in it"),
     ({"cma": {"popsize": 3}}, "popsize: must be >= 4"),
     ({"workers": 0}, "workers: must be >= 1"),
+    ({"threads": 0}, "threads: must be >= 1"),
     ({"device": "tpu"}, "device: expected cpu"),
     ({"out": None}, "no output directory"),
     ({"space": "dfs", "dfs": {"repetitions": 0}}, "repetitions: must be >= 1"),
