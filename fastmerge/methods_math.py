@@ -194,18 +194,19 @@ def breadcrumbs_keep(delta: torch.Tensor, density: float, gamma: float) -> torch
     (outliers) and the smallest, keeping m = int(density*n) elements; ``None`` at density >= 1.
 
     As mergekit's ``magnitude_outliers``: n_top = int(gamma*n) outliers go first, but never so many
-    that fewer than m remain (then the band is the m smallest); ranks are positions in the
-    ascending |delta| order, ties broken by flat index (mergekit's sort leaves them unspecified).
+    that fewer than m remain (then the band is the m smallest). Elements are ranked by |delta|
+    descending, equal |delta| by ascending flat index -- the tie rule of our TIES threshold
+    (DESIGN.md s.3), so gamma = 0 keeps exactly what TIES keeps; mergekit's sort leaves the order
+    of ties unspecified, so on tied magnitudes the two may keep different (equal-|delta|) elements.
     """
     if density >= 1:
         return None
     n = delta.numel()
     m = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - m - n_top)
-    order = torch.argsort(delta.reshape(-1).abs(), stable=True)
+    start = min(int(gamma * n), n - m)  # outliers skipped: mergekit's n - n_bot - m
+    order = torch.argsort(delta.reshape(-1).abs(), descending=True, stable=True)
     keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[n_bot:n_bot + m]] = True
+    keep[order[start:start + m]] = True
     return keep.reshape(delta.shape)
 
 

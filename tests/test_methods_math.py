@@ -121,6 +121,34 @@ def test_breadcrumbs_band():
     keep = mm.breadcrumbs_keep(d, 0.4, 0.2)  # drop 7, -6; keep the next 4: 5, -4, 3, 2
     assert keep.tolist() == [True, False, True, False, True, True, False, False, False, False]
     assert mm.breadcrumbs_keep(d, 1.0, 0.2) is None
+    assert mm.breadcrumbs_keep(d, 0.3, 0.9).tolist() == [  # gamma too large: the 3 smallest
+        False, False, False, True, False, False, True, False, False, True]
+
+
+def test_ties_break_by_flat_index():
+    """On tied |delta| (quantised deltas, as bf16 fine-tunes give), the breadcrumbs band and the
+    SCE selection keep the same number of elements with the same multiset of magnitudes as
+    mergekit; which of the equal ones is kept is ours to fix (lowest flat index first, as TIES)."""
+    from mergekit.merge_methods.sce import sce_mask
+    from mergekit.sparsify import magnitude_outliers
+
+    base, models = family((64, 257), 3, seed=22)
+    deltas = [((m - base) * 40).round() / 40 for m in models]
+    for d in deltas:
+        mine = mm.breadcrumbs_keep(d, 0.3, 0.1)
+        # |d| + 1 ranks (and ties) as d does, and no kept element reads as zero
+        theirs = magnitude_outliers(d.abs() + 1, 0.3, gamma=0.1) != 0
+        assert torch.equal(d.abs()[mine].sort().values, d.abs()[theirs].sort().values)
+    tie = mm.breadcrumbs_keep(torch.ones(10), 0.3, 0.2)  # all tied: skip 2, keep the next 3
+    assert tie.tolist() == [False, False, True, True, True, False, False, False, False, False]
+    tvs = torch.stack(deltas)
+    var = torch.var(tvs, dim=0, unbiased=False)
+    mine, theirs = mm.sce_select(tvs, 0.3), sce_mask(tvs, 0.3).bool()
+    assert torch.equal(var[mine].sort().values, var[theirs].sort().values)
+    gamma0 = mm.breadcrumbs_keep(deltas[0], 0.3, 0.0)  # gamma 0 is TIES's top m, ties by index
+    order = torch.argsort(deltas[0].reshape(-1).abs(), descending=True, stable=True)
+    assert torch.equal(gamma0.reshape(-1).nonzero().squeeze(1).sort().values,
+                       order[: int(0.3 * deltas[0].numel())].sort().values)
 
 
 # ---------------------------------------------------------------------------------------------
