@@ -394,3 +394,18 @@ def test_bf16_inputs_compute_in_fp32(method):
     high = mm.METHODS[method](base.bfloat16().float(), [m.bfloat16().float() for m in models], name="t", **params)
     assert low.dtype == torch.float32
     assert torch.equal(low, high)
+
+
+def test_arcee_fusion_exact_quantiles_on_large_tensors():
+    """Above 10**6 elements mergekit estimates the quantiles from a random sample; ours are exact.
+    The kept sets then differ only near the threshold: kept fractions within 0.002, and where
+    both keep (or both drop) an element the outputs agree."""
+    base, (model,) = family((1001, 1000), 1, seed=23, scale=0.3)
+    mine = ours("arcee_fusion", base, [model])
+    torch.manual_seed(0)
+    theirs = mergekit("arcee_fusion", base, [model])
+    kept_mine, kept_theirs = mine != base, theirs != base
+    assert 0.01 < float(kept_mine.float().mean()) < 0.5
+    assert abs(float(kept_mine.float().mean() - kept_theirs.float().mean())) < 0.002
+    same = kept_mine == kept_theirs
+    assert float((mine - theirs)[same].abs().max()) <= ATOL
