@@ -409,3 +409,70 @@ def test_arcee_fusion_exact_quantiles_on_large_tensors():
     assert abs(float(kept_mine.float().mean() - kept_theirs.float().mean())) < 0.002
     same = kept_mine == kept_theirs
     assert float((mine - theirs)[same].abs().max()) <= ATOL
+
+
+# ---------------------------------------------------------------------------------------------
+# through a whole mergekit merge: recipe-level binding and input order
+# ---------------------------------------------------------------------------------------------
+
+
+def _checkpoint(path) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(families):
+    """A tiny fp32 Llama base and three fine-tunes (paths, then their state dicts)."""
+    paths = [str(p) for p in families(finetunes=3, hidden=32, layers=1, vocab=64)]
+    return paths, [_checkpoint(p) for p in paths]
+
+
+@pytest.mark.parametrize("case", ["karcher", "karcher_base_listed", "model_stock", "della_linear", "sce"])
+def test_whole_merge_matches_per_tensor_math(tiny, tmp_path, case):
+    """mergekit.run_merge on a tiny model family, against the per-tensor functions called with the
+    recipe's inputs: karcher takes the base as one more input (listed or not; mergekit appends an
+    unlisted base after the models -- the order only changes rounding and the antipodal
+    fallback), per-model parameters bind in recipe order, global ones (``lambda``) by name."""
+    import copy
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    (base, *fts), (sb, *sfts) = tiny
+    models = [dict(model=p) for p in fts]
+    if case == "karcher":
+        recipe = dict(merge_method="karcher", base_model=base, models=models[:2], parameters=dict(max_iter=3))
+        per_tensor = lambda n: mm.karcher(sb[n], [s[n] for s in sfts[:2]], max_iter=3)  # noqa: E731
+    elif case == "karcher_base_listed":
+        recipe = dict(merge_method="karcher", base_model=base, models=[models[1], dict(model=base), models[0]])
+        per_tensor = lambda n: mm.karcher(None, [sfts[1][n], sb[n], sfts[0][n]])  # noqa: E731
+    elif case == "model_stock":
+        recipe = dict(merge_method="model_stock", base_model=base, models=models, parameters=dict(filter_wise=True))
+        per_tensor = lambda n: mm.model_stock(sb[n], [s[n] for s in sfts], filter_wise=True)  # noqa: E731
+    elif case == "della_linear":
+        ms = [dict(model=p, parameters=dict(weight=w, density=1.0, epsilon=e))
+              for p, w, e in zip(fts, [0.5, -0.2, 0.9], [0.1, 0.2, 0.3])]
+        recipe = dict(merge_method="della_linear", base_model=base, models=ms,
+                      parameters={"normalize": True, "lambda": 0.8})
+        per_tensor = lambda n: mm.della_linear(sb[n], [s[n] for s in sfts], weight=[0.5, -0.2, 0.9],  # noqa: E731
+                                               density=1.0, epsilon=[0.1, 0.2, 0.3], normalize=True,
+                                               lambda_=0.8, name=n)
+    else:
+        recipe = dict(merge_method="sce", base_model=base, models=models, parameters=dict(select_topk=0.4))
+        per_tensor = lambda n: mm.sce(sb[n], [s[n] for s in sfts], select_topk=0.4)  # noqa: E731
+    recipe["dtype"] = "float32"
+    run_merge(MergeConfiguration.model_validate(copy.deepcopy(recipe)), str(tmp_path / "out"),
+              MergeOptions(device="cpu", quiet=True, copy_tokenizer=False, write_model_card=False))
+    merged = _checkpoint(tmp_path / "out")
+    assert sorted(merged) == sorted(sb)
+    for name, want in merged.items():
+        got = per_tensor(name)
+        assert float((got - want).abs().max()) <= ATOL, name
