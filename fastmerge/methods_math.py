@@ -275,8 +275,9 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     """Keep probability of each element: density - eps + 2*eps * r, r in [0, 1] the normalised
     rank of |delta| along dim 1 (each row; a 1-D tensor is one row), as mergekit ranks them.
 
-    The paper's p_i = p_min + (eps / n) * rank_i, re-centred on ``density``. Ties get distinct
-    ranks by position (stable sort). A row of one element has no rank spread (mergekit divides
+    The paper's MAGPRUNE (p_i = p_min + (eps / n) * r_i, a spread of eps) as mergekit spells it:
+    centred on ``density`` with a spread of 2 * eps, ranks per row rather than per tensor. Ties
+    get distinct ranks by flat position (stable sort; mergekit's argsort leaves them unspecified). A row of one element has no rank spread (mergekit divides
     0 by 0 there); it gets the midpoint, p = density.
     """
     x = delta.unsqueeze(0) if delta.dim() < 2 else delta
