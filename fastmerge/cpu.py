@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
 MAXK = 32
 _SOURCE = Path(__file__).with_name("csrc") / "fused.c"
-_CODES = {"F32": 0, "BF16": 1, "F16": 2}  # the dtypes the C loop reads and writes
+#: the dtypes the C loop reads and writes, and their codes in fused.c
+CODES = {"F32": 0, "BF16": 1, "F16": 2}
 _SPARSIFY = {"none": 0, "random": 1, "magnitude": 2}
 _CONSENSUS = {"none": 0, "sum": 1, "count": 2}
 #: set (to anything but 0 or empty) to skip the C loop: the numpy path, no build, no notice
@@ -260,12 +261,12 @@ def count_nonfinite(t: torch.Tensor) -> int:
         return 0
     code = _code(t.dtype)
     lib = _loaded()  # never builds: slerp and passthrough merges count their inputs too
-    if code not in _CODES or lib is None:
+    if code not in CODES or lib is None:
         import torch
 
         return int((~torch.isfinite(t)).sum())
     t = t.contiguous()
-    return int(lib.fm_count_nonfinite(t.data_ptr(), _CODES[code], t.numel()))
+    return int(lib.fm_count_nonfinite(t.data_ptr(), CODES[code], t.numel()))
 
 
 def default_threads() -> int:
@@ -292,7 +293,7 @@ def _flat(t: torch.Tensor) -> tuple[torch.Tensor, Flat]:
     """A contiguous flat tensor of a dtype the C loop reads (others upcast to fp32), and its Flat."""
     t = t.reshape(-1)
     code = _code(t.dtype)
-    if code not in _CODES:
+    if code not in CODES:
         t, code = t.float(), "F32"
     t = t.contiguous()
     return t, Flat(t.data_ptr(), code, t.numel())
@@ -398,10 +399,10 @@ def thresholds(base: Flat | None, xs: list[Flat], densities: tuple[float, ...], 
     p.n = n
     p.threads = threads or default_threads()
     p.base = base.ptr if base is not None else None
-    p.dtype_base = _CODES[base.code] if base is not None else 0
+    p.dtype_base = CODES[base.code] if base is not None else 0
     for i, x in enumerate(xs):
         p.x[i] = x.ptr
-        p.dtype_x[i] = _CODES[x.code]
+        p.dtype_x[i] = CODES[x.code]
     if not available():
         return _np_thresholds(base, xs, ms, threads)
     if n <= SMALL_SELECT:
@@ -431,7 +432,7 @@ def fused_merge(
     if opts.k == 0 or opts.k > MAXK:  # before models[0] is used below
         raise FastmergeError(f"{name}: the fused CPU path merges 1..{MAXK} models, got {opts.k}")
     out_code = _code(out_dtype)
-    if out_code not in _CODES:
+    if out_code not in CODES:
         raise FastmergeError(f"{name}: output dtype {out_dtype} is not supported by the fused path")
     held = [_flat(m) for m in models]
     b = _flat(base) if base is not None else None
@@ -457,7 +458,7 @@ def merge_into(
     (one or two more for TIES thresholds, one for the l1 rescale)."""
     if opts.k == 0 or opts.k > MAXK or len(xs) != opts.k:
         raise FastmergeError(f"{name}: the fused CPU path merges 1..{MAXK} models, got {len(xs)}")
-    if out.code not in _CODES:
+    if out.code not in CODES:
         raise FastmergeError(f"{name}: output dtype {dtypes.torch_name(out.code)} is not supported by the fused path")
     threads = threads or default_threads()
     if not available():
@@ -472,11 +473,11 @@ def merge_into(
     p.consensus = _CONSENSUS[opts.consensus]
     p.normalize = int(opts.normalize)
     p.threads = threads
-    p.dtype_out = _CODES[out.code]
+    p.dtype_out = CODES[out.code]
     p.lambda_ = opts.lambda_
-    p.dtype_base = _CODES[base.code] if base is not None else 0
+    p.dtype_base = CODES[base.code] if base is not None else 0
     for k, x in enumerate(xs):
-        p.dtype_x[k] = _CODES[x.code]
+        p.dtype_x[k] = CODES[x.code]
         p.weight[k] = opts.weights[k]
         p.density[k] = opts.densities[k]
         p.scale[k] = 1.0

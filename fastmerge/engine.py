@@ -25,13 +25,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import cpu, dtypes
+from . import cpu, dtypes, methods
 from .errors import FastmergeError
 from .io import CheckpointReader, OutTensor, ShardedWriter, read_json_object
 from .plan import Plan, TensorPlan, build_plan
@@ -48,7 +48,9 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "vocab.txt",
 )
 _DONE = object()
-_KERNEL_CODES = ("F32", "BF16", "F16")
+#: what the Triton kernel takes (dtypes, models per launch); other fused tensors run on the CPU path
+KERNEL_CODES = ("F32", "BF16", "F16")
+KERNEL_MAX_K = 8
 
 
 class _Stopped(Exception):
@@ -121,32 +123,47 @@ def open_models(recipe: Recipe, allow_bin: bool = False) -> dict[str, Checkpoint
 
 def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None = None,
             out: torch.Tensor | None = None, nonfinite: list[int] | None = None) -> torch.Tensor:
-    """The output tensor of one plan entry from its loaded inputs (base first when present).
+    """The output tensor of one plan entry from its loaded inputs (base first when present): the
+    executor of the tensor routes, shared by the streaming engine and ``Merger``.
 
-    ``out`` (fused ops only) is written in place; ``nonfinite`` receives the inputs' NaN/Inf
+    ``out`` (fused route only) is written in place; ``nonfinite`` receives the inputs' NaN/Inf
     counts when the fused loop counted them (it stays empty otherwise).
     """
-    full = next(t for t in tensors if tuple(t.shape) == task.shape)
-    if task.rows is not None:
+    if task.rows is not None:  # vocabulary mismatch: merge the common rows, the rest from the full input
+        full = next(t for t in tensors if tuple(t.shape) == task.shape)
         result = full.to(task.dtype, copy=True)
-        part = [t[: task.rows] for t in tensors]
-        sub = TensorPlan(task.name, (task.rows, *task.shape[1:]), task.code, task.op, task.inputs, task.base,
-                         task.fused, task.t, task.scale)
-        result[: task.rows] = compute(sub, part, threads, nonfinite=nonfinite)
+        sub = replace(task, shape=(task.rows, *task.shape[1:]), rows=None)
+        result[: task.rows] = compute(sub, [t[: task.rows] for t in tensors], threads, nonfinite=nonfinite)
         return result
-    if task.op == "fused":
-        base, models = task.split(tensors)
-        counts: list[int] = []
-        result = cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=threads,
-                                 nonfinite=counts if nonfinite is not None else None)
-        if nonfinite is not None:
-            nonfinite[:] = _per_source(task, counts)
-        return result
-    from . import reference
+    return TENSOR_ROUTES[task.route](task, tensors, threads, out, nonfinite)
 
-    if task.op == "slerp":
-        return reference.slerp(task.t, tensors[0], tensors[1], task.dtype)
-    return reference.passthrough(tensors[0], task.scale, task.dtype)
+
+def _run_copy(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None, out: torch.Tensor | None,
+              nonfinite: list[int] | None) -> torch.Tensor:
+    return tensors[0].to(task.dtype)
+
+
+def _run_fused(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None, out: torch.Tensor | None,
+               nonfinite: list[int] | None) -> torch.Tensor:
+    base, models = task.split(tensors)
+    counts: list[int] = []
+    result = cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=threads,
+                             nonfinite=counts if nonfinite is not None else None)
+    if nonfinite is not None:
+        nonfinite[:] = per_source(task, counts)
+    return result
+
+
+def _run_torch(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None, out: torch.Tensor | None,
+               nonfinite: list[int] | None) -> torch.Tensor:
+    """A registered method's torch function, cast once to the output dtype (no copy when it is)."""
+    base, inputs = task.split(tensors)
+    ctx = methods.MergeContext(task.name, task.position, task.seed, task.dtype, threads)
+    return methods.get(task.method).merge(inputs, base, task.params, ctx).to(task.dtype)
+
+
+#: route -> how a tensor of that route is computed from torch tensors (the plan chose the route)
+TENSOR_ROUTES: dict[str, Callable[..., torch.Tensor]] = {"copy": _run_copy, "fused": _run_fused, "torch": _run_torch}
 
 
 class _OutputBuffers:
@@ -180,11 +197,11 @@ class _OutputBuffers:
 
 def _raw_ok(task: TensorPlan, readers: dict[str, CheckpointReader]) -> bool:
     """Whether the fused loop can merge the task straight from the mapped bytes (no torch)."""
-    if task.op != "fused" or task.rows is not None or task.code not in cpu._CODES:
+    if task.route != "fused" or task.rows is not None or task.code not in cpu.CODES:
         return False
     for s in task.sources:
         r = readers[s.model]
-        if not r.mappable(s.name) or r.tensors[s.name].code not in cpu._CODES:
+        if not r.mappable(s.name) or r.tensors[s.name].code not in cpu.CODES:
             return False
     return True
 
@@ -200,10 +217,10 @@ def _compute_raw(task: TensorPlan, readers: dict[str, CheckpointReader], arrays:
     cpu.merge_into(base, models, task.fused, task.name, cpu.Flat(out.ctypes.data, task.code, n), threads,
                    nonfinite=counts if nonfinite is not None else None)
     if nonfinite is not None:
-        nonfinite[:] = _per_source(task, counts)
+        nonfinite[:] = per_source(task, counts)
 
 
-def _per_source(task: TensorPlan, counts: list[int]) -> list[int]:
+def per_source(task: TensorPlan, counts: list[int]) -> list[int]:
     """The fused loop's NaN/Inf counts (base slot first, always) in ``task.sources`` order."""
     return counts if task.base else counts[1:]
 
@@ -236,7 +253,7 @@ def merge(
     plan = build_plan(recipe, readers, seed=opts.seed)
     for w in plan.warnings:
         warnings.warn(w, stacklevel=2)
-    if backend == "cpu" and any(t.op == "fused" for t in plan.tensors):
+    if backend == "cpu" and any(t.route == "fused" for t in plan.tensors):
         cpu.available()  # build the fused loop, or fall back to numpy with a notice, before any output exists
     start = time.perf_counter()
     try:
@@ -255,6 +272,8 @@ def merge(
 
 def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: MergeOptions,
              progress: Callable[[Progress], None] | None, runner: DeviceRunner | None = None) -> dict[str, int]:
+    """Run the plan: reader thread -> executor (main thread) -> writer thread. Returns the inputs'
+    NaN/Inf counts by file and tensor."""
     try:
         writer = ShardedWriter(tmp, [OutTensor(t.name, t.code, t.shape) for t in plan.tensors], opts.out_shard_size)
     except OSError as e:  # a full disk while writing the headers or the index
@@ -262,25 +281,50 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
         raise FastmergeError(f"{where}: cannot write the output: {e.strerror or e}") from None
     except FastmergeError as e:  # no room for a shard: name it where the user will look for it
         raise FastmergeError(str(e).replace(str(tmp), str(_final_path(tmp)))) from None
-    stop = threading.Event()
-    loaded: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
-    merged: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
-    nonfinite: dict[str, int] = {}
-    errors: list[BaseException] = []
-    raw = {t.name: runner is None and _raw_ok(t, readers) for t in plan.tensors}
-    fused_bytes = [t.out_bytes for t in plan.tensors if t.op == "fused" and t.rows is None and not raw[t.name]]
-    buffers = _OutputBuffers(max(fused_bytes, default=0), count=max(1, opts.prefetch) + 2)
+    return _Pipeline(plan, readers, writer, tmp, opts, progress, runner).run()
 
-    def on_runner(task: TensorPlan) -> bool:
-        return task.op == "fused" and task.rows is None and task.fused.k <= 8 and task.code in _KERNEL_CODES
 
-    def note_nonfinite(task: TensorPlan, counts: list[int]) -> None:
-        for s, bad in zip(task.sources, counts):
-            if bad:
-                nonfinite[f"{readers[s.model].tensors[s.name].file}: tensor {s.name}"] = bad
+def _on_runner(task: TensorPlan) -> bool:
+    """Whether the device runner (Triton) takes the tensor: the fused route within its limits."""
+    return (task.route == "fused" and task.rows is None and task.fused.k <= KERNEL_MAX_K
+            and task.code in KERNEL_CODES)
 
-    def put(q: queue.Queue, item) -> bool:
-        while not stop.is_set():
+
+class _Pipeline:
+    """One streaming merge. Each tensor's executor is chosen once, from its planned route:
+
+    - ``raw``: the fused C loop reads the mapped input bytes and writes straight into the output
+      shard (no torch, no copy; the shard's map is the writer);
+    - ``device``: the device runner (Triton), results collected as they are ready;
+    - ``tensor``: ``compute`` (any route, on torch tensors), the result handed to the writer thread.
+    """
+
+    def __init__(self, plan: Plan, readers: dict[str, CheckpointReader], writer: ShardedWriter, tmp: Path,
+                 opts: MergeOptions, progress: Callable[[Progress], None] | None, runner: DeviceRunner | None):
+        self.plan, self.readers, self.writer, self.tmp = plan, readers, writer, tmp
+        self.opts, self.progress, self.runner = opts, progress, runner
+        self.stop = threading.Event()
+        self.loaded: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
+        self.merged: queue.Queue = queue.Queue(maxsize=max(1, opts.prefetch))
+        self.nonfinite: dict[str, int] = {}
+        self.errors: list[BaseException] = []
+        self.how = {t.name: self._executor(t) for t in plan.tensors}
+        pooled = [t.out_bytes for t in plan.tensors if self.how[t.name] == "tensor" and t.route == "fused"
+                  and t.rows is None]
+        self.buffers = _OutputBuffers(max(pooled, default=0), count=max(1, opts.prefetch) + 2)
+        self.executors = {"raw": self._run_raw, "device": self._run_device, "tensor": self._run_tensor}
+        self.done = 0
+        self.done_bytes = 0
+
+    def _executor(self, task: TensorPlan) -> str:
+        if self.runner is not None:
+            return "device" if _on_runner(task) else "tensor"
+        return "raw" if _raw_ok(task, self.readers) else "tensor"
+
+    # -- threads
+
+    def put(self, q: queue.Queue, item) -> bool:
+        while not self.stop.is_set():
             try:
                 q.put(item, timeout=0.1)
                 return True
@@ -288,127 +332,136 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
                 continue
         return False
 
-    def read_loop() -> None:
+    def note_nonfinite(self, task: TensorPlan, counts: list[int]) -> None:
+        for s, bad in zip(task.sources, counts):
+            if bad:
+                self.nonfinite[f"{self.readers[s.model].tensors[s.name].file}: tensor {s.name}"] = bad
+
+    def read_loop(self) -> None:
         try:
-            for task in plan.tensors:
-                if stop.is_set():
+            for task in self.plan.tensors:
+                if self.stop.is_set():
                     return
-                if raw[task.name]:
+                how = self.how[task.name]
+                readers = self.readers
+                if how == "raw":
                     tensors = [readers[s.model].map_bytes(s.name) for s in task.sources]
                 else:
                     tensors = [readers[s.model].map(s.name) for s in task.sources]
                 for s in task.sources:
                     readers[s.model].prefault(s.name)
-                if raw[task.name]:
-                    writer.prefault_out(task.name)
-                on_device = runner is not None and on_runner(task)
-                if opts.check_finite and (task.op != "fused" or on_device):  # the C loop counts as it merges
-                    note_nonfinite(task, [cpu.count_nonfinite(t) for t in tensors])
-                if on_device:
-                    tensors = runner.stage(tensors)
-                if not put(loaded, (task, tensors)):
+                if how == "raw":
+                    self.writer.prefault_out(task.name)
+                if self.opts.check_finite and (task.route != "fused" or how == "device"):  # the C loop counts
+                    self.note_nonfinite(task, [cpu.count_nonfinite(t) for t in tensors])
+                if how == "device":
+                    tensors = self.runner.stage(tensors)
+                if not self.put(self.loaded, (task, tensors)):
                     return
-            put(loaded, _DONE)
+            self.put(self.loaded, _DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            errors.append(e)
-            put(loaded, _DONE)
+            self.errors.append(e)
+            self.put(self.loaded, _DONE)
 
-    def write_loop() -> None:
+    def write_loop(self) -> None:
         try:
             while True:
                 try:
-                    item = merged.get(timeout=0.1)
+                    item = self.merged.get(timeout=0.1)
                 except queue.Empty:
-                    if stop.is_set():
+                    if self.stop.is_set():
                         return
                     continue
                 if item is _DONE:
                     return
                 name, tensor, pooled = item
                 try:
-                    writer.write(name, tensor)
+                    self.writer.write(name, tensor)
                 except OSError as e:  # a full disk, an I/O error: say which file and tensor
-                    raise FastmergeError(f"{_shard_path(writer, name, tmp)}: cannot write tensor {name}: "
+                    raise FastmergeError(f"{_shard_path(self.writer, name, self.tmp)}: cannot write tensor {name}: "
                                          f"{e.strerror or e}") from None
                 if pooled is not None:
-                    buffers.give(pooled)
+                    self.buffers.give(pooled)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            errors.append(e)
-            stop.set()
+            self.errors.append(e)
+            self.stop.set()
 
-    reader_t = threading.Thread(target=read_loop, name="fastmerge-reader", daemon=True)
-    writer_t = threading.Thread(target=write_loop, name="fastmerge-writer", daemon=True)
-    reader_t.start()
-    writer_t.start()
-    done = 0
-    done_bytes = 0
+    # -- executors: (task, loaded inputs) -> [(name, result or None if already written, pooled, in_bytes)]
 
-    def emit(task_name: str, out, pooled: np.ndarray | None, in_bytes: int) -> bool:
+    def _run_raw(self, task: TensorPlan, arrays: list) -> list:
+        counts: list[int] = []
+        _compute_raw(task, self.readers, arrays, self.writer.map_out(task.name), self.opts.threads,
+                     counts if self.opts.check_finite else None)
+        self.writer.release_out(task.name)
+        self.note_nonfinite(task, counts)
+        return [(task.name, None, None, task.in_bytes)]
+
+    def _run_device(self, task: TensorPlan, tensors: list) -> list:
+        self.runner.submit(task, tensors, (task.name, task.in_bytes))
+        return [(name, out, None, nbytes) for name, nbytes, out in self.runner.ready()]
+
+    def _run_tensor(self, task: TensorPlan, tensors: list) -> list:
+        pooled = self.buffers.take(self.stop) if task.route == "fused" and task.rows is None else None
+        counts: list[int] = []
+        view = None
+        if pooled is not None:
+            import torch
+
+            view = torch.from_numpy(pooled[: task.out_bytes]).view(task.dtype).reshape(task.shape)
+        out = compute(task, tensors, self.opts.threads, out=view, nonfinite=counts if self.opts.check_finite else None)
+        self.note_nonfinite(task, counts)
+        return [(task.name, out, pooled, task.in_bytes)]
+
+    def emit(self, task_name: str, out, pooled: np.ndarray | None, in_bytes: int) -> bool:
         """Hand a result to the writer (``out`` None: already in its shard) and report progress."""
-        nonlocal done, done_bytes
-        if out is not None and not put(merged, (task_name, out, pooled)):
+        if out is not None and not self.put(self.merged, (task_name, out, pooled)):
             return False
-        done += 1
-        done_bytes += in_bytes
-        if progress:
-            progress(Progress(done, len(plan.tensors), done_bytes, plan.read_bytes, task_name))
+        self.done += 1
+        self.done_bytes += in_bytes
+        if self.progress:
+            self.progress(Progress(self.done, len(self.plan.tensors), self.done_bytes, self.plan.read_bytes, task_name))
         return True
 
-    try:
-        while True:
-            try:
-                item = loaded.get(timeout=0.1)
-            except queue.Empty:
-                if stop.is_set() or errors:  # the writer failed while the reader was blocked
+    def run(self) -> dict[str, int]:
+        reader_t = threading.Thread(target=self.read_loop, name="fastmerge-reader", daemon=True)
+        writer_t = threading.Thread(target=self.write_loop, name="fastmerge-writer", daemon=True)
+        reader_t.start()
+        writer_t.start()
+        try:
+            while True:
+                try:
+                    item = self.loaded.get(timeout=0.1)
+                except queue.Empty:
+                    if self.stop.is_set() or self.errors:  # the writer failed while the reader was blocked
+                        break
+                    continue
+                if item is _DONE or self.errors:
                     break
-                continue
-            if item is _DONE or errors:
-                break
-            task, tensors = item
-            if runner is not None and on_runner(task):
-                runner.submit(task, tensors, (task.name, task.in_bytes))
-                results = [(name, out, None, nbytes) for name, nbytes, out in runner.ready()]
-            elif raw[task.name]:  # straight into the output shard
-                counts: list[int] = []
-                _compute_raw(task, readers, tensors, writer.map_out(task.name), opts.threads,
-                             counts if opts.check_finite else None)
-                writer.release_out(task.name)
-                note_nonfinite(task, counts)
-                results = [(task.name, None, None, task.in_bytes)]
-            else:
-                pooled = buffers.take(stop) if task.op == "fused" and task.rows is None else None
-                counts = []
-                view = None
-                if pooled is not None:
-                    import torch
-
-                    view = torch.from_numpy(pooled[: task.out_bytes]).view(task.dtype).reshape(task.shape)
-                out = compute(task, tensors, opts.threads, out=view, nonfinite=counts if opts.check_finite else None)
-                note_nonfinite(task, counts)
-                results = [(task.name, out, pooled, task.in_bytes)]
-            for s in task.sources:
-                readers[s.model].release(s.name)
-            del tensors
-            if not all(emit(*r) for r in results):
-                break
-        if runner is not None and not errors and not stop.is_set():
-            for name, nbytes, out in runner.ready(drain=True):
-                emit(name, out, None, nbytes)
-        if not errors:
-            put(merged, _DONE)
-            writer_t.join()
-    except _Stopped:  # the writer failed while the main thread waited for a buffer: its error follows
-        pass
-    finally:
-        stop.set()
-        reader_t.join(timeout=5)
-        writer_t.join(timeout=5)
-        writer.close()
-    if errors:
-        raise errors[0]
-    if done != len(plan.tensors):
-        raise FastmergeError("merge stopped before all tensors were written")
-    return nonfinite
+                task, tensors = item
+                results = self.executors[self.how[task.name]](task, tensors)
+                for s in task.sources:
+                    self.readers[s.model].release(s.name)
+                del tensors
+                if not all(self.emit(*r) for r in results):
+                    break
+            if self.runner is not None and not self.errors and not self.stop.is_set():
+                for name, nbytes, out in self.runner.ready(drain=True):
+                    self.emit(name, out, None, nbytes)
+            if not self.errors:
+                self.put(self.merged, _DONE)
+                writer_t.join()
+        except _Stopped:  # the writer failed while the main thread waited for a buffer: its error follows
+            pass
+        finally:
+            self.stop.set()
+            reader_t.join(timeout=5)
+            writer_t.join(timeout=5)
+            self.writer.close()
+        if self.errors:
+            raise self.errors[0]
+        if self.done != len(self.plan.tensors):
+            raise FastmergeError("merge stopped before all tensors were written")
+        return self.nonfinite
 
 
 def _final_path(tmp: Path) -> Path:

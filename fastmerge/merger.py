@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from . import cpu
 from ._optional import require
 from .engine import compute, open_models
 from .errors import FastmergeError
@@ -175,13 +174,13 @@ class Merger:
             task = task_for(base_task)
             out = self._params[task.name]
             tensors = [self._sources[(s.model, s.name)] for s in task.sources]
-            if task.op == "fused" and task.rows is None:
-                base, models = task.split(tensors)
-                if self.backend == "cpu":
-                    cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=self.threads)
+            if task.route == "fused" and task.rows is None:
+                if self.backend == "cpu":  # the engine's fused executor, in place into the parameter
+                    compute(task, tensors, self.threads, out=out)
                 else:
+                    base, models = task.split(tensors)
                     grouped.append((base, models, task.fused, task.name, out))
-            else:
+            else:  # copy and torch routes (and vocabulary mismatches): the engine's executor on CPU tensors
                 out.copy_(compute(task, [t.cpu() for t in tensors], self.threads))
         if grouped:
             from .kernels.fused_ta_grouped import grouped_fused_merge

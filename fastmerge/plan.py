@@ -11,12 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from . import dtypes
+from . import dtypes, methods
 from .errors import FastmergeError
 from .io import CheckpointReader
-from .recipe import DTYPES, METHODS, REQUIRED, Parameters, Recipe, as_float, parse_rescale, resolve
+from .recipe import DTYPES, REQUIRED, Parameters, Recipe, as_float, parse_rescale, resolve
 from .spec import FusedOptions
 
 if TYPE_CHECKING:
@@ -34,17 +34,25 @@ class Source:
 
 @dataclass
 class TensorPlan:
-    """One output tensor: read ``base`` + ``inputs``, apply ``op``, write ``name``."""
+    """One output tensor: read ``base`` + ``inputs``, run its ``route``, write ``name``.
+
+    The route is decided here, once per tensor, from the method's declaration: ``copy`` (one
+    input cast to the output dtype), ``fused`` (the task-arithmetic op with ``fused`` options) or
+    ``torch`` (``method``'s torch function with ``params``: shared parameters as values, per-model
+    ones as tuples in ``inputs`` order). Executors look the route up; they re-derive nothing.
+    """
 
     name: str
     shape: tuple[int, ...]
     code: str  # output dtype, as a safetensors code (BF16, F32, ...)
-    op: Literal["fused", "slerp", "passthrough"]
+    route: Literal["copy", "fused", "torch"]
     inputs: list[Source]
     base: Source | None = None
     fused: FusedOptions | None = None
-    t: float = 0.0
-    scale: float | None = None
+    position: float = 0.0  # t of the layer in its slice (gradients), 0 outside the layers
+    method: str | None = None  # torch route: the registry name
+    params: dict[str, Any] = field(default_factory=dict)  # torch route: the resolved parameters
+    seed: int = 0  # torch route: the recipe's random_seed (the fused route's is in ``fused``)
     rows: int | None = None  # vocab mismatch: rows merged (the rest copied from ``base`` or input 0)
     in_bytes: int = 0
 
@@ -55,6 +63,11 @@ class TensorPlan:
     def split(self, tensors: list):
         """(base or None, the other inputs) of tensors loaded in ``sources`` order."""
         return (tensors[0], tensors[1:]) if self.base else (None, tensors)
+
+    @property
+    def t(self) -> float:
+        """slerp's interpolation factor for this tensor (0.0 for other methods)."""
+        return float(self.params.get("t", 0.0))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,14 +128,14 @@ def num_layers(reader: CheckpointReader) -> int:
 
 
 def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int | None = None) -> Plan:
-    spec = METHODS[recipe.merge_method]
+    spec = methods.get(recipe.merge_method)
     seed = recipe.random_seed if seed is None else seed
     base = recipe.base_model
     slices: list[tuple[list[_SliceSrc], Parameters | None, str | None]] = []
     if recipe.models:
         srcs = [_SliceSrc(m.model, 0, num_layers(readers[m.model]), m.parameters) for m in recipe.models]
         # as mergekit: a named base joins the inputs (linear averages it in; passthrough takes one model)
-        if base and spec.name != "passthrough" and base not in [s.model for s in srcs]:
+        if base and spec.inputs != 1 and base not in [s.model for s in srcs]:
             srcs.append(_SliceSrc(base, 0, num_layers(readers[base]), None))
         slices.append((srcs, None, base))
     else:
@@ -144,8 +157,8 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
     out: list[TensorPlan] = []
     first_ref = builder.reference(slices[0])
     last_ref = builder.reference(slices[-1])
-    pre = [n for n in readers[first_ref].tensors if not LAYER_RE.match(n) and _is_pre(n)]
-    post = [n for n in readers[last_ref].tensors if not LAYER_RE.match(n) and not _is_pre(n)]
+    pre = [n for n in readers[first_ref].tensors if not LAYER_RE.match(n) and is_pre(n)]
+    post = [n for n in readers[last_ref].tensors if not LAYER_RE.match(n) and not is_pre(n)]
     for name in pre:
         out.append(builder.tensor(name, {s.model: name for s in slices[0][0]}, slices[0], t=0.0))
     out_layer = 0
@@ -198,14 +211,15 @@ def _out_config(readers: dict[str, CheckpointReader], ref: str, layer_map: list[
     return config
 
 
-def _is_pre(name: str) -> bool:
+def is_pre(name: str) -> bool:
+    """A tensor before the layers (the embeddings): it goes with the first slice and layer group."""
     return any(h in name for h in ("embed_tokens", "wte", "wpe", "embed_in")) and "lm_head" not in name
 
 
 class _Builder:
     def __init__(self, recipe: Recipe, readers: dict[str, CheckpointReader], seed: int):
         self.recipe = recipe
-        self.spec = METHODS[recipe.merge_method]
+        self.spec = methods.get(recipe.merge_method)
         self.readers = readers
         self.seed = seed
         self.warnings: list[str] = []
@@ -266,68 +280,75 @@ class _Builder:
         dtype_name = self.recipe.out_dtype or self.recipe.dtype
         dtype = dtypes.from_name(DTYPES[dtype_name]) if dtype_name else ref_meta.code
         if not dtypes.is_float(ref_meta.code):
-            plan = TensorPlan(out_name, shape, ref_meta.code, "passthrough", [Source(ref, metas[ref][1])])
+            plan = TensorPlan(out_name, shape, ref_meta.code, "copy", [Source(ref, metas[ref][1])])
             plan.in_bytes = ref_meta.nbytes
             return plan
 
+        spec = self.spec
         shared_scopes = [slice_params, self.recipe.parameters]
-
-        def shared(key: str):
-            default = self.spec.shared[key]
-            value = resolve(key, shared_scopes, out_name, t, default)
-            if value is REQUIRED:
-                raise FastmergeError(f"missing parameter {key!r} for tensor {out_name}")
-            return value
-
-        def per_model(key: str, s: _SliceSrc):
-            default = self.spec.per_model[key]
-            value = resolve(key, [s.parameters, *shared_scopes], metas[s.model][1], t, default)
-            if value is REQUIRED:
-                raise FastmergeError(f"missing parameter {key!r} for model {s.model} (tensor {metas[s.model][1]})")
-            return value
-
-        method = self.spec.name
-        src = {s.model: Source(s.model, metas[s.model][1]) for s in srcs}
-        if method == "passthrough":
-            s = srcs[0]
-            scale = per_model("scale", s)
-            plan = TensorPlan(out_name, shape, dtype, "passthrough", [src[s.model]],
-                              scale=None if scale is None else as_float("scale", scale, out_name))
-        elif method == "slerp":
-            other = next(s for s in srcs if s.model != sbase)
-            plan = TensorPlan(out_name, shape, dtype, "slerp", [src[other.model]], base=src[sbase],
-                              t=as_float("t", shared("t"), out_name))
-        elif method == "linear":
-            weights = tuple(as_float("weight", per_model("weight", s), out_name) for s in srcs)
-            normalize = bool(shared("normalize"))
-            if normalize and abs(sum(weights)) < 1e-8:  # the fused loop's own test
-                self.zero_sum.append((out_name, ", ".join(f"{s.model}: {w:g}" for s, w in zip(srcs, weights))))
-            opts = FusedOptions(weights=weights, normalize=normalize, seed=self.seed)
-            plan = TensorPlan(out_name, shape, dtype, "fused", [src[s.model] for s in srcs], fused=opts)
-        else:
-            others = [s for s in srcs if s.model != sbase]
-            weights = tuple(as_float("weight", per_model("weight", s), out_name) for s in others)
-            dens = []
-            for s in others:
-                d = as_float("density", per_model("density", s), out_name)
-                if d < 0:
-                    raise FastmergeError(f"parameter density for model {s.model} (tensor {out_name}) must be >= 0, got {d}")
-                dens.append(min(d, 1.0))
-            opts = FusedOptions(
-                weights=weights,
-                densities=tuple(dens),
-                sparsify=self.spec.sparsify,
-                consensus=self.spec.consensus,
-                rescale=parse_rescale(shared("rescale")),
-                normalize=bool(shared("normalize")),
-                lambda_=as_float("lambda", shared("lambda"), out_name),
-                seed=self.seed,
-            )
-            if not others:
-                plan = TensorPlan(out_name, shape, dtype, "passthrough", [src[sbase]])
+        # a required base stands apart (task vectors against it); otherwise every source is an input
+        inputs = srcs if not spec.needs_base else [s for s in srcs if s.model != sbase]
+        params: dict[str, Any] = {}
+        for p in spec.params:
+            if p.per_model:
+                params[p.name] = tuple(
+                    self._value(p, resolve(p.name, [s.parameters, *shared_scopes], metas[s.model][1], t, p.default),
+                                out_name, s.model, metas[s.model][1])
+                    for s in inputs)
             else:
-                plan = TensorPlan(out_name, shape, dtype, "fused", [src[s.model] for s in others],
-                                  base=src[sbase], fused=opts)
+                params[p.name] = self._value(p, resolve(p.name, shared_scopes, out_name, t, p.default), out_name)
+        src = {s.model: Source(s.model, metas[s.model][1]) for s in srcs}
+        base_src = src[sbase] if spec.needs_base else None
+        if spec.fused is not None:
+            if not inputs:  # only the base: its own tensor
+                plan = TensorPlan(out_name, shape, dtype, "copy", [base_src])
+            else:
+                plan = TensorPlan(out_name, shape, dtype, "fused", [src[s.model] for s in inputs], base=base_src,
+                                  fused=self._fused(params, inputs, out_name))
+        elif spec.copy_if is not None and spec.copy_if(params):
+            plan = TensorPlan(out_name, shape, dtype, "copy", [src[s.model] for s in inputs])
+        else:
+            plan = TensorPlan(out_name, shape, dtype, "torch", [src[s.model] for s in inputs], base=base_src,
+                              position=t, method=spec.name, params=params, seed=self.seed)
         plan.rows = rows
         plan.in_bytes = sum(metas[s.model][0].nbytes for s in srcs)
         return plan
+
+    def _value(self, p: methods.Param, value: Any, tensor: str, model: str | None = None,
+               model_tensor: str | None = None) -> Any:
+        """A resolved value read as its declared kind, checked against its declared bounds."""
+        if value is REQUIRED:
+            if model is not None:
+                raise FastmergeError(f"missing parameter {p.name!r} for model {model} (tensor {model_tensor})")
+            raise FastmergeError(f"missing parameter {p.name!r} for tensor {tensor}")
+        if value is None and p.optional:
+            return None
+        if p.kind == "bool":
+            return bool(value)
+        if p.kind == "rescale":
+            return parse_rescale(value)
+        f = as_float(p.name, value, tensor)
+        if p.low is not None and f < p.low:
+            who = f" for model {model}" if model is not None else ""
+            raise FastmergeError(f"parameter {p.name}{who} (tensor {tensor}) must be >= {p.low:g}, got {f}")
+        if p.high is not None and f > p.high and p.clip_high:
+            f = p.high
+        return f
+
+    def _fused(self, params: dict[str, Any], inputs: list[_SliceSrc], out_name: str) -> FusedOptions:
+        """The fused op's options from a family member's resolved parameters."""
+        fused = self.spec.fused
+        weights = params["weight"]
+        normalize = params.get("normalize", False)
+        if not self.spec.needs_base and normalize and abs(sum(weights)) < 1e-8:  # the fused loop's own test
+            self.zero_sum.append((out_name, ", ".join(f"{s.model}: {w:g}" for s, w in zip(inputs, weights))))
+        return FusedOptions(
+            weights=weights,
+            densities=params.get("density", ()),
+            sparsify=fused.sparsify,
+            consensus=fused.consensus,
+            rescale=params.get("rescale", "none"),
+            normalize=normalize,
+            lambda_=params.get("lambda", 1.0),
+            seed=self.seed,
+        )

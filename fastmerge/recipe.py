@@ -2,7 +2,9 @@
 
 The schema is mergekit's (``merge_method``, ``base_model``, ``models``, ``slices``, ``parameters``,
 ``dtype``, ``out_dtype``, ``tokenizer_source``) plus fastmerge's ``random_seed``, so an existing
-mergekit config runs unchanged. Unknown keys, methods and parameters are errors, never ignored.
+mergekit config runs unchanged. Unknown keys, methods and parameters are errors, never ignored; a
+parameter another method declares (``weight`` under ``slerp``) is a warning, as mergekit ignores it.
+What each method takes is declared once, in ``fastmerge.methods``.
 Parameter values resolve as mergekit resolves them: scalar, gradient list (piecewise linear in
 t), or ``{filter, value}`` list (substring match on the tensor name, first match wins).
 """
@@ -10,14 +12,15 @@ t), or ``{filter, value}`` list (substring match on the tensor name, first match
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import methods as _methods
 from .errors import FastmergeError
 from .rng import SEED_MAX
 
@@ -88,44 +91,9 @@ class Recipe(BaseModel):
     name: str | None = None
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """What a method needs: its parameters (shared and per model) and defaults, as mergekit's."""
-
-    name: str
-    shared: dict[str, Any]  # name -> default (None: required)
-    per_model: dict[str, Any]
-    needs_base: bool = False
-    sparsify: str = "none"
-    consensus: str = "none"
-    fused: bool = False
-    per_model_includes_base: bool = False
-
-
-REQUIRED = object()
-
-
-def _ta(name: str, sparsify: str, consensus: str, normalize: bool, rescale: bool) -> MethodSpec:
-    return MethodSpec(
-        name,
-        shared={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
-        per_model={"weight": REQUIRED, "density": 1.0},
-        needs_base=True,
-        sparsify=sparsify,
-        consensus=consensus,
-        fused=True,
-    )
-
-
-METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec("linear", {"normalize": True}, {"weight": REQUIRED}, fused=True, per_model_includes_base=True),
-    "task_arithmetic": _ta("task_arithmetic", "none", "none", False, False),
-    "ties": _ta("ties", "magnitude", "sum", True, False),
-    "dare_ties": _ta("dare_ties", "random", "sum", False, True),
-    "dare_linear": _ta("dare_linear", "random", "none", False, True),
-    "slerp": MethodSpec("slerp", {"t": REQUIRED}, {}, needs_base=True),
-    "passthrough": MethodSpec("passthrough", {}, {"scale": None}, per_model_includes_base=True),
-}
+#: the registry (fastmerge.methods) is the one list of methods; re-exported where recipes are read
+METHODS = _methods.METHODS
+REQUIRED = _methods.REQUIRED
 #: mergekit methods fastmerge knows about but does not implement yet: a clear error, not a surprise.
 NOT_YET = {
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "sce",
@@ -135,25 +103,22 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-_FLOAT = TypeAdapter(float).validate_python
-_BOOL = TypeAdapter(bool).validate_python
+class _Validators(Mapping):
+    """name -> how its scalars are read, for every parameter some registered method declares
+    (mergekit's ParameterSpec types, so "1e-3", which YAML leaves a string, is a number and "false"
+    is False; plus fastmerge's rescale spellings). Live: a method registered later is included."""
+
+    def __getitem__(self, name: str) -> Callable[[Any], Any]:
+        return _methods.known_params()[name].read
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_methods.known_params())
+
+    def __len__(self) -> int:
+        return len(_methods.known_params())
 
 
-def _rescale(value: Any) -> Any:
-    if isinstance(value, str) and value in ("l1", "inverse", "none"):
-        return value
-    try:
-        return _BOOL(value)
-    except ValidationError:
-        raise FastmergeError(f"rescale: expected true, false or 'inverse', got {value!r}") from None
-
-
-#: how each parameter's scalars are read: mergekit's ParameterSpec types (so "1e-3", which YAML
-#: leaves a string, is a number, and "false" is False), plus fastmerge's rescale spellings
-VALIDATORS: dict[str, Callable[[Any], Any]] = {
-    "weight": _FLOAT, "density": _FLOAT, "lambda": _FLOAT, "t": _FLOAT, "scale": _FLOAT,
-    "normalize": _BOOL, "int8_mask": _BOOL, "rescale": _rescale,
-}
+VALIDATORS: Mapping[str, Callable[[Any], Any]] = _Validators()
 
 
 def evaluate_setting(tensor_name: str, setting: Any, t: float = 0.0, *,
@@ -192,7 +157,7 @@ def resolve(name: str, scopes: list[Parameters | None], tensor_name: str, t: flo
     for scope in scopes:
         if scope and name in scope:
             try:
-                value = evaluate_setting(tensor_name, scope[name], t, validate=VALIDATORS.get(name))
+                value = evaluate_setting(tensor_name, scope[name], t, validate=VALIDATORS.get(name) if name in VALIDATORS else None)
             except ValidationError as e:
                 err = e.errors()[0]
                 raise FastmergeError(f"parameter {name} for {tensor_name}: {err['msg'].lower()}, "
@@ -234,11 +199,12 @@ def load_recipe(source: str | Path | dict) -> Recipe:
 
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     method = recipe.merge_method
-    if method in NOT_YET:
+    if method in NOT_YET and method not in METHODS:
         raise FastmergeError(f"{where}: merge_method {method!r} is a mergekit method fastmerge does not implement yet")
-    if method not in METHODS:
-        raise FastmergeError(f"{where}: unknown merge_method {method!r} (known: {', '.join(sorted(METHODS))})")
-    spec = METHODS[method]
+    try:
+        spec = _methods.get(method)
+    except FastmergeError as e:
+        raise FastmergeError(f"{where}: {e}") from None
     if recipe.modules is not None:
         raise FastmergeError(f"{where}: modules (multi-module architectures) are not supported; use models or slices")
     if recipe.tokenizer is not None:
@@ -263,31 +229,47 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     for m in [m.model for m in recipe.models or []] + [s.model for sl in recipe.slices or [] for s in sl.sources]:
         if "+" in m:
             raise FastmergeError(f"{where}: model {m!r}: LoRA references (model+lora) are not supported")
-    known = set(spec.shared) | set(spec.per_model)
-
-    def check(params: Parameters | None, loc: str, allowed: set[str]) -> None:
-        for key in params or {}:
-            if key not in allowed:
-                raise FastmergeError(f"{where}: {loc}: unknown parameter {key!r} for merge_method {method!r}"
-                                     f" (known: {', '.join(sorted(allowed))})")
-
-    check(recipe.parameters, "parameters", known)
-    for i, m in enumerate(recipe.models or []):
-        check(m.parameters, f"models[{i}].parameters", known)
-    for i, sl in enumerate(recipe.slices or []):
-        check(sl.parameters, f"slices[{i}].parameters", known)
-        for j, s in enumerate(sl.sources):
-            check(s.parameters, f"slices[{i}].sources[{j}].parameters", known)
-        if method == "passthrough" and len(sl.sources) != 1:
-            raise FastmergeError(f"{where}: slices[{i}]: passthrough takes exactly one source per slice")
-    if method == "passthrough" and recipe.models and len(recipe.models) != 1:
-        raise FastmergeError(f"{where}: passthrough with models takes exactly one model (use slices to stack)")
-    if method == "slerp":
-        groups = [[m.model for m in recipe.models]] if recipe.models else [[s.model for s in sl.sources] for sl in recipe.slices]
+    check_parameters(recipe, spec, where)
+    groups = [[m.model for m in recipe.models]] if recipe.models else [[s.model for s in sl.sources] for sl in recipe.slices]
+    if spec.inputs == 1:
+        for i, sl in enumerate(recipe.slices or []):
+            if len(sl.sources) != 1:
+                raise FastmergeError(f"{where}: slices[{i}]: {method} takes exactly one source per slice")
+        if recipe.models and len(recipe.models) != 1:
+            raise FastmergeError(f"{where}: {method} with models takes exactly one model (use slices to stack)")
+    elif spec.inputs is not None and spec.needs_base:
         for g, b in zip(groups, bases):
             others = [m for m in g if m != b]
-            if len(others) != 1:
-                raise FastmergeError(f"{where}: slerp needs the base_model and exactly one other model, got {g}")
+            if len(others) != spec.inputs - 1:
+                n = spec.inputs - 1
+                raise FastmergeError(f"{where}: {method} needs the base_model and exactly {'one' if n == 1 else n} "
+                                     f"other model{'s' if n > 1 else ''}, got {g}")
+
+
+def check_parameters(recipe: Recipe, spec: _methods.MergeMethod, where: str = "recipe") -> None:
+    """Every parameter name is one of the method's (fine), another method's (a warning: mergekit
+    ignores it, so a mergekit config that carries one runs), or no method's (an error: a typo)."""
+    own = spec.param
+    known = _methods.known_params()
+
+    def check(params: Parameters | None, loc: str) -> None:
+        for key in params or {}:
+            if key in own:
+                continue
+            if key in known:
+                warnings.warn(f"{where}: {loc}: parameter {key!r} does not apply to merge_method {spec.name!r} "
+                              "(mergekit ignores it; so does fastmerge)", stacklevel=4)
+                continue
+            raise FastmergeError(f"{where}: {loc}: unknown parameter {key!r} for merge_method {spec.name!r}"
+                                 f" (known: {', '.join(sorted(own))})")
+
+    check(recipe.parameters, "parameters")
+    for i, m in enumerate(recipe.models or []):
+        check(m.parameters, f"models[{i}].parameters")
+    for i, sl in enumerate(recipe.slices or []):
+        check(sl.parameters, f"slices[{i}].parameters")
+        for j, s in enumerate(sl.sources):
+            check(s.parameters, f"slices[{i}].sources[{j}].parameters")
 
 
 def parse_rescale(value: Any) -> str:

@@ -1,0 +1,204 @@
+"""The merge-method registry: what each method is, declared once, in one small file per method.
+
+Why a registry: a method used to live in four places (the recipe schema, the plan's if/elif, the
+evolve search space's string tuples, the engine's routing). Now each file in this package declares
+one ``MergeMethod`` (its parameters as mergekit declares them, its input contract, whether it is
+one of the fused task-arithmetic family and with which options, or a torch function of the
+tensors) and everything else is derived from ``METHODS``: the recipe's parameter validation, the
+plan (which route each tensor takes), the PS search space (``evolve_config.PS_METHODS`` /
+``SPARSIFYING``) and the CLI's list of methods.
+
+A new method is one new file with ``METHOD = MergeMethod(...)`` and a name in ``_MODULES`` (or,
+from outside, ``register(method)``). A method on the torch route gives ``merge(tensors, base,
+params, ctx) -> Tensor``; the engine and ``Merger`` run it per tensor on CPU tensors and cast the
+result once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+
+from ..errors import FastmergeError
+from ..spec import Consensus, Sparsify
+
+if TYPE_CHECKING:
+    import torch
+
+#: a parameter with no default: a recipe must give it (mergekit's ``required``)
+REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
+
+#: the routes a planned tensor can take (``TensorPlan.route``): a plain copy of one input (cast to
+#: the output dtype), the fused task-arithmetic op (C loop, numpy twin or Triton), a torch function
+ROUTES = ("copy", "fused", "torch")
+
+_FLOAT = TypeAdapter(float).validate_python
+_BOOL = TypeAdapter(bool).validate_python
+
+
+def read_rescale(value: Any) -> Any:
+    """``rescale``: mergekit's bool, or fastmerge's spellings ``l1`` / ``inverse`` / ``none``."""
+    if isinstance(value, str) and value in ("l1", "inverse", "none"):
+        return value
+    try:
+        return _BOOL(value)
+    except ValidationError:
+        raise FastmergeError(f"rescale: expected true, false or 'inverse', got {value!r}") from None
+
+
+_READERS: dict[str, Callable[[Any], Any]] = {"float": _FLOAT, "bool": _BOOL, "rescale": read_rescale}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter, as mergekit's ``ConfigParameterDef``: its name, how a scalar is read
+    (``float``, ``bool`` or ``rescale``: YAML leaves ``1e-3`` a string, mergekit reads it as a
+    number), its default (``REQUIRED``: none), and whether it is per model or shared by all.
+    ``low``/``high`` bound a number (the evolve search and the plan check them); ``clip_high``
+    says a larger value is clipped (density above 1 keeps everything), not refused."""
+
+    name: str
+    kind: Literal["float", "bool", "rescale"] = "float"
+    default: Any = REQUIRED
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    clip_high: bool = False
+    optional: bool = False  # None is a value (passthrough's scale: no scaling)
+
+    @property
+    def read(self) -> Callable[[Any], Any]:
+        return _READERS[self.kind]
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Membership of the fused task-arithmetic family (DESIGN.md section 3) and its options."""
+
+    sparsify: Sparsify = "none"
+    consensus: Consensus = "none"
+
+
+@dataclass
+class MergeContext:
+    """What a torch-route function may need besides the tensors and parameters."""
+
+    name: str  # the output tensor's name (e.g. to derive per-tensor random numbers)
+    position: float  # t of the tensor's layer in its slice (0 outside the layers)
+    seed: int
+    out_dtype: torch.dtype
+    threads: int | None = None
+
+
+TorchMerge = Callable[["list[torch.Tensor]", "torch.Tensor | None", dict, MergeContext], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One merge method.
+
+    ``base``: "required" (a base model, kept apart from the inputs: task vectors against it) or
+    "ignored" (a named base is just one more input, as in mergekit). ``inputs``: how many inputs
+    the method takes, counting a required base (None: any). Exactly one of ``fused`` (the task-
+    arithmetic family) and ``merge`` (the torch route); ``copy_if`` says when a tensor is a plain
+    copy of its one input under its parameters (passthrough without a scale).
+    """
+
+    name: str
+    params: tuple[Param, ...]
+    base: Literal["required", "ignored"] = "ignored"
+    inputs: int | None = None
+    fused: Fused | None = None
+    merge: TorchMerge | None = None
+    copy_if: Callable[[dict], bool] | None = None
+    pretty_name: str = ""
+    reference_url: str | None = None
+    #: the fused routes a method of the family may take; torch-route methods run on CPU tensors
+    routes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if (self.fused is None) == (self.merge is None):
+            raise ValueError(f"method {self.name}: give exactly one of fused (the family) or merge (a torch function)")
+        if not self.routes:
+            object.__setattr__(self, "routes", ("fused",) if self.fused else ("torch",))
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    @property
+    def param(self) -> dict[str, Param]:
+        return {p.name: p for p in self.params}
+
+    @property
+    def shared(self) -> dict[str, Any]:
+        """Shared parameter name -> default (``REQUIRED``: none)."""
+        return {p.name: p.default for p in self.params if not p.per_model}
+
+    @property
+    def per_model(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params if p.per_model}
+
+    @property
+    def searchable(self) -> bool:
+        """A PS search drives it: per-model weights (and densities) of one fused op."""
+        return self.fused is not None and "weight" in self.per_model
+
+    @property
+    def sparsifies(self) -> bool:
+        """Per-model density is meaningful (and a searched gene)."""
+        return self.fused is not None and self.fused.sparsify != "none"
+
+
+#: the modules of this package that declare a method, in the order the CLI lists them
+_MODULES = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough")
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add a method (a plugin, a test) to the registry; an existing name is an error."""
+    if method.name in METHODS:
+        raise FastmergeError(f"merge method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    METHODS.pop(name, None)
+
+
+def get(name: str) -> MergeMethod:
+    """The method of that name; an unknown name is a one-line error listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise FastmergeError(f"unknown merge_method {name!r} (known: {', '.join(sorted(METHODS))})") from None
+
+
+def known_params() -> dict[str, Param]:
+    """Every parameter name some method declares (the first declaration of each name)."""
+    out: dict[str, Param] = {}
+    for m in METHODS.values():
+        for p in m.params:
+            out.setdefault(p.name, p)
+    return out
+
+
+def ta_params(normalize: bool, rescale: bool) -> tuple[Param, ...]:
+    """The task-arithmetic family's parameters (mergekit's GeneralizedTaskArithmeticMerge)."""
+    return (
+        Param("int8_mask", "bool", False),
+        Param("normalize", "bool", normalize),
+        Param("rescale", "rescale", rescale),
+        Param("lambda", "float", 1.0),
+        Param("weight", "float", REQUIRED, per_model=True),
+        Param("density", "float", 1.0, per_model=True, low=0.0, high=1.0, clip_high=True),
+    )
+
+
+for _name in _MODULES:
+    register(importlib.import_module(f".{_name}", __name__).METHOD)
