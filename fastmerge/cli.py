@@ -86,11 +86,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def methods_help() -> str:
+    """The merge methods and their parameters, from the registry (fastmerge.methods)."""
+    from .methods import METHODS, REQUIRED
+
+    lines = ["merge methods (merge_method) and their parameters (* required, per model: [model]):"]
+    for m in METHODS.values():
+        params = ", ".join(f"{p.name}{'*' if p.default is REQUIRED else ''}{' [model]' if p.per_model else ''}"
+                           for p in m.params)
+        route = f"fused {m.fused.sparsify}/{m.fused.consensus}" if m.fused else "torch"
+        lines.append(f"  {m.name:<16} {route:<22} {params}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastmerge", description="Fast, mergekit-compatible LLM checkpoint merging.")
     p.add_argument("--version", action=_Version, help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="merge checkpoints per a mergekit-style YAML recipe")
+    m = sub.add_parser("merge", help="merge checkpoints per a mergekit-style YAML recipe",
+                       epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("recipe", help="recipe YAML (mergekit schema)")
     m.add_argument("out", help="output directory (a Hugging Face checkpoint)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to merge (default cpu)")

@@ -189,11 +189,24 @@ def _build() -> ctypes.CDLL:
         lib.fm_select.restype = ctypes.c_int64
         lib.fm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
         lib.fm_count_nonfinite.restype = ctypes.c_int64
+        lib.fm_params_size.argtypes = []
+        lib.fm_params_size.restype = ctypes.c_size_t
     except (OSError, AttributeError) as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise _Unavailable(f"loading the built {target} failed ({first}): remove it, and check that "
                            f"{name}'s OpenMP runtime is installed") from None
+    check_layout(lib)
     return lib
+
+
+def check_layout(lib: ctypes.CDLL) -> None:
+    """Refuse a library whose ``fm_params`` is not the size of its ctypes mirror ``_Params``: the
+    two are edited by hand, and a one-sided edit would make the loop read and write the wrong
+    fields (silently corrupt memory). Unavailable means the numpy path, with the notice."""
+    c_size, py_size = int(lib.fm_params_size()), ctypes.sizeof(_Params)
+    if c_size != py_size:
+        raise _Unavailable(f"fused.c's fm_params is {c_size} bytes but fastmerge.cpu._Params is {py_size}: "
+                           "the two struct definitions disagree; make them match field by field")
 
 
 def library() -> ctypes.CDLL:

@@ -23,9 +23,7 @@ import copy
 import json
 import math
 import numbers
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +36,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import FastmergeError
-from .hf_compat import CACHE_OUTPUT_FIELD, cache_kwarg
-from .io import read_json, refuse_pickled_weights
+from .hf_compat import CACHE_OUTPUT_FIELD, cache_kwarg, no_init_weights
+from .io import atomic_write, read_json, refuse_pickled_weights
 from .safety import OutputClaim, protected_inputs
 
 #: Architectures whose decoder layer has the Llama contract
@@ -122,7 +120,7 @@ class LayerPath:
     def save(self, file: str | Path, models: Sequence[str] | None = None, head: int = 0) -> Path:
         """Write a path file (JSON): the hops and, for ``fastmerge dfs export``, the model paths."""
         data = {"models": [str(m) for m in models] if models is not None else None, "head": head, **self.to_dict()}
-        return _atomic_write_text(Path(file), json.dumps(data, indent=1) + "\n")
+        return atomic_write(Path(file), json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, file: str | Path) -> LayerPath:
@@ -218,24 +216,7 @@ def load_sources(models: Sequence[str | Path], head: int = 0, device: str = "cpu
     return loaded, tokenizer
 
 
-def _atomic_write_text(file: Path, text: str) -> Path:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, file)
-    return file
-
-
 # --------------------------------------------------------------------------------------------- executor
-
-
-def _no_init_weights():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
 
 
 class _HopCache:
@@ -348,7 +329,7 @@ class PathModel(PreTrainedModel, GenerationMixin):
         if isinstance(models, FastmergePathConfig):
             self.post_init()
         else:  # the sources' weights are what they are: post_init must not initialize any of them
-            with _no_init_weights():
+            with no_init_weights():
                 self.post_init()
 
     # -- structure
@@ -478,7 +459,7 @@ def _assemble(models: Sequence[nn.Module], layers: Sequence[tuple[int, int]], he
     src_dec, src_head = _parts(models[head])
     dtype = src_dec.embed_tokens.weight.dtype
     config.dtype = dtype
-    with _no_init_weights():
+    with no_init_weights():
         out = type(models[head])(config).to(dtype)
     dec, lm_head = _parts(out)
     dec.embed_tokens.load_state_dict(src_dec.embed_tokens.state_dict())

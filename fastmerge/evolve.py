@@ -37,7 +37,6 @@ import json
 import math
 import os
 import queue
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,7 +49,8 @@ import yaml
 
 from ._optional import require
 from .errors import FastmergeError
-from .evolve_config import Budget, EvolveConfig, _is_hub_id
+from .evolve_config import Budget, EvolveConfig, is_hub_id
+from .io import atomic_write
 from .safety import OutputClaim, given_file, protected_inputs
 from .space import DFSSpace, PSSpace
 
@@ -209,7 +209,7 @@ def _localize(config: EvolveConfig) -> EvolveConfig:
     """Hub ids -> local snapshot directories (the only network access, before anything else)."""
 
     def local(name: str | None) -> str | None:
-        if name is None or not _is_hub_id(name) or Path(name).exists():
+        if name is None or not is_hub_id(name) or Path(name).exists():
             return name
         try:
             from huggingface_hub import snapshot_download
@@ -220,7 +220,7 @@ def _localize(config: EvolveConfig) -> EvolveConfig:
             raise FastmergeError(f"{name}: not a local directory, and the hub could not provide it "
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
-    if not any(_is_hub_id(m) for m in [*config.models, config.base_model or "", *(config.dfs.models or []),
+    if not any(is_hub_id(m) for m in [*config.models, config.base_model or "", *(config.dfs.models or []),
                                           config.tokenizer or ""]):
         return config
     return config.with_model_paths(local)
@@ -524,7 +524,7 @@ def _run_stage(stage: str, config: EvolveConfig, space: PSSpace | DFSSpace, spec
     out.mkdir(parents=True, exist_ok=True)
     log_file, state_file = out / "trials.jsonl", out / STATE_FILE
     state = _resume_state(config, stage, space, out, resume)
-    _atomic_write(out / "space.json", (json.dumps(_space_json(space), indent=1) + "\n").encode())
+    atomic_write(out / "space.json", (json.dumps(_space_json(space), indent=1) + "\n").encode())
     budget = config.budget_for(stage)
     cma = state["cma"]
     popsize = cma.population_size
@@ -640,7 +640,7 @@ def _resume_state(config: EvolveConfig, stage: str, space: PSSpace | DFSSpace, o
     if len(lines) < state["trials"] or any(not ln for ln in lines[: state["trials"]]):
         raise FastmergeError(f"{log_file}: holds fewer trials than its checkpoint ({state['trials']}); cannot resume")
     keep = b"".join(ln + b"\n" for ln in lines[: state["trials"]])
-    _atomic_write(log_file, keep)
+    atomic_write(log_file, keep)
     state["done"] = state["done"] and _stop_reason(state, config.budget_for(stage), state["cma"].population_size) \
         is not None
     return state
@@ -663,7 +663,7 @@ def _check_resume(root: Path, config: EvolveConfig) -> None:
 
 def _record_config(root: Path, config: EvolveConfig) -> None:
     """Keep the config next to its results (on --resume only after ``_check_resume`` accepted it)."""
-    _atomic_write(root / "config.yml", yaml.safe_dump(config.model_dump(), sort_keys=False).encode())
+    atomic_write(root / "config.yml", yaml.safe_dump(config.model_dump(), sort_keys=False).encode())
 
 
 def _config_changed(out: Path) -> FastmergeError:
@@ -691,7 +691,7 @@ def _save_state(file: Path, state: dict) -> None:
     data = {"format": STATE_FORMAT, "version": STATE_VERSION}
     data.update({k: state[k] for k in _STATE_KEYS if k != "cma"})
     data["cma"] = _cma_dump(state["cma"])
-    _atomic_write(file, (json.dumps(data) + "\n").encode())
+    atomic_write(file, (json.dumps(data) + "\n").encode())
 
 
 def _json_type(v: Any) -> str:
@@ -899,21 +899,6 @@ def _cma_load(file: Path, d: dict):
     return cma
 
 
-def _atomic_write(file: Path, data: bytes) -> None:
-    """tmp + fsync + rename: a crash leaves the old file or the new one, never half of one."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_trials(file: str | Path, timings: bool = True) -> list[dict]:
     """The trial log as dicts (``timings=False`` drops merge/eval seconds, e.g. to compare runs)."""
     rows = [json.loads(ln) for ln in Path(file).read_text().splitlines() if ln]
@@ -932,7 +917,7 @@ def _write_best(stage: str, space: PSSpace | DFSSpace, x: np.ndarray, out: Path)
         recipe = space.recipe(space.decode(x))
         load_recipe(recipe)  # what we write must be what `fastmerge merge` accepts
         file = out / "best.yml"
-        _atomic_write(file, yaml.safe_dump(recipe, sort_keys=False).encode())
+        atomic_write(file, yaml.safe_dump(recipe, sort_keys=False).encode())
         return file
     file = out / "best_path.json"
     space.decode(x).save(file, models=space.models, head=space.head)
@@ -976,7 +961,7 @@ def _materialize(best: Path, out: Path, write: Callable[[Path, Path, str], Path]
     if (out / "config.json").exists() and marker.exists() and marker.read_text().strip() == digest:
         return out
     write(best, out, device)
-    _atomic_write(marker, (digest + "\n").encode())
+    atomic_write(marker, (digest + "\n").encode())
     return out
 
 
@@ -1001,4 +986,4 @@ def _write_result(result: EvolveResult) -> None:
         return str(v) if isinstance(v, Path) else v
 
     stages = [{k: conv(v) for k, v in asdict(s).items() if k not in ("best_x",)} for s in result.stages]
-    _atomic_write(result.out / "result.json", (json.dumps({"stages": stages}, indent=1) + "\n").encode())
+    atomic_write(result.out / "result.json", (json.dumps({"stages": stages}, indent=1) + "\n").encode())

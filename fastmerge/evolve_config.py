@@ -28,12 +28,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import FastmergeError
-from .recipe import METHODS, VALIDATORS
+from .methods import METHODS, Names
+from .recipe import VALIDATORS
 
 #: the merge methods a PS search can drive: one fused task-arithmetic op with per-model weights
-PS_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+#: (derived from the registry, fastmerge.methods)
+PS_METHODS = Names(lambda m: m.searchable)
 #: methods whose per-model density is a searched gene (the others have weights only)
-SPARSIFYING = ("ties", "dare_ties", "dare_linear")
+SPARSIFYING = Names(lambda m: m.searchable and m.sparsifies)
 #: Llama-family architectures the DFS executor runs (fastmerge.dfs.FAMILIES)
 DFS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 #: metrics the built-in evaluators report; a ``module:function`` evaluator is checked on its first trial
@@ -229,7 +231,7 @@ class EvolveConfig(_Strict):
             fail("backend: the cpu backend merges CPU tensors; use backend: triton on a GPU")
         self._check_evaluator(fail)
         self._check_eval_backend(fail)
-        if self.tokenizer is not None and not _is_hub_id(self.tokenizer) and not Path(self.tokenizer).is_dir():
+        if self.tokenizer is not None and not is_hub_id(self.tokenizer) and not Path(self.tokenizer).is_dir():
             fail(f"tokenizer: {self.tokenizer}: directory not found")
         if "ps" in self.stages:
             self._check_ps(fail)
@@ -445,13 +447,14 @@ def _check_range(r: tuple[float, float], key: str, fail) -> None:
         fail(f"{key}: expected [low, high] with low < high, got {list(r)}")
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
+    """A Hugging Face hub id (``owner/name``) rather than a local path."""
     return not Path(name).is_absolute() and bool(_HUB_ID.match(name))
 
 
 def _config_json(model: str, fail) -> dict | None:
     """A local model's config.json (None for a hub id: it is fetched when the run starts)."""
-    if _is_hub_id(model):
+    if is_hub_id(model):
         return None
     path = Path(model)
     if not path.is_dir():

@@ -37,3 +37,13 @@ def output_cache(out: Any) -> Any:
     """The KV cache a forward returned, whichever name the model's release gives it."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def no_init_weights() -> Any:
+    """transformers' context that skips weight initialization (weights are loaded or merged next):
+    ``transformers.initialization`` from 5.x, ``modeling_utils`` in 4.x."""
+    try:
+        from transformers.initialization import no_init_weights as ctx
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights as ctx
+    return ctx()

@@ -18,6 +18,8 @@ import mmap
 import os
 import stat
 import struct
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -188,6 +190,24 @@ def read_header(path: Path) -> dict[str, TensorMeta]:
 
 _KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket",
           stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def atomic_write(file: Path, data: bytes | str) -> Path:
+    """tmp + fsync + rename: a crash leaves the old file or the new one, never half of one (run
+    state, logs, best recipes, path files: everything fastmerge rewrites in place)."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file
 
 
 def regular_file(path: Path, what: str = "file") -> Path:
@@ -446,6 +466,7 @@ class ShardedWriter:
         self.files = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._fds: list[int] = []
         self._sizes: dict[int, int] = {}
+        self._maps_lock = threading.Lock()
         self._maps: dict[int, mmap.mmap] = {}
         self._populate = True
         self.total_bytes = 0
@@ -492,9 +513,15 @@ class ShardedWriter:
             done += os.pwrite(fd, data[done:], offset + done)
 
     def _map(self, fd: int) -> mmap.mmap:
+        """The shard's one shared map. The reader thread (``prefault_out``) and the main thread
+        (``map_out``) both ask for it: made under a lock, so there is never a second map (which
+        would leak, and whose pages ``release_out`` would not drop)."""
         mm = self._maps.get(fd)
         if mm is None:
-            mm = self._maps[fd] = mmap.mmap(fd, self._sizes[fd], access=mmap.ACCESS_WRITE)
+            with self._maps_lock:
+                mm = self._maps.get(fd)
+                if mm is None:
+                    mm = self._maps[fd] = mmap.mmap(fd, self._sizes[fd], access=mmap.ACCESS_WRITE)
         return mm
 
     def map_out(self, name: str) -> np.ndarray:

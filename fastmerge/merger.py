@@ -9,7 +9,7 @@ candidate's parameters into the existing parameter storage: no disk, no re-alloc
 
 from __future__ import annotations
 
-import re
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,11 +19,9 @@ import torch
 from ._optional import require
 from .engine import compute, open_models
 from .errors import FastmergeError
-from .plan import Plan, TensorPlan, build_plan
+from .plan import Plan, TensorPlan, build_plan, layer_group
 from .recipe import Recipe, load_recipe
 from .spec import FusedOptions
-
-_LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
 def _rows(values) -> tuple[tuple[float, ...], ...]:
@@ -39,8 +37,9 @@ class Genome:
     """Per-model weights and densities, for the whole model or per group of layers.
 
     ``weights``/``densities``: K values (one per non-base model, recipe order), or G rows of K
-    values for G contiguous layer groups (layer i of L is in group i * G // L). Tensors outside
-    the layers (embeddings, final norm, lm_head) take group 0, as they take t = 0 in recipes.
+    values for layer groups of ceil(L / G) consecutive layers (``plan.layer_group``: the rule of
+    ``PSSpace``, whose recipe writes one slice per group): the embeddings take the first group,
+    the final norm and lm_head the last, as mergekit's first and last slices hold them.
     ``densities`` None keeps the recipe's.
     """
 
@@ -50,8 +49,7 @@ class Genome:
     def options(self, task: TensorPlan, num_layers: int) -> FusedOptions:
         weights = _rows(self.weights)
         densities = _rows(self.densities) if self.densities is not None else None
-        m = _LAYER.search(task.name)
-        group = int(m.group(1)) * len(weights) // max(num_layers, 1) if m else 0
+        group = layer_group(task.name, num_layers, math.ceil(max(num_layers, 1) / len(weights)))
         w = weights[min(group, len(weights) - 1)]
         d = task.fused.densities if densities is None else densities[min(group * len(densities) // len(weights),
                                                                           len(densities) - 1)]
@@ -105,10 +103,7 @@ class Merger:
         are merged into next); buffers that checkpoints do not hold (rotary) are built normally."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        try:
-            from transformers.initialization import no_init_weights
-        except ImportError:  # transformers 4.x
-            from transformers.modeling_utils import no_init_weights
+        from .hf_compat import no_init_weights
 
         cfg = dict(plan.config)
         model_type = cfg.pop("model_type", None)

@@ -8,6 +8,7 @@ It knows nothing of devices or threads.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,20 @@ def _out_config(readers: dict[str, CheckpointReader], ref: str, layer_map: list[
             config[key] = rebuilt
     config["num_hidden_layers"] = len(layer_map)
     return config
+
+
+def layer_group(name: str, num_layers: int, group_size: int) -> int:
+    """The layer group of a tensor when the layers are cut into groups of ``group_size`` (the last
+    may be shorter): layer i is in group i // group_size; the embeddings (before the layers) are in
+    group 0 and the final norm / lm_head (after them) in the last group, as mergekit assigns them
+    to the first and the last slice. The one rule of ``Genome`` and ``PSSpace``, so a PS recipe
+    written with one slice per group rebuilds exactly what ``Merger`` scored."""
+    size = max(1, group_size)
+    groups = max(1, math.ceil(num_layers / size))
+    m = LAYER_RE.match(name)
+    if m:
+        return min(int(m["idx"]) // size, groups - 1)
+    return 0 if is_pre(name) else groups - 1
 
 
 def is_pre(name: str) -> bool:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .evolve_config import SPARSIFYING
-from .plan import LAYER_RE, TensorPlan, _is_pre
-from .recipe import METHODS
+from .methods import METHODS
+from .plan import TensorPlan, layer_group
 from .spec import FusedOptions
 
 if TYPE_CHECKING:  # fastmerge.dfs imports transformers: only when a DFS space is built
@@ -101,10 +101,7 @@ class PSSpace:
     # -- where a tensor falls
 
     def group_of(self, name: str) -> int:
-        m = LAYER_RE.match(name)
-        if m:
-            return min(int(m["idx"]) // (self.group_size or self.num_layers), self.groups - 1)
-        return 0 if _is_pre(name) else self.groups - 1
+        return layer_group(name, self.num_layers, self.group_size or self.num_layers)
 
     def filter_of(self, name: str) -> int:
         return next((i for i, f in enumerate(self.filters) if f in name), self.num_filters - 1)

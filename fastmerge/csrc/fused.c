@@ -49,6 +49,10 @@ typedef struct {
     int64_t *nonfinite; /* NULL, or K + 1 counters (base, then models) of NaN/Inf inputs */
 } fm_params;
 
+/* sizeof(fm_params): fastmerge.cpu mirrors the struct in ctypes and checks its size against this
+ * when it loads the library (a one-sided edit would otherwise corrupt memory silently). */
+size_t fm_params_size(void) { return sizeof(fm_params); }
+
 /* dst[i] = p[s + i] for i < cnt, upcast to fp32; one loop per dtype so each vectorizes. */
 static void load_block(const void *p, int dt, int64_t s, int cnt, float *restrict dst) {
     if (dt == DT_F32) {

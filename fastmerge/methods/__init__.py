@@ -17,7 +17,7 @@ result once to the output dtype.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -186,6 +186,35 @@ def known_params() -> dict[str, Param]:
         for p in m.params:
             out.setdefault(p.name, p)
     return out
+
+
+class Names(Sequence[str]):
+    """The registered methods' names that satisfy ``keep``, read live from the registry (so a
+    method registered later is included): derived lists such as ``evolve_config.PS_METHODS``."""
+
+    def __init__(self, keep: Callable[[MergeMethod], bool]):
+        self._keep = keep
+
+    def _names(self) -> tuple[str, ...]:
+        return tuple(n for n, m in METHODS.items() if self._keep(m))
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __eq__(self, other: object) -> bool:
+        return tuple(self) == (tuple(other) if isinstance(other, (tuple, list, Names)) else other)
+
+    def __repr__(self) -> str:
+        return repr(self._names())
 
 
 def ta_params(normalize: bool, rescale: bool) -> tuple[Param, ...]:
