@@ -8,6 +8,9 @@ thread that ``pwrite``s them at their precomputed offsets. Peak memory is the gr
 not the model. Everything goes to a temporary sibling directory that is renamed into place only
 when complete; any failure, including Ctrl-C, removes it.
 
+Each tensor's route (copy, fused, torch) is decided by the plan from the method's declaration
+(fastmerge.methods); the pipeline looks it up and picks the executor once per tensor.
+
 A CPU merge of the task-arithmetic family (linear, task_arithmetic, ties, dare_*) over safetensors
 never imports torch: the fused loop reads the mapped input bytes and writes the mapped output by
 address. torch (1.6-2.5 s to import on the 2-core machine, as long as the whole merge of a 250M
@@ -287,7 +290,7 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
 def _on_runner(task: TensorPlan) -> bool:
     """Whether the device runner (Triton) takes the tensor: the fused route within its limits."""
     return (task.route == "fused" and task.rows is None and task.fused.k <= KERNEL_MAX_K
-            and task.code in KERNEL_CODES)
+            and task.code in KERNEL_CODES and "triton" in methods.get(task.method).executors)
 
 
 class _Pipeline:

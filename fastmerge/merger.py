@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import methods
 from ._optional import require
 from .engine import compute, open_models
 from .errors import FastmergeError
@@ -169,12 +170,12 @@ class Merger:
             task = task_for(base_task)
             out = self._params[task.name]
             tensors = [self._sources[(s.model, s.name)] for s in task.sources]
-            if task.route == "fused" and task.rows is None:
-                if self.backend == "cpu":  # the engine's fused executor, in place into the parameter
-                    compute(task, tensors, self.threads, out=out)
-                else:
-                    base, models = task.split(tensors)
-                    grouped.append((base, models, task.fused, task.name, out))
+            fused = task.route == "fused" and task.rows is None
+            if fused and self.backend == "cpu":  # the engine's fused executor, in place into the parameter
+                compute(task, tensors, self.threads, out=out)
+            elif fused and "triton" in methods.get(task.method).executors:
+                base, models = task.split(tensors)
+                grouped.append((base, models, task.fused, task.name, out))
             else:  # copy and torch routes (and vocabulary mismatches): the engine's executor on CPU tensors
                 out.copy_(compute(task, [t.cpu() for t in tensors], self.threads))
         if grouped:

@@ -51,7 +51,7 @@ class TensorPlan:
     base: Source | None = None
     fused: FusedOptions | None = None
     position: float = 0.0  # t of the layer in its slice (gradients), 0 outside the layers
-    method: str | None = None  # torch route: the registry name
+    method: str | None = None  # fused and torch routes: the registry name
     params: dict[str, Any] = field(default_factory=dict)  # torch route: the resolved parameters
     seed: int = 0  # torch route: the recipe's random_seed (the fused route's is in ``fused``)
     rows: int | None = None  # vocab mismatch: rows merged (the rest copied from ``base`` or input 0)
@@ -319,7 +319,7 @@ class _Builder:
                 plan = TensorPlan(out_name, shape, dtype, "copy", [base_src])
             else:
                 plan = TensorPlan(out_name, shape, dtype, "fused", [src[s.model] for s in inputs], base=base_src,
-                                  fused=self._fused(params, inputs, out_name))
+                                  fused=self._fused(params, inputs, out_name), method=spec.name)
         elif spec.copy_if is not None and spec.copy_if(params):
             plan = TensorPlan(out_name, shape, dtype, "copy", [src[s.model] for s in inputs])
         else:

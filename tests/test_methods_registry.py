@@ -215,3 +215,16 @@ def test_struct_size_mismatch_refuses_the_c_loop(monkeypatch):
         assert not cpu.available()
     with pytest.raises(FastmergeError, match="struct definitions disagree"):
         cpu.library()
+
+
+def test_executors_decide_the_device_route(register):
+    from fastmerge.engine import _on_runner
+    from fastmerge.plan import Source, TensorPlan
+    from fastmerge.spec import FusedOptions
+
+    register(MergeMethod("toy_c_only", methods.ta_params(normalize=False, rescale=False), base="required",
+                         fused=Fused(), executors=("c",)))
+    task = TensorPlan("x", (4,), "F32", "fused", [Source("a", "x")], base=Source("b", "x"),
+                      fused=FusedOptions(weights=(1.0,)), method="ties")
+    assert _on_runner(task)
+    assert not _on_runner(TensorPlan(**{**task.__dict__, "method": "toy_c_only"}))

@@ -117,14 +117,16 @@ class MergeMethod:
     copy_if: Callable[[dict], bool] | None = None
     pretty_name: str = ""
     reference_url: str | None = None
-    #: the fused routes a method of the family may take; torch-route methods run on CPU tensors
-    routes: tuple[str, ...] = field(default=())
+    #: the executors that can run it: "c" (the fused C loop, or its numpy twin) and "triton" (the
+    #: fused kernel) for the family, "torch" (its function, on CPU tensors) otherwise. A family
+    #: member without "triton" runs on the C loop even when a merge runs on a GPU.
+    executors: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if (self.fused is None) == (self.merge is None):
             raise ValueError(f"method {self.name}: give exactly one of fused (the family) or merge (a torch function)")
-        if not self.routes:
-            object.__setattr__(self, "routes", ("fused",) if self.fused else ("torch",))
+        if not self.executors:
+            object.__setattr__(self, "executors", ("c", "triton") if self.fused else ("torch",))
 
     @property
     def needs_base(self) -> bool:
