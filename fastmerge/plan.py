@@ -153,6 +153,9 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
                 raise FastmergeError(f"slices[{i}]: {s.model}: layer_range [{s.start}, {s.end}) beyond its {n} layers")
         if spec.needs_base and sbase not in [s.model for s in srcs]:
             raise FastmergeError(f"slices[{i}]: merge_method {spec.name!r} needs the base model {sbase!r} among the sources")
+        if spec.base_of(sbase) is not None and sbase not in [s.model for s in srcs]:  # optional, as mergekit
+            raise FastmergeError(f"slices[{i}]: the base model {sbase!r} of merge_method {spec.name!r} is not "
+                                 "among the sources")
 
     builder = _Builder(recipe, readers, seed)
     out: list[TensorPlan] = []
@@ -301,19 +304,21 @@ class _Builder:
 
         spec = self.spec
         shared_scopes = [slice_params, self.recipe.parameters]
-        # a required base stands apart (task vectors against it); otherwise every source is an input
-        inputs = srcs if not spec.needs_base else [s for s in srcs if s.model != sbase]
+        # a required (or a named optional) base stands apart (task vectors against it); otherwise
+        # every source is an input
+        sbase = spec.base_of(sbase)
+        inputs = srcs if sbase is None else [s for s in srcs if s.model != sbase]
         params: dict[str, Any] = {}
         for p in spec.params:
             if p.per_model:
                 params[p.name] = tuple(
-                    self._value(p, resolve(p.name, [s.parameters, *shared_scopes], metas[s.model][1], t, p.default),
+                    self._value(p, resolve(p.name, [s.parameters, *shared_scopes], metas[s.model][1], t, p.default, p.read),
                                 out_name, s.model, metas[s.model][1])
                     for s in inputs)
             else:
-                params[p.name] = self._value(p, resolve(p.name, shared_scopes, out_name, t, p.default), out_name)
+                params[p.name] = self._value(p, resolve(p.name, shared_scopes, out_name, t, p.default, p.read), out_name)
         src = {s.model: Source(s.model, metas[s.model][1]) for s in srcs}
-        base_src = src[sbase] if spec.needs_base else None
+        base_src = src[sbase] if sbase is not None else None
         if spec.fused is not None:
             if not inputs:  # only the base: its own tensor
                 plan = TensorPlan(out_name, shape, dtype, "copy", [base_src])
@@ -340,6 +345,8 @@ class _Builder:
             return None
         if p.kind == "bool":
             return bool(value)
+        if p.kind == "int":
+            return int(value)
         if p.kind == "rescale":
             return parse_rescale(value)
         f = as_float(p.name, value, tensor)

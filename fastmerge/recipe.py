@@ -94,11 +94,6 @@ class Recipe(BaseModel):
 #: the registry (fastmerge.methods) is the one list of methods; re-exported where recipes are read
 METHODS = _methods.METHODS
 REQUIRED = _methods.REQUIRED
-#: mergekit methods fastmerge knows about but does not implement yet: a clear error, not a surprise.
-NOT_YET = {
-    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "sce",
-    "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
-}
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -152,12 +147,17 @@ def evaluate_setting(tensor_name: str, setting: Any, t: float = 0.0, *,
     raise FastmergeError(f"unexpected parameter value {setting!r}")
 
 
-def resolve(name: str, scopes: list[Parameters | None], tensor_name: str, t: float, default: Any) -> Any:
-    """First scope (highest precedence first) whose setting yields a value, else the default."""
+def resolve(name: str, scopes: list[Parameters | None], tensor_name: str, t: float, default: Any,
+            validate: Callable[[Any], Any] | None = None) -> Any:
+    """First scope (highest precedence first) whose setting yields a value, else the default.
+    ``validate``: how the method reads the parameter's scalars (default: the first method that
+    declares the name; the plan passes the merge method's own, e.g. della's bool ``rescale``)."""
+    if validate is None and name in VALIDATORS:
+        validate = VALIDATORS[name]
     for scope in scopes:
         if scope and name in scope:
             try:
-                value = evaluate_setting(tensor_name, scope[name], t, validate=VALIDATORS.get(name) if name in VALIDATORS else None)
+                value = evaluate_setting(tensor_name, scope[name], t, validate=validate)
             except ValidationError as e:
                 err = e.errors()[0]
                 raise FastmergeError(f"parameter {name} for {tensor_name}: {err['msg'].lower()}, "
@@ -199,8 +199,6 @@ def load_recipe(source: str | Path | dict) -> Recipe:
 
 def validate(recipe: Recipe, where: str = "recipe") -> None:
     method = recipe.merge_method
-    if method in NOT_YET and method not in METHODS:
-        raise FastmergeError(f"{where}: merge_method {method!r} is a mergekit method fastmerge does not implement yet")
     try:
         spec = _methods.get(method)
     except FastmergeError as e:
@@ -244,6 +242,14 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
                 n = spec.inputs - 1
                 raise FastmergeError(f"{where}: {method} needs the base_model and exactly {'one' if n == 1 else n} "
                                      f"other model{'s' if n > 1 else ''}, got {g}")
+    low, high = spec.non_base
+    for g, b in zip(groups, bases):
+        b = spec.base_of(b)
+        others = [m for m in g if m != b]
+        if len(others) < low or (high is not None and len(others) > high):
+            want = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise FastmergeError(f"{where}: {method} needs {want} model{'s' if (high or low) > 1 else ''} "
+                                 f"besides the base_model, got {others}")
 
 
 def check_parameters(recipe: Recipe, spec: _methods.MergeMethod, where: str = "recipe") -> None:

@@ -49,9 +49,11 @@ def register():
 
 # --- the registry drives the recipe schema ------------------------------------------------------
 
-def test_seven_methods_as_mergekit_declares_them():
-    assert list(methods.METHODS) == ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
-                                     "passthrough"]
+def test_methods_as_mergekit_declares_them():
+    # the fused family and slerp/passthrough first, then the torch-route methods (test_methods_wired)
+    assert list(methods.METHODS)[:7] == ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp",
+                                         "passthrough"]
+    assert len(methods.METHODS) == 20
     from mergekit.merge_methods import get
 
     for name, m in methods.METHODS.items():

@@ -38,6 +38,7 @@ ROUTES = ("copy", "fused", "torch")
 
 _FLOAT = TypeAdapter(float).validate_python
 _BOOL = TypeAdapter(bool).validate_python
+_INT = TypeAdapter(int).validate_python
 
 
 def read_rescale(value: Any) -> Any:
@@ -50,19 +51,19 @@ def read_rescale(value: Any) -> Any:
         raise FastmergeError(f"rescale: expected true, false or 'inverse', got {value!r}") from None
 
 
-_READERS: dict[str, Callable[[Any], Any]] = {"float": _FLOAT, "bool": _BOOL, "rescale": read_rescale}
+_READERS: dict[str, Callable[[Any], Any]] = {"float": _FLOAT, "bool": _BOOL, "int": _INT, "rescale": read_rescale}
 
 
 @dataclass(frozen=True)
 class Param:
     """One parameter, as mergekit's ``ConfigParameterDef``: its name, how a scalar is read
-    (``float``, ``bool`` or ``rescale``: YAML leaves ``1e-3`` a string, mergekit reads it as a
-    number), its default (``REQUIRED``: none), and whether it is per model or shared by all.
+    (``float``, ``bool``, ``int`` or ``rescale``: YAML leaves ``1e-3`` a string, mergekit reads it
+    as a number; an ``int`` refuses 2.5, as mergekit's does), its default (``REQUIRED``: none), and whether it is per model or shared by all.
     ``low``/``high`` bound a number (the evolve search and the plan check them); ``clip_high``
     says a larger value is clipped (density above 1 keeps everything), not refused."""
 
     name: str
-    kind: Literal["float", "bool", "rescale"] = "float"
+    kind: Literal["float", "bool", "int", "rescale"] = "float"
     default: Any = REQUIRED
     per_model: bool = False
     low: float | None = None
@@ -101,17 +102,21 @@ TorchMerge = Callable[["list[torch.Tensor]", "torch.Tensor | None", dict, MergeC
 class MergeMethod:
     """One merge method.
 
-    ``base``: "required" (a base model, kept apart from the inputs: task vectors against it) or
-    "ignored" (a named base is just one more input, as in mergekit). ``inputs``: how many inputs
-    the method takes, counting a required base (None: any). Exactly one of ``fused`` (the task-
+    ``base`` (mergekit's ``BasePolicy``): "required" (a base model, kept apart from the inputs:
+    task vectors against it), "optional" (kept apart when the recipe or slice names one; without
+    one every source is an input) or "ignored" (a named base is just one more input, as in
+    mergekit). ``inputs``: how many inputs the method takes, counting a required base (None: any);
+    ``non_base``: (min, max) of the inputs other than the base (max None: no limit), as mergekit's
+    ``InputContract.min_non_base``/``max_non_base``. Exactly one of ``fused`` (the task-
     arithmetic family) and ``merge`` (the torch route); ``copy_if`` says when a tensor is a plain
     copy of its one input under its parameters (passthrough without a scale).
     """
 
     name: str
     params: tuple[Param, ...]
-    base: Literal["required", "ignored"] = "ignored"
+    base: Literal["required", "optional", "ignored"] = "ignored"
     inputs: int | None = None
+    non_base: tuple[int, int | None] = (0, None)
     fused: Fused | None = None
     merge: TorchMerge | None = None
     copy_if: Callable[[dict], bool] | None = None
@@ -131,6 +136,11 @@ class MergeMethod:
     @property
     def needs_base(self) -> bool:
         return self.base == "required"
+
+    def base_of(self, base: str | None) -> str | None:
+        """The model that stands apart as the base in a group whose recipe/slice names ``base``
+        (None: every source is an input)."""
+        return None if self.base == "ignored" else base
 
     @property
     def param(self) -> dict[str, Param]:
@@ -157,7 +167,12 @@ class MergeMethod:
 
 
 #: the modules of this package that declare a method, in the order the CLI lists them
-_MODULES = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough")
+_MODULES = (
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "passthrough",
+    # the torch route (fastmerge.methods_math), per tensor on CPU
+    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock", "nuslerp", "multislerp",
+    "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
+)
 METHODS: dict[str, MergeMethod] = {}
 
 
@@ -219,16 +234,40 @@ class Names(Sequence[str]):
         return repr(self._names())
 
 
-def ta_params(normalize: bool, rescale: bool) -> tuple[Param, ...]:
-    """The task-arithmetic family's parameters (mergekit's GeneralizedTaskArithmeticMerge)."""
+def ta_params(normalize: bool, rescale: bool, *extra: Param, rescale_kind: Literal["rescale", "bool"] = "rescale"
+              ) -> tuple[Param, ...]:
+    """The task-arithmetic family's parameters (mergekit's GeneralizedTaskArithmeticMerge), plus
+    ``extra`` ones (breadcrumbs' ``gamma``, DELLA's ``epsilon``). ``rescale_kind="bool"``: only
+    mergekit's true/false (l1 or none), for the torch-route members, which have no ``inverse``."""
     return (
         Param("int8_mask", "bool", False),
         Param("normalize", "bool", normalize),
-        Param("rescale", "rescale", rescale),
+        Param("rescale", rescale_kind, rescale),
         Param("lambda", "float", 1.0),
         Param("weight", "float", REQUIRED, per_model=True),
         Param("density", "float", 1.0, per_model=True, low=0.0, high=1.0, clip_high=True),
+        *extra,
     )
+
+
+def math_merge(method: str) -> TorchMerge:
+    """The torch-route ``merge`` of a method whose math is ``fastmerge.methods_math.METHODS[method]``:
+    parameters under their Python names (``lambda`` -> ``lambda_``), the tensor's name and the
+    recipe's seed (DELLA's Philox draws, DESIGN.md s.3), fp32 out. Its checks (e.g. DELLA's
+    density +/- epsilon in (0, 1)) are one-line errors naming the tensor. torch (and
+    ``methods_math``) is imported when a tensor is merged, not when the registry is."""
+
+    def merge(tensors, base, params, ctx):
+        from .. import methods_math
+
+        kwargs = {methods_math.PYARG.get(k, k): v for k, v in params.items()}
+        try:
+            return methods_math.METHODS[method](base, tensors, **kwargs, name=ctx.name, seed=ctx.seed)
+        except ValueError as e:
+            raise FastmergeError(f"{method}: tensor {ctx.name}: {e}") from None
+
+    merge.__qualname__ = merge.__name__ = f"{method}_merge"
+    return merge
 
 
 for _name in _MODULES:
