@@ -93,7 +93,7 @@ def methods_help() -> str:
     lines = ["merge methods (merge_method) and their parameters (* required, per model: [model]):"]
     for m in METHODS.values():
         params = ", ".join(f"{p.name}{'*' if p.default is REQUIRED else ''}{' [model]' if p.per_model else ''}"
-                           for p in m.params)
+                           for p in m.params) or "(none)"
         route = f"fused {m.fused.sparsify}/{m.fused.consensus}" if m.fused else "torch"
         lines.append(f"  {m.name:<16} {route:<22} {params}")
     return "\n".join(lines)
