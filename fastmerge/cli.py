@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -15,20 +16,33 @@ from .errors import FastmergeError
 from .rng import SEED_MAX
 
 
+class ShardParams(int):
+    """An ``--out-shard-size`` given as a number of parameters (mergekit's meaning): the engine
+    turns it into bytes with the output dtype's size."""
+
+
+_BYTE_UNITS = {"G": 1024**3, "T": 1024**4, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+_PARAM_UNITS = {"": 1, "K": 1000, "M": 1000**2, "B": 1000**3}
+SIZE_RULE = ("a number of parameters as mergekit reads it (5B = 5e9 parameters, also 500M, 100K or a plain "
+             "number; bytes = parameters x the output dtype's size) or bytes with a byte unit (5G, 5GB, 5GiB, "
+             "500MB, 1.5T; binary: 1G = 1024^3 bytes)")
+
+
 def _size(text: str) -> int:
-    """A positive byte count: ``5G``, ``500M``, ``1.5G``, ``4096`` (K/M/G/T are powers of 1024)."""
-    units = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-    t = text.strip().upper().rstrip("B")
-    try:
-        if t and t[-1] in units:
-            n = int(float(t[:-1]) * units[t[-1]])
-        else:
-            n = int(t)
-    except (ValueError, OverflowError):  # OverflowError: "infG"
-        raise argparse.ArgumentTypeError(f"expected a size like 5G or 500M, got {text!r}") from None
+    """``--out-shard-size``: bytes (``int``) when the text has a byte unit (G, T, KB, MB, GB, TB,
+    KiB, ... : powers of 1024, fastmerge's spellings), else parameters (``ShardParams``) as mergekit
+    reads it: a plain number or K/M/B (thousand, million, billion), any case."""
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)", text.strip())
+    unit = m.group(2).upper() if m else None
+    if unit not in _BYTE_UNITS and unit not in _PARAM_UNITS:
+        raise argparse.ArgumentTypeError(f"expected parameters like 5B or 500M, or bytes like 5GB or 500MB, "
+                                         f"got {text!r}")
+    scale = _BYTE_UNITS.get(unit) or _PARAM_UNITS[unit]
+    n = int(float(m.group(1)) * scale)
     if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive size like 5G or 500M, got {text!r}")
-    return n
+        raise argparse.ArgumentTypeError(f"expected a positive size like 5B (parameters) or 5GB (bytes), got {text!r}")
+    return n if unit in _BYTE_UNITS else ShardParams(n)
 
 
 def _int_at_least(low: int, high: int | None = None, what: str = "an integer"):
@@ -107,15 +121,46 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("recipe", help="recipe YAML (mergekit schema)")
     m.add_argument("out", help="output directory (a Hugging Face checkpoint)")
-    m.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to merge (default cpu)")
+    m.add_argument("--device", default=None, choices=["cpu", "cuda", "auto"],
+                   help="where to merge (default cpu, or cuda with --cuda)")
     m.add_argument("--backend", default=None, choices=["cpu", "triton"],
                    help="fused C loop or Triton kernel (default: triton on a GPU, cpu otherwise)")
-    m.add_argument("--out-shard-size", type=_size, default="5G", help="max bytes per output shard (default 5G)")
+    m.add_argument("--out-shard-size", type=_size, default="5G", metavar="SIZE",
+                   help=f"max output shard size (default 5G bytes): {SIZE_RULE}".replace("%", "%%"))
     m.add_argument("--seed", type=_seed, default=None, help="DARE seed (overrides the recipe's random_seed)")
-    m.add_argument("--threads", type=_threads, default=None, help="CPU threads for the fused loop (default: all)")
+    m.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads for the fused loop (default: all)")
     m.add_argument("--force", action="store_true", help="replace an existing output directory")
     m.add_argument("--allow-bin", action="store_true", help="allow pickled .bin inputs (loaded weights_only)")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    mk = m.add_argument_group(
+        "mergekit-yaml options", "mergekit-yaml's flags, so its command lines run unchanged; "
+        "--no-X is the opposite of --X")
+    yes_no = argparse.BooleanOptionalAction
+    mk.add_argument("--random-seed", dest="seed", type=_seed, default=None, metavar="N", help="same as --seed")
+    mk.add_argument("--num-threads", "-j", dest="threads", type=_threads, default=None, metavar="N",
+                    help="same as --threads")
+    mk.add_argument("--quiet", dest="no_progress", action="store_true", help="same as --no-progress")
+    mk.add_argument("--copy-tokenizer", action=yes_no, default=True,
+                    help="copy the base model's tokenizer files to the output (default); with --no-copy-tokenizer "
+                         "none are written unless the recipe names a tokenizer source")
+    mk.add_argument("--write-model-card", action=yes_no, default=True,
+                    help="write README.md (model card) and mergekit_config.yml (the recipe) (default)")
+    mk.add_argument("--cuda", action=yes_no, default=False, help="same as --device cuda (an explicit --device wins)")
+    mk.add_argument("--allow-crimes", action=yes_no, default=False,
+                    help="accepted, no effect: fastmerge checks tensor names and shapes, never the architecture name")
+    mk.add_argument("--lazy-unpickle", action=yes_no, default=False,
+                    help="accepted, no effect: inputs are always memory-mapped lazily (.bin: see --allow-bin)")
+    mk.add_argument("--low-cpu-memory", action=yes_no, default=False,
+                    help="accepted, no effect: memory is always the tensors in flight, not the model")
+    mk.add_argument("--safe-serialization", action=yes_no, default=True,
+                    help="output is always safetensors; --no-safe-serialization is an error")
+    mk.add_argument("--trust-remote-code", action=yes_no, default=False,
+                    help="accepted with a warning, no effect: a merge reads config.json and weights, runs no model code")
+    mk.add_argument("--transformers-cache", metavar="DIR", default=None,
+                    help="accepted with a warning, no effect: models are local directories (no hub downloads)")
+    mk.add_argument("--lora-merge-cache", metavar="DIR", default=None,
+                    help="accepted with a warning, no effect: fastmerge merges no LoRA adapters")
 
     d = sub.add_parser("dfs", help="data-flow-space (layer path) models")
     dsub = d.add_subparsers(dest="dfs_command", required=True)
@@ -186,8 +231,21 @@ def _merge(args: argparse.Namespace) -> int:
         bar.update(ev.bytes_done - bar.n)
         bar.set_postfix_str(f"{ev.tensors_done}/{ev.tensors_total} tensors", refresh=False)
 
-    opts = MergeOptions(device=args.device, backend=args.backend, threads=args.threads, out_shard_size=args.out_shard_size,
-                        seed=args.seed, force=args.force, allow_bin=args.allow_bin)
+    if not args.safe_serialization:
+        raise FastmergeError("--no-safe-serialization: fastmerge writes safetensors only (no pickled output)")
+    if args.trust_remote_code:
+        warnings.warn("--trust-remote-code has no effect: a merge reads config.json and weights, it runs no model code",
+                      stacklevel=1)
+    for flag, value, why in (("--transformers-cache", args.transformers_cache, "models are local directories"),
+                             ("--lora-merge-cache", args.lora_merge_cache, "fastmerge merges no LoRA adapters")):
+        if value is not None:
+            warnings.warn(f"{flag} has no effect: {why}", stacklevel=1)
+    params = args.out_shard_size if isinstance(args.out_shard_size, ShardParams) else None
+    opts = MergeOptions(device=args.device or ("cuda" if args.cuda else "cpu"), backend=args.backend,
+                        threads=args.threads, out_shard_size=5 * 1024**3 if params else args.out_shard_size,
+                        out_shard_params=int(params) if params else None, seed=args.seed, force=args.force,
+                        allow_bin=args.allow_bin, copy_tokenizer=args.copy_tokenizer,
+                        write_model_card=args.write_model_card)
     try:
         result = merge(args.recipe, args.out, opts, progress=progress)
     finally:

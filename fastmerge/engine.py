@@ -67,12 +67,19 @@ class MergeOptions:
     device: str = "cpu"  # cpu | cuda | auto
     backend: str | None = None  # cpu (the fused C loop) | triton (the kernel on the device); default by device
     threads: int | None = None
-    out_shard_size: int = 5 * 1024**3
+    out_shard_size: int = 5 * 1024**3  # bytes
+    #: parameters per shard (mergekit's ``--out-shard-size 5B``): bytes = this x the output dtype's size;
+    #: overrides ``out_shard_size`` when set
+    out_shard_params: int | None = None
     seed: int | None = None
     force: bool = False
     allow_bin: bool = False
     prefetch: int = 2
     check_finite: bool = True
+    #: copy the tokenizer files of the base (or reference) model; a recipe's tokenizer source is always copied
+    copy_tokenizer: bool = True
+    #: write the model card (README.md) and the recipe as mergekit_config.yml
+    write_model_card: bool = True
 
 
 @dataclass
@@ -237,6 +244,7 @@ def merge(
     """Merge checkpoints per a mergekit-style recipe into ``out_path`` (a HF model directory)."""
     opts = options or MergeOptions()
     recipe_file = given_file(recipe)
+    recipe_source = recipe_file.read_text(encoding="utf-8") if recipe_file else recipe if isinstance(recipe, str) else None
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out_path)
@@ -262,7 +270,7 @@ def merge(
     try:
         with claim:  # the target locked, stale temporaries removed, ``claim.tmp`` made; left: removed
             nonfinite = _execute(plan, readers, claim.tmp, opts, progress, runner)
-            _write_metadata(plan, recipe, readers, claim.tmp)
+            _write_metadata(plan, recipe, readers, claim.tmp, opts, _recipe_source(recipe, recipe_source))
             claim.commit()
     finally:
         for r in readers.values():
@@ -278,13 +286,28 @@ def _execute(plan: Plan, readers: dict[str, CheckpointReader], tmp: Path, opts: 
     """Run the plan: reader thread -> executor (main thread) -> writer thread. Returns the inputs'
     NaN/Inf counts by file and tensor."""
     try:
-        writer = ShardedWriter(tmp, [OutTensor(t.name, t.code, t.shape) for t in plan.tensors], opts.out_shard_size)
+        writer = ShardedWriter(tmp, [OutTensor(t.name, t.code, t.shape) for t in plan.tensors], shard_bytes(plan, opts))
     except OSError as e:  # a full disk while writing the headers or the index
         where = _final_path(tmp) / Path(e.filename).name if e.filename else _final_path(tmp)
         raise FastmergeError(f"{where}: cannot write the output: {e.strerror or e}") from None
     except FastmergeError as e:  # no room for a shard: name it where the user will look for it
         raise FastmergeError(str(e).replace(str(tmp), str(_final_path(tmp)))) from None
     return _Pipeline(plan, readers, writer, tmp, opts, progress, runner).run()
+
+
+def shard_bytes(plan: Plan, opts: MergeOptions) -> int:
+    """The byte limit of an output shard: ``out_shard_size``, or ``out_shard_params`` (mergekit's
+    parameters) times the output dtype's size (the first floating tensor's, as config.json says)."""
+    if opts.out_shard_params is None:
+        return opts.out_shard_size
+    codes = [t.code for t in plan.tensors if dtypes.is_float(t.code)] or [t.code for t in plan.tensors]
+    return opts.out_shard_params * (dtypes.itemsize(codes[0]) if codes else 1)
+
+
+def _recipe_source(recipe: Recipe, text: str | None) -> str:
+    """What ``mergekit_config.yml`` holds: the recipe file's text as given (as mergekit writes it),
+    or the recipe as YAML when it came as a dict or ``Recipe``."""
+    return text if text is not None else dump_recipe(recipe)
 
 
 def _on_runner(task: TensorPlan) -> bool:
@@ -477,7 +500,8 @@ def _shard_path(writer: ShardedWriter, name: str, tmp: Path) -> Path:
     return _final_path(tmp) / writer.files[writer._fds.index(fd)]
 
 
-def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointReader], tmp: Path) -> None:
+def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointReader], tmp: Path,
+                    opts: MergeOptions | None = None, recipe_source: str | None = None) -> None:
     """config.json, generation config and tokenizer files, the model card: a full disk (or any
     failed write) is one line naming the file, and ``merge`` removes the temporary directory."""
     final = _final_path(tmp)
@@ -509,22 +533,42 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     gen = ref_dir / "generation_config.json"
     if gen.exists():
         copy(gen)
-    if plan.tokenizer_model:
-        for f in tokenizer_files(plan.tokenizer_model):
+    opts = opts or MergeOptions()
+    named = recipe.tokenizer_source or (recipe.tokenizer.source if recipe.tokenizer else None)
+    tokenizer_model = plan.tokenizer_model if opts.copy_tokenizer or named else None
+    if plan.tokenizer_model and not tokenizer_model and recipe.chat_template:
+        warnings.warn("chat_template is not written: --no-copy-tokenizer and the recipe names no tokenizer source",
+                      stacklevel=3)
+    if tokenizer_model:
+        for f in tokenizer_files(tokenizer_model):
             copy(f)
-    if recipe.chat_template:
-        tok_cfg_path = Path(plan.tokenizer_model or "") / "tokenizer_config.json"  # as copied above
-        tok_cfg = read_json_object(tok_cfg_path, "tokenizer config") if plan.tokenizer_model and tok_cfg_path.exists() else {}
+    if recipe.chat_template and (tokenizer_model or not plan.tokenizer_model):
+        tok_cfg_path = Path(tokenizer_model or "") / "tokenizer_config.json"  # as copied above
+        tok_cfg = read_json_object(tok_cfg_path, "tokenizer config") if tokenizer_model and tok_cfg_path.exists() else {}
         tok_cfg["chat_template"] = recipe.chat_template
         write_text("tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
         write_text("chat_template.jinja", recipe.chat_template)
-    card = (
-        "---\nlibrary_name: transformers\ntags:\n- merge\n- fastmerge\n---\n"
-        f"# {final.name}\n\n"
-        f"This model was merged with fastmerge using the `{recipe.merge_method}` method.\n\n"
+    if opts.write_model_card:
+        write_text("README.md", model_card(recipe, final.name))
+        write_text("mergekit_config.yml", _recipe_source(recipe, recipe_source))
+
+
+def model_card(recipe: Recipe, name: str) -> str:
+    """The model card: mergekit's YAML header (``base_model``: the recipe's models, base first;
+    ``library_name``; the ``mergekit`` and ``merge`` tags, plus ``fastmerge``) and the recipe."""
+    import yaml
+
+    models = _source_models(recipe)
+    header = yaml.safe_dump({"base_model": models, "library_name": "transformers",
+                             "tags": ["mergekit", "merge", "fastmerge"]}, sort_keys=False)
+    base = f" using {recipe.base_model} as a base" if recipe.base_model and recipe.merge_method != "slerp" else ""
+    merged = "\n".join(f"* {m}" for m in models if m != recipe.base_model or not base)
+    return (
+        f"---\n{header}---\n# {name}\n\n"
+        f"This model was merged with fastmerge (mergekit-compatible) using the `{recipe.merge_method}` method{base}.\n\n"
+        f"## Models merged\n\n{merged}\n\n"
         "## Recipe\n\n```yaml\n" + dump_recipe(recipe) + "```\n"
     )
-    write_text("README.md", card)
 
 
 def tokenizer_files(directory: str | Path) -> list[Path]:

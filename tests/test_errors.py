@@ -433,7 +433,7 @@ def test_bad_index_or_config_is_one_line(fam, tmp_path, capsys, case):
                     inputs=(base, ft0, ft1))
 
 
-@pytest.mark.parametrize("victim", ["config.json", "README.md", "generation_config.json"])
+@pytest.mark.parametrize("victim", ["config.json", "README.md", "mergekit_config.yml", "generation_config.json"])
 def test_full_disk_writing_metadata(fam, tmp_path, capsys, monkeypatch, victim):
     """A full disk after the shards (config, model card, copied files): one line naming the file,
     nothing left; with --force the old output stays as it was."""
@@ -697,7 +697,8 @@ def test_real_full_disk_at_each_step(fam, tmp_path, capsys, tiny_tmpfs):
     ref = tmp_path / "ref"
     fastmerge.merge(ta_recipe(base, ft0, ft1), ref)
     assert sorted(p.name for p in ref.iterdir()) == ["README.md", "config.json", "generation_config.json",
-                                                     "model.safetensors"], "the tiny family is one shard"
+                                                     "mergekit_config.yml", "model.safetensors"], \
+        "the tiny family is one shard"
     page = 4096
     pages = -(-(ref / "model.safetensors").stat().st_size // page)
     seen = []
@@ -718,4 +719,4 @@ def test_real_full_disk_at_each_step(fam, tmp_path, capsys, tiny_tmpfs):
         seen.append(err.split(f"{out}/")[1].split(":")[0])
     else:
         pytest.fail("never enough room")
-    assert {"config.json", "README.md"} <= set(seen), seen
+    assert {"config.json", "README.md"} <= set(seen), seen  # mergekit_config.yml is written right after README.md
