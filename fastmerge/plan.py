@@ -23,8 +23,29 @@ from .spec import FusedOptions
 if TYPE_CHECKING:
     import torch
 
-LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
-VOCAB_HINTS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+#: The layer prefixes of the decoder families mergekit ships architecture files for and
+#: transformers implements (``model.layers``: Llama, Mistral, Qwen, Gemma, Phi-3...; ``transformer.h``:
+#: GPT-2, GPT-J, Falcon, GPTBigCode, Qwen-1, EXAONE, old Phi-2; ``gpt_neox.layers``: GPT-NeoX / Pythia;
+#: ``model.decoder.layers``: OPT; ``transformer.blocks``: MPT; ``backbone.layers``: Mamba;
+#: ``model.language_model.layers``: Qwen3-VL; the encoders' ``*.encoder.layer``). The prefix of a
+#: checkpoint is derived from its tensor names and its config's layer count (``layer_prefix``);
+#: this table breaks ties and names the layers of a bare tensor name (``layer_group``).
+KNOWN_PREFIXES = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks",
+                  "transformer.layers", "model.language_model.layers", "backbone.layers", "transformer.encoder.layers",
+                  "bert.encoder.layer", "roberta.encoder.layer", "encoder.layer", "distilbert.transformer.layer",
+                  "layers")
+#: The config keys of the layer count, in the order transformers' configs use them
+#: (``num_hidden_layers``: most; ``n_layer``: GPT-2, GPT-J, GPTBigCode, Bloom; ``num_layers``;
+#: ``n_layers``: MPT).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+#: A tensor inside a numbered layer under one of the usual container names (``layers``, ``h``,
+#: ``blocks``, ``layer``, ``block``); ``CheckpointReader``-aware code uses ``layer_prefix`` instead.
+LAYER_RE = re.compile(r"^(?P<prefix>(?:[\w.]*?\.)?(?:layers|h|blocks|layer|block))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_NUMBERED = re.compile(r"^(?P<prefix>.+?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+VOCAB_HINTS = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
+#: the input embeddings a tied ``lm_head.weight`` stands for (Llama-style, GPT-2-style, Falcon)
+TIED_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "transformer.word_embeddings.weight")
+PRE_HINTS = ("embed_tokens", "wte", "wpe", "embed_in", "embed_positions", "word_embeddings")
 
 
 @dataclass(frozen=True)
@@ -108,21 +129,81 @@ class _SliceSrc:
     parameters: Parameters | None
 
 
-def _layers(reader: CheckpointReader) -> tuple[str, dict[int, list[str]]]:
-    """The layer prefix (e.g. ``model.layers``) and, per layer index, the rest of each name."""
-    by_layer: dict[int, list[str]] = {}
-    prefix = "model.layers"
-    for name in reader.tensors:
-        m = LAYER_RE.match(name)
+def config_num_layers(config: dict) -> int | None:
+    """The layer count a config declares (``num_hidden_layers``, ``n_layer``, ...), or None."""
+    for key in LAYER_COUNT_KEYS:
+        n = config.get(key)
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+    return None
+
+
+def layer_count_key(config: dict) -> str:
+    """The key that holds a config's layer count (``num_hidden_layers`` where it has none)."""
+    return next((k for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), "num_hidden_layers")
+
+
+def layer_prefix(names, count: int | None = None) -> str | None:
+    """The prefix of the numbered decoder layers among tensor ``names`` (``model.layers``,
+    ``transformer.h``, ``gpt_neox.layers``...), or None when there are none.
+
+    Every name ``P.N.rest`` (the first number in it) proposes ``P``; the winner is the proposal
+    whose indices are exactly 0..count-1 (``count`` from the config), then a known prefix
+    (``KNOWN_PREFIXES`` order), then the one with the most layers. So a vision tower's
+    ``visual.blocks.N`` loses to the language model's layers, and an unknown layout still works.
+    """
+    seen: dict[str, set[int]] = {}
+    for name in names:
+        m = _NUMBERED.match(name)
         if m:
-            prefix = m["prefix"]
-            by_layer.setdefault(int(m["idx"]), []).append(m["rest"])
-    return prefix, by_layer
+            seen.setdefault(m["prefix"], set()).add(int(m["idx"]))
+    if not seen:
+        return None
+
+    def rank(prefix: str):
+        idx = seen[prefix]
+        exact = count is not None and idx == set(range(count))
+        known = KNOWN_PREFIXES.index(prefix) if prefix in KNOWN_PREFIXES else len(KNOWN_PREFIXES)
+        return (not exact, known, -len(idx), prefix)
+
+    return min(seen, key=rank)
+
+
+def _layers(reader: CheckpointReader) -> tuple[str, dict[int, list[str]]]:
+    """The layer prefix (e.g. ``model.layers``, ``transformer.h``) and, per layer index, the rest of
+    each name."""
+    cached = getattr(reader, "_fm_layers", None)
+    if cached is not None:
+        return cached
+    prefix = layer_prefix(reader.tensors, config_num_layers(reader.config))
+    by_layer: dict[int, list[str]] = {}
+    if prefix is not None:
+        head = prefix + "."
+        for name in reader.tensors:
+            if name.startswith(head):
+                idx, _, rest = name[len(head):].partition(".")
+                if idx.isdigit() and rest:
+                    by_layer.setdefault(int(idx), []).append(rest)
+    out = (prefix or "model.layers", by_layer)
+    try:
+        reader._fm_layers = out
+    except AttributeError:  # a reader that takes no attributes: derive again next time
+        pass
+    return out
+
+
+def _in_layers(reader: CheckpointReader, name: str) -> bool:
+    prefix, by_layer = _layers(reader)
+    head = prefix + "."
+    if not by_layer or not name.startswith(head):
+        return False
+    idx, _, rest = name[len(head):].partition(".")
+    return idx.isdigit() and bool(rest)
 
 
 def num_layers(reader: CheckpointReader) -> int:
-    n = reader.config.get("num_hidden_layers")
-    if isinstance(n, int):
+    n = config_num_layers(reader.config)
+    if n is not None:
         return n
     _, by_layer = _layers(reader)
     return max(by_layer) + 1 if by_layer else 0
@@ -161,8 +242,8 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
     out: list[TensorPlan] = []
     first_ref = builder.reference(slices[0])
     last_ref = builder.reference(slices[-1])
-    pre = [n for n in readers[first_ref].tensors if not LAYER_RE.match(n) and is_pre(n)]
-    post = [n for n in readers[last_ref].tensors if not LAYER_RE.match(n) and not is_pre(n)]
+    pre = [n for n in readers[first_ref].tensors if not _in_layers(readers[first_ref], n) and is_pre(n)]
+    post = [n for n in readers[last_ref].tensors if not _in_layers(readers[last_ref], n) and not is_pre(n)]
     for name in pre:
         out.append(builder.tensor(name, {s.model: name for s in slices[0][0]}, slices[0], t=0.0))
     out_layer = 0
@@ -201,7 +282,7 @@ def _out_config(readers: dict[str, CheckpointReader], ref: str, layer_map: list[
     """The reference config with the output layer count, and per-layer lists (e.g. Qwen2's
     ``layer_types``) re-indexed to follow the layers each output layer came from."""
     config = dict(readers[ref].config)
-    n_in = config.get("num_hidden_layers")
+    n_in = config_num_layers(config)
     if not layer_map:
         return config
     for key, value in list(config.items()):
@@ -211,7 +292,7 @@ def _out_config(readers: dict[str, CheckpointReader], ref: str, layer_map: list[
                 src = readers[model].config.get(key)
                 rebuilt.append(src[idx] if isinstance(src, list) and idx < len(src) else value[min(idx, n_in - 1)])
             config[key] = rebuilt
-    config["num_hidden_layers"] = len(layer_map)
+    config[layer_count_key(config)] = len(layer_map)
     return config
 
 
@@ -231,7 +312,7 @@ def layer_group(name: str, num_layers: int, group_size: int) -> int:
 
 def is_pre(name: str) -> bool:
     """A tensor before the layers (the embeddings): it goes with the first slice and layer group."""
-    return any(h in name for h in ("embed_tokens", "wte", "wpe", "embed_in")) and "lm_head" not in name
+    return any(h in name for h in PRE_HINTS) and "lm_head" not in name
 
 
 class _Builder:
@@ -266,9 +347,10 @@ class _Builder:
         meta = reader.tensors.get(name)
         if meta is None and name.endswith("lm_head.weight"):
             # tied embeddings: the input embedding serves as the output projection
-            tied = name.replace("lm_head.weight", "model.embed_tokens.weight")
-            if tied in reader.tensors:
-                return reader.tensors[tied], tied
+            for emb in TIED_EMBEDDINGS:
+                tied = name.replace("lm_head.weight", emb)
+                if tied in reader.tensors:
+                    return reader.tensors[tied], tied
         if meta is None:
             raise FastmergeError(f"{reader.path}: tensor {name} is missing (needed by the recipe)")
         return meta, name

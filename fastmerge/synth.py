@@ -16,6 +16,7 @@ ARCHS = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
     "qwen2": "Qwen2Config",
+    "gpt2": "GPT2Config",  # transformer.h.N, n_layer, Conv1D weights, tied lm_head (tie_embeddings ignored)
 }
 
 
@@ -36,6 +37,9 @@ class ModelSpec:
 
         cls = getattr(transformers, ARCHS[self.arch])
         inter = self.intermediate or (int(self.hidden * 2.75) + 7) // 8 * 8
+        if self.arch == "gpt2":
+            return cls(n_embd=self.hidden, n_layer=self.layers, n_head=self.heads, n_inner=self.intermediate or None,
+                       vocab_size=self.vocab, n_positions=512, torch_dtype=str(self.dtype).replace("torch.", ""))
         return cls(
             hidden_size=self.hidden,
             intermediate_size=inter,
