@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import cpu, dtypes, methods
+from . import cpu, dtypes, methods, vocab
 from .errors import FastmergeError
 from .io import CheckpointReader, OutTensor, ShardedWriter, read_json_object
 from .plan import Plan, TensorPlan, build_plan
@@ -139,6 +139,8 @@ def compute(task: TensorPlan, tensors: list[torch.Tensor], threads: int | None =
     ``out`` (fused route only) is written in place; ``nonfinite`` receives the inputs' NaN/Inf
     counts when the fused loop counted them (it stays empty otherwise).
     """
+    if task.vocab is not None:  # a tokenizer source: each input rebuilt for the output vocabulary, then merged
+        return compute(replace(task, vocab=None), vocab.rebuild(task.vocab, tensors), threads, nonfinite=nonfinite)
     if task.rows is not None:  # vocabulary mismatch: merge the common rows, the rest from the full input
         full = next(t for t in tensors if tuple(t.shape) == task.shape)
         result = full.to(task.dtype, copy=True)
@@ -207,7 +209,7 @@ class _OutputBuffers:
 
 def _raw_ok(task: TensorPlan, readers: dict[str, CheckpointReader]) -> bool:
     """Whether the fused loop can merge the task straight from the mapped bytes (no torch)."""
-    if task.route != "fused" or task.rows is not None or task.code not in cpu.CODES:
+    if task.route != "fused" or not task.whole or task.code not in cpu.CODES:
         return False
     for s in task.sources:
         r = readers[s.model]
@@ -248,7 +250,8 @@ def merge(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out = Path(out_path)
-    claim = OutputClaim(out, opts.force, protected_inputs([*_source_models(recipe), recipe.tokenizer_source],
+    tok_dir = [t for t in [recipe.tokenizer_source] if t not in ("union", "base")]
+    claim = OutputClaim(out, opts.force, protected_inputs([*_source_models(recipe), *tok_dir],
                                                     [("the recipe file", recipe_file)]))
     claim.check()  # before any work; again under the lock
     device = resolve_device(opts.device)
@@ -312,7 +315,7 @@ def _recipe_source(recipe: Recipe, text: str | None) -> str:
 
 def _on_runner(task: TensorPlan) -> bool:
     """Whether the device runner (Triton) takes the tensor: the fused route within its limits."""
-    return (task.route == "fused" and task.rows is None and task.fused.k <= KERNEL_MAX_K
+    return (task.route == "fused" and task.whole and task.fused.k <= KERNEL_MAX_K
             and task.code in KERNEL_CODES and "triton" in methods.get(task.method).executors)
 
 
@@ -336,7 +339,7 @@ class _Pipeline:
         self.errors: list[BaseException] = []
         self.how = {t.name: self._executor(t) for t in plan.tensors}
         pooled = [t.out_bytes for t in plan.tensors if self.how[t.name] == "tensor" and t.route == "fused"
-                  and t.rows is None]
+                  and t.whole]
         self.buffers = _OutputBuffers(max(pooled, default=0), count=max(1, opts.prefetch) + 2)
         self.executors = {"raw": self._run_raw, "device": self._run_device, "tensor": self._run_tensor}
         self.done = 0
@@ -427,7 +430,7 @@ class _Pipeline:
         return [(name, out, None, nbytes) for name, nbytes, out in self.runner.ready()]
 
     def _run_tensor(self, task: TensorPlan, tensors: list) -> list:
-        pooled = self.buffers.take(self.stop) if task.route == "fused" and task.rows is None else None
+        pooled = self.buffers.take(self.stop) if task.route == "fused" and task.whole else None
         counts: list[int] = []
         view = None
         if pooled is not None:
@@ -539,10 +542,20 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     if plan.tokenizer_model and not tokenizer_model and recipe.chat_template:
         warnings.warn("chat_template is not written: --no-copy-tokenizer and the recipe names no tokenizer source",
                       stacklevel=3)
-    if tokenizer_model:
+    built = plan.vocab is not None and plan.vocab.copy_from is None
+    if built:  # a built tokenizer (union, added tokens): saved as mergekit saves it
+        tok = plan.vocab.tokenizer
+        if recipe.chat_template:
+            tok = vocab._clone(tok)
+            tok.chat_template = recipe.chat_template
+        try:
+            tok.save_pretrained(tmp)
+        except OSError as e:
+            raise FastmergeError(f"{final}: cannot write the tokenizer: {e.strerror or e}") from None
+    elif tokenizer_model:
         for f in tokenizer_files(tokenizer_model):
             copy(f)
-    if recipe.chat_template and (tokenizer_model or not plan.tokenizer_model):
+    if recipe.chat_template and not built and (tokenizer_model or not plan.tokenizer_model):
         tok_cfg_path = Path(tokenizer_model or "") / "tokenizer_config.json"  # as copied above
         tok_cfg = read_json_object(tok_cfg_path, "tokenizer config") if tokenizer_model and tok_cfg_path.exists() else {}
         tok_cfg["chat_template"] = recipe.chat_template

@@ -170,7 +170,7 @@ class Merger:
             task = task_for(base_task)
             out = self._params[task.name]
             tensors = [self._sources[(s.model, s.name)] for s in task.sources]
-            fused = task.route == "fused" and task.rows is None
+            fused = task.route == "fused" and task.whole
             if fused and self.backend == "cpu":  # the engine's fused executor, in place into the parameter
                 compute(task, tensors, self.threads, out=out)
             elif fused and "triton" in methods.get(task.method).executors:

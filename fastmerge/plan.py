@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import dtypes, methods
+from . import dtypes, methods, vocab
 from .errors import FastmergeError
 from .io import CheckpointReader
 from .recipe import DTYPES, REQUIRED, Parameters, Recipe, as_float, parse_rescale, resolve
@@ -76,7 +76,13 @@ class TensorPlan:
     params: dict[str, Any] = field(default_factory=dict)  # torch route: the resolved parameters
     seed: int = 0  # torch route: the recipe's random_seed (the fused route's is in ``fused``)
     rows: int | None = None  # vocab mismatch: rows merged (the rest copied from ``base`` or input 0)
+    vocab: vocab.VocabRows | None = None  # a tokenizer source: the sources rebuilt for the output vocabulary
     in_bytes: int = 0
+
+    @property
+    def whole(self) -> bool:
+        """The inputs are merged as they are (no vocabulary rows cut or rebuilt)."""
+        return self.rows is None and self.vocab is None
 
     @property
     def sources(self) -> list[Source]:
@@ -111,6 +117,8 @@ class Plan:
     tokenizer_model: str | None
     num_layers: int
     warnings: list[str] = field(default_factory=list)
+    #: the recipe names a tokenizer source: the output tokenizer and vocabulary (None: copy ``tokenizer_model``'s)
+    vocab: vocab.OutVocab | None = None
 
     @property
     def read_bytes(self) -> int:
@@ -238,7 +246,27 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
             raise FastmergeError(f"slices[{i}]: the base model {sbase!r} of merge_method {spec.name!r} is not "
                                  "among the sources")
 
-    builder = _Builder(recipe, readers, seed)
+    tok = recipe.tokenizer_source
+    out_vocab = None
+    unloadable = None
+    if tok is not None:
+        referenced = list(dict.fromkeys(
+            ([recipe.base_model] if recipe.base_model else [])
+            + [m.model for m in recipe.models or []] + [s.model for sl in recipe.slices or [] for s in sl.sources]))
+        settings = recipe.tokenizer
+        if tok not in ("union", "base") and not Path(tok).is_dir():
+            raise FastmergeError(f"tokenizer_source: {tok}: directory not found")
+        try:
+            out_vocab = vocab.build(tok, recipe.base_model or referenced[0], referenced, readers,
+                                    settings.tokens if settings else None,
+                                    settings.pad_to_multiple_of if settings else None)
+        except vocab.Unloadable as e:
+            if tok == "union" or (settings and (settings.tokens or settings.pad_to_multiple_of)):
+                raise
+            unloadable = f"{e}; its files are copied as they are and the embedding rows are not rebuilt"
+    builder = _Builder(recipe, readers, seed, out_vocab)
+    if unloadable:
+        builder.warnings.append(unloadable)
     out: list[TensorPlan] = []
     first_ref = builder.reference(slices[0])
     last_ref = builder.reference(slices[-1])
@@ -266,16 +294,14 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
         out.append(builder.tensor(name, {s.model: name for s in slices[-1][0]}, slices[-1], t=0.0))
 
     config = _out_config(readers, first_ref, layer_map)
-    tok = recipe.tokenizer_source
     tokenizer_model = first_ref if tok in (None, "base") else tok
-    if tok == "union":
-        raise FastmergeError("tokenizer_source: 'union' (vocabulary merging) is not supported; use 'base' or a model")
-    if tokenizer_model not in readers and not Path(tokenizer_model).is_dir():
-        raise FastmergeError(f"tokenizer_source: {tokenizer_model}: directory not found")
+    if out_vocab is not None:
+        tokenizer_model = out_vocab.copy_from
+        config["vocab_size"] = out_vocab.size
     zero_sum = builder.zero_sum_warning()
     if zero_sum:
         builder.warnings.append(zero_sum)
-    return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings)
+    return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings, out_vocab)
 
 
 def _out_config(readers: dict[str, CheckpointReader], ref: str, layer_map: list[tuple[str, int]]) -> dict:
@@ -316,8 +342,10 @@ def is_pre(name: str) -> bool:
 
 
 class _Builder:
-    def __init__(self, recipe: Recipe, readers: dict[str, CheckpointReader], seed: int):
+    def __init__(self, recipe: Recipe, readers: dict[str, CheckpointReader], seed: int,
+                 out_vocab: vocab.OutVocab | None = None):
         self.recipe = recipe
+        self.out_vocab = out_vocab
         self.spec = methods.get(recipe.merge_method)
         self.readers = readers
         self.seed = seed
@@ -364,11 +392,20 @@ class _Builder:
         ref_meta = metas[ref][0]
         shape = ref_meta.shape
         rows = None
-        for s in srcs:
+        rebuilt = self.out_vocab is not None and any(h in out_name for h in VOCAB_HINTS) and len(shape) >= 1
+        vocab_base = sbase  # the slice's base: its rows are a missing token's default (as mergekit)
+        if rebuilt:
+            for s in srcs:
+                meta, name = metas[s.model]
+                if len(meta.shape) != len(shape) or meta.shape[1:] != shape[1:]:
+                    raise FastmergeError(f"{meta.file}: tensor {name} has shape {list(meta.shape)}, but {ref} has "
+                                         f"{list(shape)} (only the vocabulary dimension may differ)")
+            shape = (self.out_vocab.size, *shape[1:])
+        for s in srcs if not rebuilt else []:
             meta, name = metas[s.model]
             if meta.shape != shape:
-                vocab = any(h in name for h in VOCAB_HINTS)
-                if vocab and len(meta.shape) == len(shape) and meta.shape[1:] == shape[1:]:
+                is_vocab = any(h in name for h in VOCAB_HINTS)
+                if is_vocab and len(meta.shape) == len(shape) and meta.shape[1:] == shape[1:]:
                     rows = min(rows or shape[0], meta.shape[0])
                 else:
                     raise FastmergeError(
@@ -380,6 +417,9 @@ class _Builder:
         dtype_name = self.recipe.out_dtype or self.recipe.dtype
         dtype = dtypes.from_name(DTYPES[dtype_name]) if dtype_name else ref_meta.code
         if not dtypes.is_float(ref_meta.code):
+            if rebuilt:
+                raise FastmergeError(f"{out_name}: a vocabulary tensor that is not floating point cannot be rebuilt "
+                                     "for the output tokenizer")
             plan = TensorPlan(out_name, shape, ref_meta.code, "copy", [Source(ref, metas[ref][1])])
             plan.in_bytes = ref_meta.nbytes
             return plan
@@ -413,6 +453,8 @@ class _Builder:
             plan = TensorPlan(out_name, shape, dtype, "torch", [src[s.model] for s in inputs], base=base_src,
                               position=t, method=spec.name, params=params, seed=self.seed)
         plan.rows = rows
+        if rebuilt:
+            plan.vocab = vocab.rows_for(self.out_vocab, [x.model for x in plan.sources], vocab_base, out_name)
         plan.in_bytes = sum(metas[s.model][0].nbytes for s in srcs)
         return plan
 

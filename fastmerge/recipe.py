@@ -66,7 +66,8 @@ class Slice(BaseModel):
 
 
 class TokenizerSettings(BaseModel):
-    """mergekit's ``tokenizer:`` block; only ``source`` is supported (vocabulary surgery is not)."""
+    """mergekit's ``tokenizer:`` block (``fastmerge.vocab``): ``source`` (default ``union``),
+    ``tokens`` (token -> ``{source, force}``), ``pad_to_multiple_of``."""
 
     model_config = ConfigDict(extra="forbid")
     source: str | None = None
@@ -206,11 +207,30 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
     if recipe.modules is not None:
         raise FastmergeError(f"{where}: modules (multi-module architectures) are not supported; use models or slices")
     if recipe.tokenizer is not None:
-        if recipe.tokenizer.tokens or recipe.tokenizer.pad_to_multiple_of:
-            raise FastmergeError(f"{where}: tokenizer: only 'source' is supported (no token surgery or padding)")
-        if recipe.tokenizer_source and recipe.tokenizer.source and recipe.tokenizer_source != recipe.tokenizer.source:
+        source = recipe.tokenizer.source or "union"  # mergekit's default
+        if recipe.tokenizer_source and recipe.tokenizer_source != source:
             raise FastmergeError(f"{where}: tokenizer.source and tokenizer_source disagree")
-        recipe.tokenizer_source = recipe.tokenizer_source or recipe.tokenizer.source
+        recipe.tokenizer_source = source
+        if recipe.tokenizer.pad_to_multiple_of is not None and recipe.tokenizer.pad_to_multiple_of < 1:
+            raise FastmergeError(f"{where}: tokenizer.pad_to_multiple_of must be a positive integer")
+        for tok, cfg in (recipe.tokenizer.tokens or {}).items():
+            if cfg is None:
+                continue
+            if not isinstance(cfg, dict) or set(cfg) - {"source", "force"}:
+                raise FastmergeError(f"{where}: tokenizer.tokens.{tok}: expected {{source, force}}")
+            src = cfg.get("source")
+            if isinstance(src, dict):
+                kind = src.get("kind")
+                keys = {"zero": {"kind"}, "model_token": {"kind", "model", "token", "token_id"}}.get(kind)
+                if keys is None or set(src) - keys:
+                    raise FastmergeError(f"{where}: tokenizer.tokens.{tok}.source: expected a model, "
+                                         "{kind: zero} or {kind: model_token, model, token | token_id}")
+                if kind == "model_token" and (("token" in src) == ("token_id" in src) or "model" not in src):
+                    raise FastmergeError(f"{where}: tokenizer.tokens.{tok}.source: give a model and one of "
+                                         "token or token_id")
+            elif src is not None and not isinstance(src, str):
+                raise FastmergeError(f"{where}: tokenizer.tokens.{tok}.source: expected a model, "
+                                     "{kind: zero} or {kind: model_token, ...}")
     if recipe.chat_template is not None and "{" not in recipe.chat_template:
         raise FastmergeError(f"{where}: chat_template: named templates ({recipe.chat_template!r}) are not supported; "
                              "give the Jinja template text")
