@@ -543,11 +543,12 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
         warnings.warn("chat_template is not written: --no-copy-tokenizer and the recipe names no tokenizer source",
                       stacklevel=3)
     built = plan.vocab is not None and plan.vocab.copy_from is None
+    template = vocab.chat_template_text(recipe.chat_template, list(readers)) if recipe.chat_template else None
     if built:  # a built tokenizer (union, added tokens): saved as mergekit saves it
         tok = plan.vocab.tokenizer
-        if recipe.chat_template:
+        if template:
             tok = vocab._clone(tok)
-            tok.chat_template = recipe.chat_template
+            tok.chat_template = template
         try:
             tok.save_pretrained(tmp)
         except OSError as e:
@@ -558,9 +559,9 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     if recipe.chat_template and not built and (tokenizer_model or not plan.tokenizer_model):
         tok_cfg_path = Path(tokenizer_model or "") / "tokenizer_config.json"  # as copied above
         tok_cfg = read_json_object(tok_cfg_path, "tokenizer config") if tokenizer_model and tok_cfg_path.exists() else {}
-        tok_cfg["chat_template"] = recipe.chat_template
+        tok_cfg["chat_template"] = template
         write_text("tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
-        write_text("chat_template.jinja", recipe.chat_template)
+        write_text("chat_template.jinja", template)
     if opts.write_model_card:
         write_text("README.md", model_card(recipe, final.name))
         write_text("mergekit_config.yml", _recipe_source(recipe, recipe_source))

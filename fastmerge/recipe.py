@@ -231,9 +231,10 @@ def validate(recipe: Recipe, where: str = "recipe") -> None:
             elif src is not None and not isinstance(src, str):
                 raise FastmergeError(f"{where}: tokenizer.tokens.{tok}.source: expected a model, "
                                      "{kind: zero} or {kind: model_token, ...}")
-    if recipe.chat_template is not None and "{" not in recipe.chat_template:
-        raise FastmergeError(f"{where}: chat_template: named templates ({recipe.chat_template!r}) are not supported; "
-                             "give the Jinja template text")
+    ct = recipe.chat_template
+    if ct is not None and not (len(ct) < 256 and "\n" not in ct and "{" not in ct) and (len(ct) < 20 or "{" not in ct):
+        raise FastmergeError(f"{where}: chat_template: invalid template {ct[:40]!r} (a name such as chatml or auto, "
+                             "or Jinja text)")
     if bool(recipe.models) == bool(recipe.slices):
         raise FastmergeError(f"{where}: give exactly one of models or slices")
     for key in ("dtype", "out_dtype"):

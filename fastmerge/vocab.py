@@ -2,7 +2,8 @@
 
 When a recipe names a tokenizer source, the output tokenizer is that model's (``<model>``), the
 base model's (``base``) or the union of every model's vocabulary (``union``: the base tokenizer
-plus, in order, each other token), plus the ``tokens:`` keys. Every embedding-like tensor
+plus each other model's tokens, in model order and then id order: deterministic, where mergekit
+follows a set and a hash map), plus the ``tokens:`` keys. Every embedding-like tensor
 (``VOCAB_HINTS``) of every source is then rebuilt for that vocabulary before the merge: row ``i``
 of a model's tensor is its own row for the token of output id ``i`` (matched by token string),
 and a token the model lacks (or a ``force``d one) takes a default row (mergekit's rules):
@@ -147,10 +148,10 @@ def _union(base_tok, toks: dict[str, Any], readers: dict[str, CheckpointReader])
         limit = _config_vocab(readers.get(m), own)
         decoder = tok.added_tokens_decoder
         added_names = {info.content for info in decoder.values()}
-        for t, i in own.items():
+        for t, i in sorted(own.items(), key=lambda kv: kv[1]):  # id order (mergekit: the hash map's, any)
             if i < limit and t not in added_names:
                 out_vocab.setdefault(t)
-        for i, info in decoder.items():
+        for i, info in sorted(decoder.items()):
             if i < limit:
                 added.setdefault(info.content, info)
     res = _clone(base_tok)
@@ -263,3 +264,43 @@ def rebuild(vr: VocabRows, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             new[vr.n:] = new[: vr.n].mean(dim=0)
         out.append(new)
     return out
+
+
+def is_named_template(value: str) -> bool:
+    """mergekit's rule: a short single line without ``{`` names a template (``chatml``, ``auto``, ...)."""
+    return len(value) < 256 and "\n" not in value and "{" not in value
+
+
+def chat_template_text(value: str, models: list[str]) -> str:
+    """The Jinja text of a recipe's ``chat_template``: the text itself; ``auto``: the template most of
+    the models' tokenizers carry; a name: mergekit's template of that name (from the installed
+    mergekit package, which ships them)."""
+    if not is_named_template(value):
+        return value
+    if value == "auto":
+        from collections import Counter
+
+        found = []
+        for m in models:
+            try:
+                t = _load(m).chat_template
+            except Exception:  # noqa: BLE001 - as mergekit: a model without a loadable tokenizer is skipped
+                continue
+            if t:
+                found.append(t)
+        if not found:
+            raise FastmergeError("chat_template: auto: none of the models' tokenizers has a chat template")
+        return Counter(found).most_common(1)[0][0]
+    try:
+        import importlib.resources
+
+        from mergekit._data import chat_templates
+    except ImportError:
+        raise FastmergeError(f"chat_template: {value!r}: named templates are read from the installed mergekit "
+                             "package, which is not installed; give the Jinja template text") from None
+    f = importlib.resources.files(chat_templates).joinpath(value + ".jinja")
+    if not f.is_file():
+        names = sorted(x.name[:-6] for x in importlib.resources.files(chat_templates).iterdir()
+                       if x.name.endswith(".jinja"))
+        raise FastmergeError(f"chat_template: unknown template {value!r} (known: {', '.join(names)}, auto)")
+    return f.read_text(encoding="utf-8")

@@ -298,9 +298,9 @@ def test_tokenizer_block_and_chat_template(families, tmp_path):
          "tokenizer": {"source": str(other)}, "chat_template": template}, tmp_path / "out")
     assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"from": "other"}'
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == template
-    with pytest.raises(fastmerge.FastmergeError, match="named templates"):
+    with pytest.raises(fastmerge.FastmergeError, match="chat_template"):
         run({"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 1.0}}],
-             "chat_template": "chatml"}, tmp_path / "out2")
+             "chat_template": "no {such"}, tmp_path / "out2")
     with pytest.raises(fastmerge.FastmergeError, match="modules"):
         run({"merge_method": "linear", "modules": {"text": {}}, "models": [{"model": str(base), "parameters": {"weight": 1.0}}]},
             tmp_path / "out2")

@@ -179,3 +179,41 @@ def test_tokenizer_errors(fam, tmp_path):
     with pytest.raises(FastmergeError, match="needs a source"):
         fastmerge.merge(_recipe(fam, tokenizer={"source": "base", "tokens": {"x": {"force": True}}}), tmp_path / "o3")
     assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("template", ["chatml", "{% for m in messages %}{{ m['content'] }} {% endfor %}"])
+def test_chat_template(fam, tmp_path, template):
+    """A named template (mergekit's text of that name) or Jinja text, on a copied and a built tokenizer."""
+    from transformers import AutoTokenizer
+
+    for where, source in (("copied", fam["ft0"]), ("built", "union")):
+        out = _run(_recipe(fam, tokenizer_source=source, chat_template=template), tmp_path / where)
+        tok = AutoTokenizer.from_pretrained(out)
+        if template == "chatml":
+            pytest.importorskip("mergekit")
+            import importlib.resources
+
+            from mergekit._data import chat_templates
+
+            want = importlib.resources.files(chat_templates).joinpath("chatml.jinja").read_text()
+        else:
+            want = template
+        assert tok.chat_template == want
+        text = tok.apply_chat_template([{"role": "user", "content": "a b"}], tokenize=False)
+        assert "a b" in text
+    with pytest.raises(FastmergeError, match="unknown template"):
+        fastmerge.merge(_recipe(fam, tokenizer_source="union", chat_template="nosuch"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_merger_builds_the_output_vocabulary(fam, tmp_path):
+    """``Merger`` (in memory) writes what the streaming merge writes for a union vocabulary."""
+    from fastmerge.merger import Merger
+
+    recipe = _recipe(fam, tokenizer={"source": "union", "pad_to_multiple_of": 8})
+    out = _run(recipe, tmp_path)
+    module = Merger(copy.deepcopy(recipe)).merge()
+    state = _state(out)
+    got = module.state_dict()
+    for name, want in state.items():
+        torch.testing.assert_close(got[name], want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
