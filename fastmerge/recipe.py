@@ -321,4 +321,9 @@ def as_float(name: str, value: Any, tensor: str) -> float:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(exclude_none=True, exclude_defaults=True), sort_keys=False)
+    """The recipe as mergekit YAML. Validation copies a ``tokenizer:`` block's source into
+    ``tokenizer_source``; mergekit refuses a config with both, so the block alone is written."""
+    data = recipe.model_dump(exclude_none=True, exclude_defaults=True)
+    if recipe.tokenizer is not None:
+        data.pop("tokenizer_source", None)
+    return yaml.safe_dump(data, sort_keys=False)

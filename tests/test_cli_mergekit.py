@@ -214,6 +214,22 @@ def test_mergekit_config_from_a_dict_recipe(families, tmp_path):
     assert load_recipe(tmp_path / "out" / "mergekit_config.yml") == load_recipe(recipe)
 
 
+def test_mergekit_config_with_a_tokenizer_block_is_mergekits(families, tmp_path):
+    """A validated recipe carries the block's source in tokenizer_source too; the dump writes the block
+    alone (mergekit refuses both), and it reads back to the same recipe."""
+    from mergekit.config import MergeConfiguration
+
+    from fastmerge.recipe import dump_recipe
+
+    base, ft0, ft1 = families("llama")
+    recipe = load_recipe({**dare_recipe(base, ft0, ft1), "tokenizer": {"source": "base", "pad_to_multiple_of": 8}})
+    assert recipe.tokenizer_source == "base"
+    data = yaml.safe_load(dump_recipe(recipe))
+    assert "tokenizer_source" not in data and data["tokenizer"]["source"] == "base"
+    MergeConfiguration.model_validate(data)
+    assert load_recipe(data) == recipe
+
+
 def _header(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])
