@@ -206,13 +206,33 @@ def ensure_family(workdir: Path, size: str) -> list[Path]:
     return [root / n for n in names]
 
 
-def write_recipes(workdir: Path, models: list[Path]) -> dict[str, Path]:
+#: per-model parameters written for each method (mergekit's names); methods not listed take none
+PER_MODEL: dict[str, tuple[str, ...]] = {
+    "dare_ties": ("weight", "density"), "ties": ("weight", "density"), "della": ("weight", "density"),
+    "nuslerp": ("weight",),
+}
+#: global parameters written for each method
+GLOBAL: dict[str, dict[str, float]] = {"della": {"epsilon": 0.05}}
+#: how many fine-tunes a method takes (nuslerp: exactly two)
+MAX_MODELS = {"nuslerp": 2}
+
+
+def write_recipes(workdir: Path, models: list[Path], methods: list[str] | tuple[str, ...] = METHODS) -> dict[str, Path]:
+    """One mergekit-schema recipe per method over the same models (base + fine-tunes), bf16."""
     base, fts = models[0], models[1:]
     recipes = {}
-    for method in METHODS:
+    for method in methods:
         lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
-        for m, w, d in zip(fts, WEIGHTS, DENSITIES):
-            lines += [f"  - model: {m}", "    parameters:", f"      weight: {w}", f"      density: {d}"]
+        values = {"weight": WEIGHTS, "density": DENSITIES}
+        for i, m in enumerate(fts[: MAX_MODELS.get(method, len(fts))]):
+            lines.append(f"  - model: {m}")
+            params = PER_MODEL.get(method, ())
+            if params:
+                lines.append("    parameters:")
+                lines += [f"      {p}: {values[p][i]}" for p in params]
+        if GLOBAL.get(method):
+            lines.append("parameters:")
+            lines += [f"  {k}: {v}" for k, v in GLOBAL[method].items()]
         lines += ["dtype: bfloat16", ""]
         path = workdir / f"recipe-{method}.yaml"
         path.write_text("\n".join(lines))
@@ -633,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(list(models[0].glob('*.safetensors')))} shards each",
         flush=True,
     )
-    recipes = write_recipes(workdir, models)
+    recipes = write_recipes(workdir, models, methods)
     info = machine_info()
     info["models"] = (
         f"llama {args.size}: {params / 1e6:.1f}M params, base + 3 fine-tunes, bf16, {nbytes / 1e6:.0f} MB each"

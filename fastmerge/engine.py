@@ -36,7 +36,7 @@ import numpy as np
 
 from . import cpu, dtypes, methods, vocab
 from .errors import FastmergeError
-from .io import CheckpointReader, OutTensor, ShardedWriter, read_json_object
+from .io import CheckpointReader, OutTensor, ShardedWriter, local_model, read_json_object
 from .plan import Plan, TensorPlan, build_plan
 from .recipe import Recipe, dump_recipe, load_recipe
 from .safety import OutputClaim, given_file, protected_inputs
@@ -126,7 +126,7 @@ def open_models(recipe: Recipe, allow_bin: bool = False) -> dict[str, Checkpoint
     readers = {}
     for n in _source_models(recipe):
         if not Path(n).exists():
-            raise FastmergeError(f"{n}: model not found (a local directory is needed; no hub access)")
+            raise FastmergeError(f"{n}: model not found")
         readers[n] = CheckpointReader(n, allow_bin=allow_bin)
     return readers
 
@@ -249,6 +249,8 @@ def merge(
     recipe_source = recipe_file.read_text(encoding="utf-8") if recipe_file else recipe if isinstance(recipe, str) else None
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    shown = recipe  # as the user wrote it (hub ids, not cache paths): the model card's
+    recipe = recipe.with_model_paths(local_model)  # hub ids -> snapshots (the only network access)
     out = Path(out_path)
     tok_dir = [t for t in [recipe.tokenizer_source] if t not in ("union", "base")]
     claim = OutputClaim(out, opts.force, protected_inputs([*_source_models(recipe), *tok_dir],
@@ -273,7 +275,7 @@ def merge(
     try:
         with claim:  # the target locked, stale temporaries removed, ``claim.tmp`` made; left: removed
             nonfinite = _execute(plan, readers, claim.tmp, opts, progress, runner)
-            _write_metadata(plan, recipe, readers, claim.tmp, opts, _recipe_source(recipe, recipe_source))
+            _write_metadata(plan, recipe, readers, claim.tmp, opts, _recipe_source(shown, recipe_source), shown)
             claim.commit()
     finally:
         for r in readers.values():
@@ -504,9 +506,11 @@ def _shard_path(writer: ShardedWriter, name: str, tmp: Path) -> Path:
 
 
 def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointReader], tmp: Path,
-                    opts: MergeOptions | None = None, recipe_source: str | None = None) -> None:
+                    opts: MergeOptions | None = None, recipe_source: str | None = None,
+                    shown: Recipe | None = None) -> None:
     """config.json, generation config and tokenizer files, the model card: a full disk (or any
-    failed write) is one line naming the file, and ``merge`` removes the temporary directory."""
+    failed write) is one line naming the file, and ``merge`` removes the temporary directory.
+    ``shown``: the recipe as the user wrote it (hub ids rather than cache paths), for the card."""
     final = _final_path(tmp)
 
     def write_text(name: str, text: str) -> None:
@@ -563,8 +567,8 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
         write_text("tokenizer_config.json", json.dumps(tok_cfg, indent=2) + "\n")
         write_text("chat_template.jinja", template)
     if opts.write_model_card:
-        write_text("README.md", model_card(recipe, final.name))
-        write_text("mergekit_config.yml", _recipe_source(recipe, recipe_source))
+        write_text("README.md", model_card(shown or recipe, final.name))
+        write_text("mergekit_config.yml", _recipe_source(shown or recipe, recipe_source))
 
 
 def model_card(recipe: Recipe, name: str) -> str:

@@ -49,8 +49,8 @@ import yaml
 
 from ._optional import require
 from .errors import FastmergeError
-from .evolve_config import Budget, EvolveConfig, is_hub_id
-from .io import atomic_write
+from .evolve_config import Budget, EvolveConfig
+from .io import atomic_write, is_hub_id, local_model
 from .safety import OutputClaim, given_file, protected_inputs
 from .space import DFSSpace, PSSpace
 
@@ -207,23 +207,10 @@ def _claim_out_dir(root: Path, config: EvolveConfig, resume: bool, source: Path 
 
 def _localize(config: EvolveConfig) -> EvolveConfig:
     """Hub ids -> local snapshot directories (the only network access, before anything else)."""
-
-    def local(name: str | None) -> str | None:
-        if name is None or not is_hub_id(name) or Path(name).exists():
-            return name
-        try:
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
-                                                           "*.txt", "*.jinja"])
-        except Exception as e:  # noqa: BLE001 - any hub failure is the same one-line error
-            raise FastmergeError(f"{name}: not a local directory, and the hub could not provide it "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-
     if not any(is_hub_id(m) for m in [*config.models, config.base_model or "", *(config.dfs.models or []),
                                           config.tokenizer or ""]):
         return config
-    return config.with_model_paths(local)
+    return config.with_model_paths(lambda name: None if name is None else local_model(name))
 
 
 # ----------------------------------------------------------------------------------------- search spaces

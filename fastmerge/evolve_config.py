@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import FastmergeError
+from .io import HUB_ID, is_hub_id
 from .methods import METHODS, Names
 from .recipe import VALIDATORS
 
@@ -43,7 +44,6 @@ BUILTIN_METRICS = {"math": ("acc", "acc_lang", "n"), "loglik": ("loglik", "ppl",
 #: every built-in evaluator; lm_eval reports "score" and "<task>/<metric>" for its tasks (the names are
 #: checked once its tasks are loaded, before any model)
 BUILTIN_EVALUATORS = (*BUILTIN_METRICS, "lm_eval")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class _Strict(BaseModel):
@@ -186,7 +186,7 @@ class EvolveConfig(_Strict):
             q = Path(p).expanduser()
             if q.is_absolute():
                 return str(q)
-            if (root / q).exists() or not _HUB_ID.match(p):
+            if (root / q).exists() or not HUB_ID.match(p):
                 return str((root / q).resolve())
             return p  # a hub id
 
@@ -445,11 +445,6 @@ def _check_range(r: tuple[float, float], key: str, fail) -> None:
     lo, hi = r
     if not (math.isfinite(lo) and math.isfinite(hi)) or not lo < hi:
         fail(f"{key}: expected [low, high] with low < high, got {list(r)}")
-
-
-def is_hub_id(name: str) -> bool:
-    """A Hugging Face hub id (``owner/name``) rather than a local path."""
-    return not Path(name).is_absolute() and bool(_HUB_ID.match(name))
 
 
 def _config_json(model: str, fail) -> dict | None:

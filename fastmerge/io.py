@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -28,6 +29,32 @@ import numpy as np
 
 from . import dtypes
 from .errors import FastmergeError
+
+#: a Hugging Face hub id (``owner/name``)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: what a hub snapshot brings: weights, configs, tokenizer and chat-template files (no pickles)
+HUB_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja")
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hugging Face hub id (``owner/name``) rather than a local path."""
+    return not Path(name).is_absolute() and bool(HUB_ID.match(name))
+
+
+def local_model(name: str) -> str:
+    """``name`` as a local model directory: itself when it exists or is no hub id, else the hub's
+    snapshot (downloaded into the Hugging Face cache: the only network access of a merge or a
+    search). Offline, or for an id the hub does not have, one line naming it."""
+    if not is_hub_id(name) or Path(name).exists():
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=list(HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - any hub failure is the same one-line error
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise FastmergeError(f"{name}: not a local directory, and the hub could not provide it "
+                             f"({type(e).__name__}: {first})") from None
 
 if TYPE_CHECKING:
     import torch

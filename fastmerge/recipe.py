@@ -91,6 +91,35 @@ class Recipe(BaseModel):
     random_seed: int = Field(0, ge=0, le=SEED_MAX)
     name: str | None = None
 
+    def with_model_paths(self, f: Callable[[str], str]) -> Recipe:
+        """A copy with ``f`` applied to every model reference (base, models, slice sources and
+        bases, tokenizer sources other than ``union`` / ``base``, ``tokens:`` sources): the one list
+        of those fields, for turning hub ids into local directories."""
+        c = self.model_copy(deep=True)
+
+        def model(name: str | None) -> str | None:
+            return None if name is None else f(name)
+
+        c.base_model = model(c.base_model)
+        for m in c.models or []:
+            m.model = model(m.model)
+        for sl in c.slices or []:
+            sl.base_model = model(sl.base_model)
+            for src in sl.sources:
+                src.model = model(src.model)
+        if c.tokenizer_source not in (None, "union", "base"):
+            c.tokenizer_source = model(c.tokenizer_source)
+        if c.tokenizer is not None:
+            if c.tokenizer.source not in (None, "union", "base"):
+                c.tokenizer.source = model(c.tokenizer.source)
+            for spec in (c.tokenizer.tokens or {}).values():
+                src = spec.get("source") if isinstance(spec, dict) else None
+                if isinstance(src, str) and src not in ("union", "base"):
+                    spec["source"] = model(src)
+                elif isinstance(src, dict) and isinstance(src.get("model"), str):
+                    src["model"] = model(src["model"])
+        return c
+
 
 #: the registry (fastmerge.methods) is the one list of methods; re-exported where recipes are read
 METHODS = _methods.METHODS
