@@ -57,7 +57,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -145,8 +144,8 @@ def collect_tests(repo: MergekitRepo, notes: list[str]) -> list[dict]:
             fixtures = _fixture_names(src)
             recorded: list = []
 
-            def record(config, *a, **k):
-                recorded.append(config)
+            def record(config, *a, _into=recorded, **k):
+                _into.append(config)
 
             mod.run_and_check_merge = record
             tests = []
