@@ -108,3 +108,20 @@ def make_family(
         ft.load_state_dict(state, strict=False)
         paths.append(_save(ft, root / f"ft{i}", shard_size))
     return paths
+
+
+def word_tokenizer(words):
+    """A word-level fast tokenizer over ``words`` (whitespace-split; ids 0-3 are [PAD] [BOS] [EOS]
+    [UNK], then the words in order, each once; a [BOS] is prepended): tokens that test models can
+    be asked about by name, with no hub and no training."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]",
+                                   unk_token="[UNK]")

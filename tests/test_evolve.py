@@ -22,7 +22,7 @@ import fastmerge
 from fastmerge.errors import FastmergeError
 from fastmerge.evolve import EvolveConfig, evolve, ps_space, read_trials
 from fastmerge.merger import Merger
-from fastmerge.synth import ModelSpec, make_family
+from fastmerge.synth import ModelSpec, make_family, word_tokenizer
 
 from .test_merge import load_dir
 
@@ -201,18 +201,8 @@ QUESTIONS = [("Tom has 3 cats . How many legs ?", 12), ("A box has 6 eggs . How 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny family (base + 2 fine-tunes) saved with a word-level tokenizer, and math/loglik data."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("evolve-world")
-    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]",
-                                  unk_token="[UNK]")
+    tok = word_tokenizer(WORDS)
     paths = make_family(root / "models", ModelSpec(hidden=32, layers=2, heads=4, kv_heads=2, vocab=64), finetunes=2,
                         delta_scale=0.2)
     for p in paths:

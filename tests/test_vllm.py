@@ -18,7 +18,7 @@ if os.environ.get("FASTMERGE_REQUIRE_ENGINES") != "1":
 
 from fastmerge.backends import HFBackend  # noqa: E402
 from fastmerge.evolve import evolve, read_trials  # noqa: E402
-from fastmerge.synth import ModelSpec, make_family  # noqa: E402
+from fastmerge.synth import ModelSpec, make_family, word_tokenizer  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(120)] + [str(i) for i in range(100)] + "Q: A: the answer is".split()
 MAX_NEW = 10
@@ -27,19 +27,11 @@ MAX_NEW = 10
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """base + 2 fine-tunes (head_dim 64: vLLM's CPU attention needs it) with a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("vllm-world")
-    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    t.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]",
-                                  unk_token="[UNK]")
-    spec = ModelSpec(hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(vocab) + 4)
+    tok = word_tokenizer(WORDS)
+    spec = ModelSpec(hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(tok) + 4)
     paths = make_family(root / "models", spec, finetunes=2, delta_scale=0.2)
     for p in paths:
         tok.save_pretrained(p)
