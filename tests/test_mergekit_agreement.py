@@ -191,6 +191,15 @@ def _mean_se(x: torch.Tensor) -> tuple[float, float]:
     return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
 
 
+def assert_same_statistics(d_mk: torch.Tensor, d_fm: torch.Tensor, name: str) -> None:
+    """Mean, second moment and the fraction of untouched elements of out - base, each within Z
+    combined standard errors of the two independent samples (random masks: mergekit's vs ours)."""
+    for stat in (lambda d: d, lambda d: d * d, lambda d: (d == 0).double()):
+        m1, s1 = _mean_se(stat(d_mk))
+        m2, s2 = _mean_se(stat(d_fm))
+        assert abs(m1 - m2) < Z * math.hypot(s1, s2), f"{name}: mergekit {m1:.4g} vs fastmerge {m2:.4g}"
+
+
 def test_dare_linear_keep_rate_matches_mergekit(big, tmp_path):
     base, ft0, _ = big
     recipe = dict(merge_method="dare_linear", base_model=base, dtype="float32",
@@ -236,11 +245,6 @@ def test_dare_ties_rescaled_moments_match_mergekit(big, tmp_path):
             continue
         d_mk = (mk[name] - b[name]).reshape(-1)
         d_fm = (fm[name] - b[name]).reshape(-1)
-        # mean, second moment and the fraction of untouched elements of out - base, each within
-        # Z combined standard errors of the two independent samples
-        for stat in (lambda d: d, lambda d: d * d, lambda d: (d == 0).double()):
-            m1, s1 = _mean_se(stat(d_mk))
-            m2, s2 = _mean_se(stat(d_fm))
-            assert abs(m1 - m2) < Z * math.hypot(s1, s2), f"{name}: mergekit {m1:.4g} vs fastmerge {m2:.4g}"
+        assert_same_statistics(d_mk, d_fm, name)
         checked += 1
     assert checked >= 10

@@ -10,7 +10,6 @@ equal in distribution otherwise. Every non-default parameter of each method appe
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from fastmerge.merger import Merger
 from fastmerge.recipe import load_recipe
 
 from .test_merge import load_dir
+from .test_mergekit_agreement import assert_same_statistics
 
 pytestmark = pytest.mark.mergekit
 pytest.importorskip("mergekit")
@@ -178,13 +178,6 @@ def test_merges_as_mergekit_on_disk_and_in_memory(case, families, tmp_path):
 
 # --- DELLA: Philox draws (statistically mergekit's) -----------------------------------------------
 
-Z = 4.0
-
-
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
-    x = x.double()
-    return float(x.mean()), float(x.std() / math.sqrt(x.numel()))
-
 
 def _della_recipe(method: str, base: str, ft0: str, ft1: str) -> dict:
     return dict(merge_method=method, base_model=base, dtype="float32", random_seed=7,
@@ -210,10 +203,7 @@ def test_della_is_philox_and_statistically_mergekit(method, families, tmp_path):
         if got.numel() < 10_000:
             continue
         d_mk, d_fm = ((x[name] - src[base][name]).reshape(-1) for x in (mk, fm))
-        for stat in (lambda d: d, lambda d: d * d, lambda d: (d == 0).double()):
-            m1, s1 = _mean_se(stat(d_mk))
-            m2, s2 = _mean_se(stat(d_fm))
-            assert abs(m1 - m2) < Z * math.hypot(s1, s2), f"{name}: mergekit {m1:.4g} vs fastmerge {m2:.4g}"
+        assert_same_statistics(d_mk, d_fm, name)
         checked += 1
     assert checked >= 4
     # --seed (MergeOptions.seed) overrides random_seed: other draws; the same seed, the same bits
