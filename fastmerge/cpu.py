@@ -39,7 +39,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -92,6 +92,7 @@ class _Params(ctypes.Structure):
         ("bits_mode", ctypes.c_int32),
         ("pad3_", ctypes.c_int32),
         ("nonfinite", ctypes.c_void_p),
+        ("tie_end", ctypes.c_int64 * MAXK),
     ]
 
 
@@ -185,6 +186,7 @@ def _build() -> ctypes.CDLL:
                                 ctypes.POINTER(ctypes.c_double)]
         lib.fm_abs_hist.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         lib.fm_abs_keys.argtypes = [ctypes.POINTER(_Params), ctypes.c_void_p]
+        lib.fm_tie_ends.argtypes = [ctypes.POINTER(_Params), ctypes.c_void_p, ctypes.c_void_p]
         lib.fm_select.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
         lib.fm_select.restype = ctypes.c_int64
         lib.fm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
@@ -321,7 +323,7 @@ def _select(hist: np.ndarray, rank: int) -> tuple[int, int]:
     return int(b), within.value
 
 
-def _key_value(bits: int) -> float:
+def key_value(bits: int) -> float:
     """The fp32 value whose bits are ``bits``."""
     return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
 
@@ -342,48 +344,99 @@ def _hist_buffer(k: int) -> np.ndarray:
 SMALL_SELECT = 1 << 16
 
 
-def _radix_thresholds(p: _Params, ms: list[int]) -> list[float]:
+class Cut(NamedTuple):
+    """Where TIES magnitude trimming cuts one tensor of one model (DESIGN.md s.3): every element with
+    |delta| > tau is kept, and of those with |delta| == tau the ones at flat indices < end, so that
+    exactly m = int(rho * n) are kept (ties broken by the lowest index). tau = inf keeps nothing."""
+
+    tau: float
+    end: int
+
+
+def _cut(tau_key: int, m: int, above: int, equal: int, n: int, split: list, i: int) -> Cut:
+    """The cut at the key ``tau_key`` with ``above`` keys above it and ``equal`` equal to it; when
+    only some ties are kept, (model, ties to keep) goes on ``split`` (end is filled in later)."""
+    need = m - above
+    if not 1 <= need <= equal:
+        raise ValueError(f"inconsistent selection: {m} to keep, {above} above tau, {equal} at tau")
+    if need < equal:
+        split.append((i, need))
+    return Cut(key_value(tau_key), n)
+
+
+def _tie_ends(p: _Params, split: list[tuple[int, int]], cuts: list[Cut]) -> None:
+    """Fill in ``end`` for the models whose ties at tau are split (fm_tie_ends: one pass)."""
+    if not split:
+        return
+    q = _Params.from_buffer_copy(p)
+    q.k = len(split)
+    need = (ctypes.c_int64 * MAXK)()
+    ends = (ctypes.c_int64 * MAXK)()
+    for j, (i, r) in enumerate(split):
+        q.x[j], q.dtype_x[j], q.tau[j] = p.x[i], p.dtype_x[i], cuts[i].tau
+        need[j] = r
+    library().fm_tie_ends(ctypes.byref(q), need, ends)
+    for j, (i, _) in enumerate(split):
+        if ends[j] < 0:
+            raise MemoryError("fm_tie_ends could not allocate its per-block counts")
+        cuts[i] = Cut(cuts[i].tau, int(ends[j]))
+
+
+def _radix_cuts(p: _Params, ms: list[int]) -> list[Cut]:
     """Exact m-th largest |x_k - base| by a radix select: one histogram pass over the top 16 bits
     (and a bit for "low 16 bits nonzero"), a second over the low 16 bits only for the models whose
-    threshold has nonzero low bits (see fm_abs_hist)."""
+    threshold has nonzero low bits (see fm_abs_hist); a third, partial one only where some of the
+    ties at tau must be dropped (fm_tie_ends)."""
     lib = library()
-    k = p.k
-    taus = [float("inf")] * k
+    k, n = p.k, p.n
+    cuts = [Cut(float("inf"), 0)] * k
+    split: list[tuple[int, int]] = []
     buf = _hist_buffer(k)
     hist0 = buf[: k * BINS0].reshape(k, BINS0)
     lib.fm_abs_hist(ctypes.byref(p), 0, None, buf.ctypes.data)
-    second: list[tuple[int, int, int]] = []  # (model, top 16 bits, rank among that bin's nonzero-low keys)
+    second: list[tuple[int, int, int, int]] = []  # (model, top 16 bits, rank in the bin, keys above the bin)
     for i, m in enumerate(ms):
         if not m:
             continue
         sub, rank = _select(hist0[i], m)
         if sub & 1:
-            second.append((i, sub >> 1, rank))
+            second.append((i, sub >> 1, rank, m - rank))
         else:  # every key in the bin is exactly top << 16
-            taus[i] = _key_value((sub >> 1) << 16)
+            cuts[i] = _cut((sub >> 1) << 16, m, m - rank, int(hist0[i, sub]), n, split, i)
     if second:
         # the second pass reads only the models that need it
         q = _Params.from_buffer_copy(p)
         q.k = len(second)
         prefix = (ctypes.c_uint32 * MAXK)()
-        for j, (i, top, _) in enumerate(second):
+        for j, (i, top, _, _) in enumerate(second):
             q.x[j], q.dtype_x[j] = p.x[i], p.dtype_x[i]
             prefix[j] = top
         lib.fm_abs_hist(ctypes.byref(q), 1, prefix, buf.ctypes.data)
         hist1 = buf[: q.k * 65536].reshape(q.k, 65536)
-        for j, (i, top, rank) in enumerate(second):
-            low, _ = _select(hist1[j], rank)
-            taus[i] = _key_value((top << 16) | low)
-    return taus
+        for j, (i, top, rank, above) in enumerate(second):
+            low, within = _select(hist1[j], rank)
+            cuts[i] = _cut((top << 16) | low, ms[i], above + rank - within, int(hist1[j, low]), n, split, i)
+    _tie_ends(p, split, cuts)
+    return cuts
 
 
-def _small_thresholds(p: _Params, ms: list[int]) -> list[float]:
+def _keys_cut(keys: np.ndarray, m: int) -> Cut:
+    """The cut of one model from all its keys (a partial sort; the ties' end from their positions)."""
+    if not m:
+        return Cut(float("inf"), 0)
+    n = keys.size
+    key = keys.dtype.type(np.partition(keys, n - m)[n - m])
+    need = m - int(np.count_nonzero(keys > key))
+    at = np.flatnonzero(keys == key)
+    return Cut(key_value(int(key)), n if need == at.size else int(at[need - 1]) + 1)
+
+
+def _small_cuts(p: _Params, ms: list[int]) -> list[Cut]:
     """The same selection for a small tensor: all keys in one array, one partial sort per model."""
-    n = p.n
-    keys = np.empty((p.k, n), dtype=np.uint32)
+    keys = np.empty((p.k, p.n), dtype=np.uint32)
     library().fm_abs_keys(ctypes.byref(p), keys.ctypes.data)
     # the keys of non-negative floats order as the floats do
-    return [_key_value(int(np.partition(keys[i], n - m)[n - m])) if m else float("inf") for i, m in enumerate(ms)]
+    return [_keys_cut(keys[i], m) for i, m in enumerate(ms)]
 
 
 def magnitude_threshold(base: torch.Tensor | None, x: torch.Tensor, density: float, threads: int | None = None) -> float:
@@ -394,19 +447,31 @@ def magnitude_threshold(base: torch.Tensor | None, x: torch.Tensor, density: flo
 def fused_thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...],
                      threads: int | None = None) -> list[float]:
     """TIES thresholds tau_k (exact m-th largest |x_k - base|, inf where m = 0) of several models
-    against one base (torch tensors; see ``thresholds``)."""
+    against one base (torch tensors; see ``cuts``)."""
+    return [c.tau for c in fused_cuts(base, models, densities, threads)]
+
+
+def fused_cuts(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...],
+               threads: int | None = None) -> list[Cut]:
+    """``cuts`` of torch tensors."""
     held = [_flat(m) for m in models]
     b = _flat(base) if base is not None else None
-    return thresholds(b[1] if b else None, [f for _, f in held], densities, threads)
+    return cuts(b[1] if b else None, [f for _, f in held], densities, threads)
 
 
 def thresholds(base: Flat | None, xs: list[Flat], densities: tuple[float, ...], threads: int | None = None) -> list[float]:
-    """TIES thresholds of flat arrays: one or two streaming passes for all K together, or a
-    selection among the keys when the tensor is too small for a histogram pass to pay."""
+    """The taus of ``cuts``."""
+    return [c.tau for c in cuts(base, xs, densities, threads)]
+
+
+def cuts(base: Flat | None, xs: list[Flat], densities: tuple[float, ...], threads: int | None = None) -> list[Cut]:
+    """TIES cuts of flat arrays: one or two streaming passes for all K together (a partial third
+    where ties at tau are split), or a selection among the keys when the tensor is too small for a
+    histogram pass to pay."""
     n = xs[0].n
     ms = [keep_count(d, n) for d in densities]
     if not any(ms):
-        return [float("inf")] * len(xs)
+        return [Cut(float("inf"), 0)] * len(xs)
     p = _Params()
     p.k = len(xs)
     p.n = n
@@ -417,10 +482,10 @@ def thresholds(base: Flat | None, xs: list[Flat], densities: tuple[float, ...], 
         p.x[i] = x.ptr
         p.dtype_x[i] = CODES[x.code]
     if not available():
-        return _np_thresholds(base, xs, ms, threads)
+        return _np_cuts(base, xs, ms, threads)
     if n <= SMALL_SELECT:
-        return _small_thresholds(p, ms)
-    return _radix_thresholds(p, ms)
+        return _small_cuts(p, ms)
+    return _radix_cuts(p, ms)
 
 
 def fused_merge(
@@ -495,9 +560,10 @@ def merge_into(
         p.density[k] = opts.densities[k]
         p.scale[k] = 1.0
         p.tau[k] = 0.0
+    ends = [0] * opts.k
     if opts.sparsify == "magnitude":
-        for k, tau in enumerate(thresholds(base, xs, opts.densities, threads)):
-            p.tau[k] = tau
+        for k, cut in enumerate(cuts(base, xs, opts.densities, threads)):
+            p.tau[k], ends[k] = cut.tau, cut.end
 
     chunks = rng.chunks(n)
     step = piece_elements or rng.CHUNK_ELEMENTS
@@ -520,6 +586,8 @@ def merge_into(
                 for k, x in enumerate(xs):
                     p.x[k] = x.at(s)
                 p.out = out.at(s)
+                for k in range(opts.k):
+                    p.tie_end[k] = ends[k] - s
                 p.keepbits = bits.ctypes.data + s if bits is not None else None
                 yield
 
@@ -671,18 +739,18 @@ def _np_select(hist: np.ndarray, rank: int) -> tuple[int, int]:
     return hist.size - 1 - i, rank - (int(above[i - 1]) if i else 0)
 
 
-def _np_thresholds(base: Flat | None, xs: list[Flat], ms: list[int], threads: int | None = None) -> list[float]:
-    """``thresholds`` in numpy: the same exact m-th largest key (a partial sort for small tensors,
-    the same two-level radix select by pieces for others)."""
+def _np_cuts(base: Flat | None, xs: list[Flat], ms: list[int], threads: int | None = None) -> list[Cut]:
+    """``cuts`` in numpy: the same exact m-th largest key (a partial sort for small tensors,
+    the same two-level radix select by pieces for others) and the same end of the ties kept."""
     n = xs[0].n
-    taus = [float("inf")] * len(xs)
+    result = [Cut(float("inf"), 0)] * len(xs)
     todo = [i for i, m in enumerate(ms) if m]
     if n <= SMALL_SELECT:
         for i in todo:
-            keys = _np_keys(base, xs[i], 0, n)
-            taus[i] = _key_value(int(np.partition(keys, n - ms[i])[n - ms[i]]))
-        return taus
+            result[i] = _keys_cut(_np_keys(base, xs[i], 0, n), ms[i])
+        return result
     threads = threads or default_threads()
+    split: list[tuple[int, int]] = []
 
     def level0(s: int, e: int) -> list[np.ndarray]:
         out = []
@@ -693,27 +761,37 @@ def _np_thresholds(base: Flat | None, xs: list[Flat], ms: list[int], threads: in
         return out
 
     hist0 = _np_hist_sum(level0, n, threads)
-    second = []  # (model, top 16 bits, rank among that bin's keys with nonzero low bits)
+    second = []  # (model, top 16 bits, rank among that bin's keys with nonzero low bits, keys above the bin)
     for i, h in zip(todo, hist0):
         sub, rank = _np_select(h, ms[i])
         if sub & 1:
-            second.append((i, sub >> 1, rank))
+            second.append((i, sub >> 1, rank, ms[i] - rank))
         else:  # every key in the bin is exactly top << 16
-            taus[i] = _key_value((sub >> 1) << 16)
+            result[i] = _cut((sub >> 1) << 16, ms[i], ms[i] - rank, int(h[sub]), n, split, i)
     if second:
         def level1(s: int, e: int) -> list[np.ndarray]:
             out = []
-            for i, top, _ in second:
+            for i, top, _, _ in second:
                 k = _np_keys(base, xs[i], s, e)
                 low = k[((k >> np.uint32(16)) == top) & ((k & np.uint32(0xFFFF)) != 0)] & np.uint32(0xFFFF)
                 out.append(np.bincount(low, minlength=65536))
             return out
 
         hist1 = _np_hist_sum(level1, n, threads)
-        for (i, top, rank), h in zip(second, hist1):
-            low, _ = _np_select(h, rank)
-            taus[i] = _key_value((top << 16) | low)
-    return taus
+        for (i, top, rank, above), h in zip(second, hist1):
+            low, within = _np_select(h, rank)
+            result[i] = _cut((top << 16) | low, ms[i], above + rank - within, int(h[low]), n, split, i)
+    for i, need in split:  # the ties' end: count by pieces, then find it in its piece
+        key = np.uint32(struct.unpack("<I", struct.pack("<f", result[i].tau))[0])
+        pieces = _np_ranges(n, NP_HIST_PIECE)
+        counts = _np_map(lambda r: int(np.count_nonzero(_np_keys(base, xs[i], *r) == key)), pieces, threads)  # noqa: B023
+        for (s, e), c in zip(pieces, counts):
+            if need <= c:
+                at = np.flatnonzero(_np_keys(base, xs[i], s, e) == key)
+                result[i] = Cut(result[i].tau, s + int(at[need - 1]) + 1)
+                break
+            need -= c
+    return result
 
 
 def _np_merge(base: Flat | None, xs: list[Flat], opts: FusedOptions, name: str, out: Flat, threads: int,
@@ -725,8 +803,11 @@ def _np_merge(base: Flat | None, xs: list[Flat], opts: FusedOptions, name: str, 
     dens = [_F32(d) for d in opts.densities]
     scales = [_F32(1.0)] * k
     taus = [_F32(0.0)] * k
+    ends = [0] * k
     if opts.sparsify == "magnitude":
-        taus = [_F32(t) for t in _np_thresholds(base, xs, [keep_count(d, n) for d in opts.densities], threads)]
+        found = _np_cuts(base, xs, [keep_count(d, n) for d in opts.densities], threads)
+        taus = [_F32(c.tau) for c in found]
+        ends = [c.end for c in found]
     step = min(piece_elements or NP_PIECE, NP_PIECE)
     work = []  # (start, end, index within its chunk, the chunk's Philox keys)
     for c, (cs, ce) in enumerate(rng.chunks(n)):
@@ -763,7 +844,11 @@ def _np_merge(base: Flat | None, xs: list[Flat], opts: FusedOptions, name: str, 
                     packed |= kp.astype(bits.dtype) << bits.dtype.type(m)
                 bits[s:e] = packed
         elif opts.sparsify == "magnitude":
-            keep = [np.abs(d) >= t for d, t in zip(ds, taus)]
+            index = np.arange(s, e)
+            keep = []
+            for d, t, end in zip(ds, taus, ends):
+                a = np.abs(d)
+                keep.append((a > t) | ((a == t) & (index < end)))
         else:
             keep = None
         return b, ds, keep

@@ -22,15 +22,23 @@ def magnitude_threshold(delta: torch.Tensor, density: float) -> float:
     return float(torch.kthvalue(flat, flat.numel() - m + 1).values)
 
 
-def _keep_masks(deltas: list[torch.Tensor], opts: FusedOptions, name: str, taus: list[float]) -> list[torch.Tensor]:
-    """keep_k for the elements of one 2**31-element chunk (``name`` is the chunk's name)."""
+def magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """The m = int(density * n) largest |delta| of a whole tensor, ties at the threshold broken by
+    the lowest flat index: a stable sort by descending |delta| keeps equal values in index order."""
+    flat = delta.reshape(-1).abs().float()
+    m = keep_count(density, flat.numel())
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[:m]] = True
+    return keep
+
+
+def _keep_masks(deltas: list[torch.Tensor], opts: FusedOptions, name: str) -> list[torch.Tensor]:
+    """keep_k (random or all) for the elements of one 2**31-element chunk (``name`` is the chunk's name)."""
     n = deltas[0].numel()
     if opts.sparsify == "random":
         index = torch.arange(n, dtype=torch.int64)
         return [rng.uniforms(opts.seed, name, k, index) < torch.tensor(opts.densities[k], dtype=torch.float32)
                 for k in range(opts.k)]
-    if opts.sparsify == "magnitude":
-        return [d.abs() >= torch.tensor(t, dtype=torch.float32) for d, t in zip(deltas, taus)]
     return [torch.ones(n, dtype=torch.bool) for _ in range(opts.k)]
 
 
@@ -46,11 +54,13 @@ def fused_merge(
     b = base.reshape(-1).float() if base is not None else torch.zeros(models[0].numel())
     deltas = [m.reshape(-1).float() - b for m in models]
     n = b.numel()
-    # the TIES threshold is per whole tensor, the DARE stream per 2**31-element chunk
-    taus = [magnitude_threshold(d, r) for d, r in zip(deltas, opts.densities)] if opts.sparsify == "magnitude" else []
-    chunks = [_keep_masks([d[s:e] for d in deltas], opts, rng.chunk_name(name, c, n), taus)
-              for c, (s, e) in enumerate(rng.chunks(n))]
-    keep = [torch.cat([kc[k] for kc in chunks]) for k in range(opts.k)]
+    # TIES trimming is per whole tensor, the DARE stream per 2**31-element chunk
+    if opts.sparsify == "magnitude":
+        keep = [magnitude_keep(d, r) for d, r in zip(deltas, opts.densities)]
+    else:
+        chunks = [_keep_masks([d[s:e] for d in deltas], opts, rng.chunk_name(name, c, n))
+                  for c, (s, e) in enumerate(rng.chunks(n))]
+        keep = [torch.cat([kc[k] for kc in chunks]) for k in range(opts.k)]
 
     scales = []
     for k, d in enumerate(deltas):

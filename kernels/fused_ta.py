@@ -21,11 +21,12 @@ from .fused_ta_details._fused_ta import (
     PRM_SCALE,
     PRM_SIZE,
     PRM_TAU,
+    PRM_TIE_LAST,
     PRM_WEIGHT,
     _fused_ta_kernel,
     _l1_sums_kernel,
 )
-from .fused_ta_details._select import device_thresholds
+from .fused_ta_details._select import device_cuts
 
 MAXK = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -44,16 +45,39 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...]) -> list[float]:
     """TIES thresholds tau_k: the exact m-th largest |x_k - base| over the whole tensor (inf where
-    m = 0). CPU tensors use the fused CPU path's radix select; others the Triton radix select of
-    ``fused_ta_details/_select.py`` on their device (bit-equal results)."""
+    m = 0); the taus of ``cuts``."""
+    return [c.tau for c in cuts(base, models, densities)]
+
+
+def cuts(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...]) -> list:
+    """TIES cuts (``fastmerge.cpu.Cut``: tau_k and the end of the ties kept at it). CPU tensors use
+    the fused CPU path's radix select; others the Triton radix select of
+    ``fused_ta_details/_select.py`` on their device (equal results)."""
     if all(m.device.type == "cpu" for m in models) and (base is None or base.device.type == "cpu"):
         from fastmerge import cpu
 
-        return cpu.fused_thresholds(base, models, densities)
-    return device_thresholds(base, models, densities)
+        return cpu.fused_cuts(base, models, densities)
+    return device_cuts(base, models, densities)
 
 
-def _l1_sums(b, xs, prm, opts: FusedOptions, name: str, block: int) -> tuple[list[float], list[float]]:
+def _tie_lasts(ends: list[int], start: int) -> torch.Tensor:
+    """The int32 bits (as fp32, for ``prm``) of the last index, local to the chunk at ``start``, at
+    which a tie at tau is kept: -1 for none, 2**31 - 1 for all."""
+    lasts = [min(max(e - 1 - start, -1), 2**31 - 1) for e in ends]
+    return torch.tensor(lasts, dtype=torch.int32).view(torch.float32)
+
+
+def chunk_prm(prm: torch.Tensor, ends: list[int] | None, start: int) -> torch.Tensor:
+    """``prm`` for the chunk starting at element ``start``: the same tensor for the first chunk (its
+    tie indices are written by ``_prepare``), a copy with its own tie indices for later ones."""
+    if not ends or start == 0:
+        return prm
+    own = prm.clone()
+    own[PRM_TIE_LAST:PRM_TIE_LAST + len(ends)] = _tie_lasts(ends, start).to(prm.device)
+    return own
+
+
+def _l1_sums(b, xs, prm, ends, opts: FusedOptions, name: str, block: int) -> tuple[list[float], list[float]]:
     """Per-model sum|delta_k| and sum|keep_k * delta_k| (fp64 partial sums, summed on the host)."""
     n = xs[0].numel()
     total = [0.0] * opts.k
@@ -67,10 +91,11 @@ def _l1_sums(b, xs, prm, opts: FusedOptions, name: str, block: int) -> tuple[lis
         iters = triton.cdiv(blocks, _SUM_PROGRAMS)
         grid = triton.cdiv(blocks, iters)
         sums = torch.empty(2 * grid, dtype=torch.float64, device=xs[0].device)
+        cprm = chunk_prm(prm, ends, s)
         for k, x in enumerate(xs):
             seed = rng.group_seed(opts.seed, cname, k // rng.MODELS_PER_CALL) if opts.sparsify == "random" else 0
             _l1_sums_kernel[(grid,)](
-                sums, b[s:e] if b is not None else x[s:e], x[s:e], prm, seed, cn, iters,
+                sums, b[s:e] if b is not None else x[s:e], x[s:e], cprm, seed, cn, iters,
                 k=k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify], BLOCK=block, enable_fp_fusion=False,
             )
             pair = sums.view(grid, 2).sum(0).tolist()
@@ -82,11 +107,13 @@ def _l1_sums(b, xs, prm, opts: FusedOptions, name: str, block: int) -> tuple[lis
 def _prepare(
     base: torch.Tensor | None, models: list[torch.Tensor], opts: FusedOptions, name: str, out_dtype: torch.dtype,
     out: torch.Tensor | None, block: int,
-) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+           list[int] | None]:
     """Checks one tensor's inputs; returns the flat base and models, ``out`` (allocated if None), the
-    flat store view of out (int16 for bf16) and the per-tensor parameters ``prm`` on the device
-    (weights, densities, scales: inverse or l1, TIES thresholds, lambda). store and prm are None
-    for an empty tensor."""
+    flat store view of out (int16 for bf16), the per-tensor parameters ``prm`` on the device
+    (weights, densities, scales: inverse or l1, TIES thresholds and the first chunk's tie indices,
+    lambda) and the TIES cuts' ends (None unless magnitude; see ``chunk_prm``). store and prm are
+    None for an empty tensor."""
     if opts.k == 0 or opts.k > MAXK:
         raise FastmergeError(f"{name}: the fused Triton kernel merges 1..{MAXK} models, got {opts.k}")
     if out_dtype not in _DTYPES:
@@ -105,7 +132,7 @@ def _prepare(
         raise FastmergeError(f"{name}: out must be a contiguous {out_dtype} tensor of {n} elements")
     flat_out = out.view(-1)
     if n == 0:
-        return b, xs, out, None, None
+        return b, xs, out, None, None, None
     store = flat_out.view(torch.int16) if out_dtype == torch.bfloat16 else flat_out
 
     prm = torch.zeros(PRM_SIZE, dtype=torch.float32)
@@ -114,16 +141,20 @@ def _prepare(
         prm[PRM_DENSITY + k] = opts.densities[k]
         prm[PRM_SCALE + k] = 1.0
     prm[PRM_LAMBDA] = opts.lambda_
+    ends = None
     if opts.sparsify == "magnitude":
-        for k, tau in enumerate(thresholds(b, xs, opts.densities)):
-            prm[PRM_TAU + k] = tau
+        found = cuts(b, xs, opts.densities)
+        ends = [c.end for c in found]
+        for k, c in enumerate(found):
+            prm[PRM_TAU + k] = c.tau
+        prm[PRM_TIE_LAST:PRM_TIE_LAST + opts.k] = _tie_lasts(ends, 0)
     prm = prm.to(device)
     if opts.sparsify != "none" and opts.rescale == "inverse":
         prm[PRM_SCALE:PRM_SCALE + opts.k] = torch.tensor([inverse_scale(r) for r in opts.densities])
     elif opts.sparsify != "none" and opts.rescale == "l1":
-        total, kept = _l1_sums(b, xs, prm, opts, name, block)
+        total, kept = _l1_sums(b, xs, prm, ends, opts, name, block)
         prm[PRM_SCALE:PRM_SCALE + opts.k] = torch.tensor([l1_scale(t, kp) for t, kp in zip(total, kept)])
-    return b, xs, out, store, prm
+    return b, xs, out, store, prm, ends
 
 
 def fused_merge(
@@ -139,14 +170,14 @@ def fused_merge(
     """Fused task-arithmetic-family merge of one tensor (linear when ``base`` is None) into
     ``out`` (allocated if None), as ``fastmerge.cpu.fused_merge``; ``block`` is a power of two
     and does not change the result."""
-    b, xs, out, store, prm = _prepare(base, models, opts, name, out_dtype, out, block)
+    b, xs, out, store, prm, ends = _prepare(base, models, opts, name, out_dtype, out, block)
     if store is None:
         return out
-    _launch(b, xs, store, prm, opts, name, block, num_warps)
+    _launch(b, xs, store, prm, ends, opts, name, block, num_warps)
     return out
 
 
-def _launch(b, xs, store, prm, opts: FusedOptions, name: str, block: int, num_warps: int) -> None:
+def _launch(b, xs, store, prm, ends, opts: FusedOptions, name: str, block: int, num_warps: int) -> None:
     """One per-tensor kernel launch per 2**31-element chunk (after ``_prepare``)."""
     out_dtype = torch.bfloat16 if store.dtype == torch.int16 else store.dtype
     n = xs[0].numel()
@@ -159,7 +190,7 @@ def _launch(b, xs, store, prm, opts: FusedOptions, name: str, block: int, num_wa
         pb = b[s:e] if b is not None else xs[0][s:e]
         ptrs = [x[s:e] for x in xs] + [pb] * (MAXK - opts.k)
         _fused_ta_kernel[(triton.cdiv(e - s, block),)](
-            store[s:e], pb, *ptrs, prm, seeds[0], seeds[1], e - s,
+            store[s:e], pb, *ptrs, chunk_prm(prm, ends, s), seeds[0], seeds[1], e - s,
             K=opts.k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify],
             CONSENSUS=_CONSENSUS[opts.consensus], NORMALIZE=bool(opts.normalize), APPLY_LAMBDA=lam != 1.0,
             OUT_BF16_BITS=out_dtype == torch.bfloat16, BLOCK=block,

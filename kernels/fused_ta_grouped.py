@@ -27,7 +27,7 @@ from fastmerge import rng
 from fastmerge.errors import FastmergeError
 from fastmerge.spec import FusedOptions
 
-from .fused_ta import _CONSENSUS, _SPARSIFY, MAXK, _launch, _prepare
+from .fused_ta import _CONSENSUS, _SPARSIFY, MAXK, _launch, _prepare, chunk_prm
 from .fused_ta_details._fused_ta import PRM_SIZE, _fused_ta_grouped_kernel
 
 #: one item: (base or None, models, options, tensor name, out tensor or output dtype)
@@ -46,7 +46,7 @@ def grouped_fused_merge(items: Sequence[Item], block: int = 1024, num_warps: int
         out_dtype = out.dtype if isinstance(out, torch.Tensor) else out
         if not isinstance(out_dtype, torch.dtype):
             raise FastmergeError(f"{name}: out must be a tensor or a torch.dtype, got {out!r}")
-        b, xs, out_t, store, prm = _prepare(base, list(models), opts, name, out_dtype,
+        b, xs, out_t, store, prm, ends = _prepare(base, list(models), opts, name, out_dtype,
                                             out if isinstance(out, torch.Tensor) else None, block)
         outs.append(out_t)
         if store is None:  # empty tensor: nothing to do
@@ -55,12 +55,12 @@ def grouped_fused_merge(items: Sequence[Item], block: int = 1024, num_warps: int
         if len(devices) != 1:
             raise FastmergeError(f"{name}: the base, the models and out must be on one device")
         if len({x.dtype for x in xs}) != 1:  # mixed model dtypes: not groupable
-            _launch(b, xs, store, prm, opts, name, block, num_warps)
+            _launch(b, xs, store, prm, ends, opts, name, block, num_warps)
             continue
         lam = float(torch.tensor(opts.lambda_, dtype=torch.float32))
         key = (opts.k, b.dtype if b is not None else None, xs[0].dtype, store.dtype, store.device,
                opts.sparsify, opts.consensus, bool(opts.normalize))
-        groups.setdefault(key, []).append((b, xs, store, prm, opts, name, lam))
+        groups.setdefault(key, []).append((b, xs, store, prm, ends, opts, name, lam))
     for key, members in groups.items():
         _launch_group(key, members, block, num_warps)
     return outs
@@ -74,7 +74,7 @@ def _launch_group(key: tuple, members: list, block: int, num_warps: int) -> None
     ptrs: list[int] = []
     seeds: list[int] = []
     prms: list[torch.Tensor] = []
-    for b, xs, store, prm, opts, name, _ in members:
+    for b, xs, store, prm, ends, opts, name, _ in members:
         n = xs[0].numel()
         for c, (s, e) in enumerate(rng.chunks(n)):
             cname = rng.chunk_name(name, c, n)
@@ -87,7 +87,7 @@ def _launch_group(key: tuple, members: list, block: int, num_warps: int) -> None
                 seeds += [rng.group_seed(opts.seed, cname, g) for g in range(2)]
             else:
                 seeds += [0, 0]
-            prms.append(prm)
+            prms.append(chunk_prm(prm, ends, s))
     entries = len(numels)
     if starts[-1] >= 2**31:
         raise FastmergeError(f"a group of {starts[-1]} blocks is too large for one launch; use a larger block")

@@ -119,17 +119,17 @@ def test_shapes_and_empty(device):
 
 
 def test_thresholds_dispatch(monkeypatch):
-    """``fused_ta.thresholds``: non-CPU tensors take the device select, CPU tensors the CPU path."""
+    """``fused_ta.cuts``: non-CPU tensors take the device select, CPU tensors the CPU path."""
     calls = []
 
     def spy(base, models, densities):
         calls.append(models[0].device.type)
-        return [1.5] * len(models)
+        return [cpu.Cut(1.5, 10)] * len(models)
 
-    monkeypatch.setattr(fused_ta, "device_thresholds", spy)
+    monkeypatch.setattr(fused_ta, "device_cuts", spy)
     meta = torch.empty(10, device="meta")
     assert fused_ta.thresholds(meta, [meta, meta], (0.5, 0.5)) == [1.5, 1.5]
     assert calls == ["meta"]
     x = torch.randn(100)
-    assert fused_ta.thresholds(None, [x], (0.5,)) == cpu.fused_thresholds(None, [x], (0.5,))
+    assert fused_ta.cuts(None, [x], (0.5,)) == cpu.fused_cuts(None, [x], (0.5,))
     assert calls == ["meta"]

@@ -47,6 +47,10 @@ typedef struct {
     int32_t bits_mode;
     int32_t pad3_;
     int64_t *nonfinite; /* NULL, or K + 1 counters (base, then models) of NaN/Inf inputs */
+    /* magnitude sparsification keeps |d| > tau, and of the elements with |d| == tau those at
+     * indices i < tie_end (relative to element 0 of this piece): exactly m = int(rho * n) kept,
+     * ties broken by the lowest flat index (DESIGN.md section 3) */
+    int64_t tie_end[FM_MAXK];
 } fm_params;
 
 /* sizeof(fm_params): fastmerge.cpu mirrors the struct in ctypes and checks its size against this
@@ -233,8 +237,13 @@ static void block_deltas(const fm_params *p, int64_t s, int cnt, fm_scratch *w, 
             float *restrict kp = w->keep[m];
             const float *restrict d = w->d[m];
             const float tau = p->tau[m];
+            /* ties at tau are kept at block indices below te (te may be <= 0 or > cnt) */
+            const int64_t te = p->tie_end[m] - s;
             if (p->sparsify == SP_MAGNITUDE)
-                for (int i = 0; i < cnt; i++) kp[i] = fabsf(d[i]) >= tau ? 1.0f : 0.0f;
+                for (int i = 0; i < cnt; i++) {
+                    const float a = fabsf(d[i]);
+                    kp[i] = (a > tau || (a == tau && (int64_t)i < te)) ? 1.0f : 0.0f;
+                }
             else
                 for (int i = 0; i < cnt; i++) kp[i] = 1.0f;
         }
@@ -400,6 +409,59 @@ void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t 
         for (size_t h = 0; h < bins * K; h++) hist[h] += local[h] + local[h + bins * K];
         memset(local, 0, sizeof(uint32_t) * bins * 2 * K);
     }
+}
+
+/* For each model m: the index e (0 <= e <= n) such that [0, e) holds exactly need[m] elements with
+ * |x_m - base| == tau[m] and element e - 1 is one of them (need[m] >= 1 and at most the number of
+ * such elements): where the magnitude keep mask stops taking ties. One parallel pass counts the
+ * ties per block; one block per model is then re-read to find the index. */
+void fm_tie_ends(const fm_params *p, const int64_t *need, int64_t *ends) {
+    const int K = p->k;
+    const int64_t nblk = (p->n + FM_BLOCK - 1) / FM_BLOCK;
+    int32_t *cnts = malloc(sizeof(int32_t) * (size_t)(nblk > 0 ? nblk : 1) * (size_t)K);
+    fm_params q = *p;
+    q.sparsify = SP_NONE;
+    q.bits_mode = 0;
+    for (int m = 0; m < K; m++) ends[m] = -1;
+    if (!cnts) return;
+#pragma omp parallel num_threads(p->threads)
+    {
+        fm_scratch *w = thread_scratch();
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t s = blk * FM_BLOCK;
+            const int cnt = block_count(p->n, s);
+            block_deltas(&q, s, cnt, w, NULL);
+            for (int m = 0; m < K; m++) {
+                const float *restrict d = w->d[m];
+                const float tau = p->tau[m];
+                int32_t c = 0;
+                for (int i = 0; i < cnt; i++) c += fabsf(d[i]) == tau;
+                cnts[(size_t)m * nblk + blk] = c;
+            }
+        }
+    }
+    fm_scratch *w = thread_scratch();
+    for (int m = 0; m < K; m++) {
+        int64_t seen = 0;
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int32_t c = cnts[(size_t)m * nblk + blk];
+            if (seen + c < need[m]) {
+                seen += c;
+                continue;
+            }
+            const int64_t s = blk * FM_BLOCK;
+            const int cnt = block_count(p->n, s);
+            block_deltas(&q, s, cnt, w, NULL);
+            for (int i = 0; i < cnt; i++)
+                if (fabsf(w->d[m][i]) == p->tau[m] && ++seen == need[m]) {
+                    ends[m] = s + i + 1;
+                    break;
+                }
+            break;
+        }
+    }
+    free(cnts);
 }
 
 /* The bin holding the rank-th largest element (rank >= 1) of a histogram, scanning from the top,

@@ -5,7 +5,8 @@ base and K <= 8 models, upcasts each to fp32 once, and computes exactly what the
 (``fastmerge/csrc/fused.c``, ``fm_merge``) computes, operation by operation and in the same
 accumulation order, then stores once in the output dtype. Per-model scalars come from a small fp32
 tensor ``prm``: weights at [0, 8), densities at [8, 16), scales at [16, 24), TIES thresholds at
-[24, 32), lambda at [32]. The models are separate pointer arguments x0..x7 (unused ones = any
+[24, 32), lambda at [32], and at [33, 41) the int32 bits of the last index (within the chunk; -1:
+none) at which an element equal to the TIES threshold is kept. The models are separate pointer arguments x0..x7 (unused ones = any
 valid pointer) and K is a constexpr, so the per-model code below is unrolled at compile time.
 """
 
@@ -19,7 +20,8 @@ PRM_DENSITY = 8
 PRM_SCALE = 16
 PRM_TAU = 24
 PRM_LAMBDA = 32
-PRM_SIZE = 33
+PRM_TIE_LAST = 33
+PRM_SIZE = 41
 
 SP_NONE = 0
 SP_RANDOM = 1
@@ -31,13 +33,16 @@ CS_COUNT = 2
 
 @triton.jit
 def _keep(d, rnd, prm_ptr, k: tl.constexpr, SPARSIFY: tl.constexpr):
-    """keep_k: DARE (U < rho_k, U from Philox lane ``rnd``), magnitude (|d| >= tau_k) or all."""
+    """keep_k: DARE (U < rho_k, U from Philox lane ``rnd``), magnitude (|d| > tau_k, or == tau_k at
+    element indices ``rnd`` <= the last tie kept) or all."""
     if SPARSIFY == 1:
         rho = tl.load(prm_ptr + 8 + k)
         keep = tl.random.uint_to_uniform_float(rnd) < rho
     elif SPARSIFY == 2:
         tau = tl.load(prm_ptr + 24 + k)
-        keep = tl.abs(d) >= tau
+        last = tl.load(prm_ptr + 33 + k).to(tl.int32, bitcast=True)
+        a = tl.abs(d)
+        keep = (a > tau) | ((a == tau) & (rnd <= last))
     else:
         keep = tl.full(d.shape, 1, tl.int1)  # all kept
     return keep
@@ -199,7 +204,7 @@ def _fused_ta_grouped_kernel(
     """Many tensors (or 2**31-element chunks) in one launch. Entry t of the work table: its element
     count ``numel[t]``, its first program ``starts[t]`` (prefix sum of cdiv(numel, BLOCK); starts
     has n_entries + 1 values), a pointer row ``ptrs[t, :]`` = (out, base, x0 .. x{K-1}) as int64
-    addresses, its parameters ``prm[t, :]`` (the per-tensor layout, PRM_SIZE = 33 floats) and its
+    addresses, its parameters ``prm[t, :]`` (the per-tensor layout, PRM_SIZE = 41 floats) and its
     two Philox seeds ``seeds[t, :]``. Each program finds its entry by a binary search over starts
     (n_steps = ceil(log2(n_entries)) steps) and merges one BLOCK with element indices local to the
     entry: exactly what the per-tensor kernel computes for that block."""
@@ -231,7 +236,7 @@ def _fused_ta_grouped_kernel(
         base_ptr = x0
     seed0 = tl.load(seeds_ptr + 2 * t)
     seed1 = tl.load(seeds_ptr + 2 * t + 1)
-    _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr + t * 33, seed0, seed1, offs, mask,
+    _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr + t * 41, seed0, seed1, offs, mask,
                  K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA, OUT_BF16_BITS, BLOCK)
 
 

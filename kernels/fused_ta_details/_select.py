@@ -9,7 +9,8 @@ selection runs on the bit patterns exactly as ``fastmerge.cpu._radix_thresholds`
   picks the bin holding the m-th largest element and the rank left within it;
 * pass 2 (``LEVEL=1``): per model, a 65536-bin histogram of the low 16 bits of the elements whose
   top 16 bits equal that bin; the same step picks the low half. The result is a float bit-equal to
-  the CPU path's (ties at tau are all kept by the ``>=`` comparison downstream).
+  the CPU path's; where only some of the elements equal to tau may be kept, the index after the
+  last kept one is searched by pieces (``_tie_end``), as ``fastmerge.cpu.fm_tie_ends`` does.
 
 A 65536-bin histogram does not fit one program's registers, so ``tl.histogram`` is not used: each
 element adds 1 to a global int64 histogram with ``tl.atomic_add`` (works on a GPU and under
@@ -23,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmerge.cpu import Cut, key_value
 from fastmerge.spec import keep_count
 
 NBINS = 65536
@@ -92,19 +94,48 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def device_thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...],
                       block: int = 1024, num_warps: int = 4) -> list[float]:
-    """TIES thresholds tau_k (exact m-th largest |x_k - base|, inf where m = 0) by the Triton radix
-    select; bit-equal to ``fastmerge.cpu.fused_thresholds``. Runs on the models' device (CUDA, or
-    CPU tensors under ``TRITON_INTERPRET=1``); one host synchronisation at the end."""
+    """The taus of ``device_cuts``."""
+    return [c.tau for c in device_cuts(base, models, densities, block, num_warps)]
+
+
+#: elements per piece when the ties' end is searched (one count per piece, then one piece read again)
+TIE_PIECE = 1 << 22
+
+
+def _tie_end(b: torch.Tensor | None, x: torch.Tensor, key: int, need: int) -> int:
+    """The index e such that [0, e) holds ``need`` elements whose |x - b| has the fp32 bits ``key``,
+    the last of them at e - 1 (torch on the device: one count per piece, two synchronisations)."""
+    n = x.numel()
+
+    def keys(s: int, e: int) -> torch.Tensor:
+        d = x[s:e].float() - b[s:e].float() if b is not None else x[s:e].float()
+        return d.abs().view(torch.int32) == key
+
+    starts = list(range(0, n, TIE_PIECE))
+    counts = torch.stack([keys(s, min(n, s + TIE_PIECE)).sum() for s in starts]).cumsum(0)
+    piece = int(torch.searchsorted(counts, torch.tensor([need], device=counts.device)).item())
+    before = int(counts[piece - 1].item()) if piece else 0
+    s = starts[piece]
+    at = torch.nonzero(keys(s, min(n, s + TIE_PIECE))).flatten()
+    return s + int(at[need - before - 1].item()) + 1
+
+
+def device_cuts(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...],
+                block: int = 1024, num_warps: int = 4) -> list[Cut]:
+    """TIES cuts (the exact m-th largest |x_k - base|, inf where m = 0, and the end of the ties kept
+    at it) by the Triton radix select; equal to ``fastmerge.cpu.fused_cuts``. Runs on the models'
+    device (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); one host synchronisation, and two
+    more per model whose ties at tau are split."""
     xs = [_flat(m) for m in models]
     b = _flat(base) if base is not None else None
     n = xs[0].numel() if xs else 0
     if any(x.numel() != n for x in xs) or (b is not None and b.numel() != n):
         raise ValueError("the base and the models must have the same number of elements")
     ms = [keep_count(d, n) for d in densities]
-    taus = [float("inf")] * len(xs)
+    cuts = [Cut(float("inf"), 0)] * len(xs)
     active = [i for i, m in enumerate(ms) if m]
     if not active:
-        return taus
+        return cuts
     device = xs[0].device
     grid = (triton.cdiv(n, block),)
     results = []
@@ -122,9 +153,10 @@ def device_thresholds(base: torch.Tensor | None, models: list[torch.Tensor], den
         hist.zero_()
         _abs_hist_kernel[grid](hist, prefix.contiguous(), pb, *ptrs, n, K=k, HAS_BASE=b is not None, LEVEL=1,
                                BLOCK=block, num_warps=num_warps)
-        low, _ = _select_rows(hist, rank.contiguous())
-        results.append((idx, ((prefix << 16) | low).to(torch.int32).view(torch.float32)))
-    for idx, vals in results:  # the only synchronisation
-        for i, v in zip(idx, vals.tolist()):
-            taus[i] = v
-    return taus
+        low, within = _select_rows(hist, rank.contiguous())
+        equal = hist.gather(1, low[:, None])[:, 0]
+        results.append((idx, torch.stack([(prefix << 16) | low, within, equal], 1)))
+    for idx, rows in results:  # the only synchronisation when no ties are split
+        for i, (key, need, equal) in zip(idx, rows.tolist()):
+            cuts[i] = Cut(key_value(key), n if need == equal else _tie_end(b, xs[i], key, need))
+    return cuts
