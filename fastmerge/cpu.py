@@ -305,13 +305,9 @@ def _code(dtype: torch.dtype) -> str | None:
 
 
 def _flat(t: torch.Tensor) -> tuple[torch.Tensor, Flat]:
-    """A contiguous flat tensor of a dtype the C loop reads (others upcast to fp32), and its Flat."""
-    t = t.reshape(-1)
-    code = _code(t.dtype)
-    if code not in CODES:
-        t, code = t.float(), "F32"
-    t = t.contiguous()
-    return t, Flat(t.data_ptr(), code, t.numel())
+    """``dtypes.fused_flat(t)`` and its Flat."""
+    t = dtypes.fused_flat(t)
+    return t, Flat(t.data_ptr(), dtypes.from_torch(t.dtype), t.numel())
 
 
 def _select(hist: np.ndarray, rank: int) -> tuple[int, int]:

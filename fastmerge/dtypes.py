@@ -57,3 +57,16 @@ def from_torch(dtype: torch.dtype) -> str:
 def from_name(name: str) -> str:
     """The code of a torch dtype name (``bfloat16``, ``float32``, ...)."""
     return _BY_TORCH_NAME[name]
+
+
+#: the dtypes the fused paths (C loop, Triton kernels) read and write as they are
+FUSED_CODES = ("F32", "BF16", "F16")
+
+
+def fused_flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` flattened and contiguous, in its dtype where the fused paths read it, else upcast to
+    fp32: how every fused path (C loop, Triton merge and select) takes a tensor."""
+    t = t.reshape(-1)
+    if str(t.dtype).replace("torch.", "") not in {CODES[c][0] for c in FUSED_CODES}:
+        t = t.float()
+    return t.contiguous()

@@ -12,6 +12,7 @@ import torch
 import triton
 
 from fastmerge import rng
+from fastmerge.dtypes import fused_flat
 from fastmerge.errors import FastmergeError
 from fastmerge.spec import FusedOptions, inverse_scale, l1_scale
 
@@ -36,11 +37,6 @@ _CONSENSUS = {"none": 0, "sum": 1, "count": 2}
 _SUM_PROGRAMS = 1024
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1)
-    if t.dtype not in _DTYPES:
-        t = t.float()
-    return t.contiguous()
 
 
 def thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...]) -> list[float]:
@@ -120,8 +116,8 @@ def _prepare(
         raise FastmergeError(f"{name}: output dtype {out_dtype} is not supported by the fused kernel")
     if len(models) != opts.k:
         raise FastmergeError(f"{name}: {len(models)} models but {opts.k} weights")
-    xs = [_flat(m) for m in models]
-    b = _flat(base) if base is not None else None
+    xs = [fused_flat(m) for m in models]
+    b = fused_flat(base) if base is not None else None
     n = xs[0].numel()
     device = xs[0].device
     if any(x.numel() != n for x in xs) or (b is not None and b.numel() != n):

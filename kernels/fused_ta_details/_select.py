@@ -25,11 +25,11 @@ import triton
 import triton.language as tl
 
 from fastmerge.cpu import Cut, key_value
+from fastmerge.dtypes import fused_flat
 from fastmerge.spec import keep_count
 
 NBINS = 65536
 MAXK_LAUNCH = 8
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -85,11 +85,6 @@ def _select_rows(hist: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor,
     return (NBINS - 1 - i)[:, 0], (ranks[:, None] - before)[:, 0]
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1)
-    if t.dtype not in _DTYPES:
-        t = t.float()
-    return t.contiguous()
 
 
 def device_thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...],
@@ -126,8 +121,8 @@ def device_cuts(base: torch.Tensor | None, models: list[torch.Tensor], densities
     at it) by the Triton radix select; equal to ``fastmerge.cpu.fused_cuts``. Runs on the models'
     device (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); one host synchronisation, and two
     more per model whose ties at tau are split."""
-    xs = [_flat(m) for m in models]
-    b = _flat(base) if base is not None else None
+    xs = [fused_flat(m) for m in models]
+    b = fused_flat(base) if base is not None else None
     n = xs[0].numel() if xs else 0
     if any(x.numel() != n for x in xs) or (b is not None and b.numel() != n):
         raise ValueError("the base and the models must have the same number of elements")
