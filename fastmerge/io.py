@@ -313,6 +313,9 @@ class CheckpointReader:
                 raise FastmergeError(f"{self.path}: no model.safetensors, shards or index found")
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        # the reader thread and the caller's both open files and maps: one lock, so that a shard
+        # is opened and mapped once (a second map would leak, and release could advise the wrong one)
+        self._open_lock = threading.Lock()
 
     def _load_config(self) -> dict:
         cfg = self.path / "config.json"
@@ -354,8 +357,11 @@ class CheckpointReader:
             raise FastmergeError(f"{meta.file}: tensor {name} cannot be mapped in place")
         mm = self._maps.get(meta.file)
         if mm is None:
-            with open(meta.file, "rb") as f:
-                mm = self._maps[meta.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            with self._open_lock:
+                mm = self._maps.get(meta.file)
+                if mm is None:
+                    with open(meta.file, "rb") as f:
+                        mm = self._maps[meta.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return np.frombuffer(mm, dtype=np.uint8, count=meta.nbytes, offset=meta.offset)
 
     def map(self, name: str) -> torch.Tensor:
@@ -395,7 +401,10 @@ class CheckpointReader:
             return self._bin_state[name]
         fd = self._fds.get(meta.file)
         if fd is None:
-            fd = self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
+            with self._open_lock:
+                fd = self._fds.get(meta.file)
+                if fd is None:
+                    fd = self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
         buf = torch.empty(meta.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
@@ -407,10 +416,11 @@ class CheckpointReader:
         return buf.view(meta.dtype).reshape(meta.shape)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        _close_maps(self._maps)
+        with self._open_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            _close_maps(self._maps)
 
 
 def _page_range(offset: int, nbytes: int) -> tuple[int, int]:
