@@ -271,11 +271,14 @@ def merge(
         warnings.warn(w, stacklevel=2)
     if backend == "cpu" and any(t.route == "fused" for t in plan.tensors):
         cpu.available()  # build the fused loop, or fall back to numpy with a notice, before any output exists
+    # an unknown template name (or auto without one) is an error before any tensor is merged
+    template = vocab.chat_template_text(recipe.chat_template, list(readers)) if recipe.chat_template else None
     start = time.perf_counter()
     try:
         with claim:  # the target locked, stale temporaries removed, ``claim.tmp`` made; left: removed
             nonfinite = _execute(plan, readers, claim.tmp, opts, progress, runner)
-            _write_metadata(plan, recipe, readers, claim.tmp, opts, _recipe_source(shown, recipe_source), shown)
+            _write_metadata(plan, recipe, readers, claim.tmp, opts, _recipe_source(shown, recipe_source), shown,
+                            template)
             claim.commit()
     finally:
         for r in readers.values():
@@ -507,8 +510,9 @@ def _shard_path(writer: ShardedWriter, name: str, tmp: Path) -> Path:
 
 def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointReader], tmp: Path,
                     opts: MergeOptions | None = None, recipe_source: str | None = None,
-                    shown: Recipe | None = None) -> None:
-    """config.json, generation config and tokenizer files, the model card: a full disk (or any
+                    shown: Recipe | None = None, template: str | None = None) -> None:
+    """config.json, generation config and tokenizer files (with ``template``, the recipe's chat
+    template resolved before the merge), the model card: a full disk (or any
     failed write) is one line naming the file, and ``merge`` removes the temporary directory.
     ``shown``: the recipe as the user wrote it (hub ids rather than cache paths), for the card."""
     final = _final_path(tmp)
@@ -547,7 +551,6 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
         warnings.warn("chat_template is not written: --no-copy-tokenizer and the recipe names no tokenizer source",
                       stacklevel=3)
     built = plan.vocab is not None and plan.vocab.copy_from is None
-    template = vocab.chat_template_text(recipe.chat_template, list(readers)) if recipe.chat_template else None
     if built:  # a built tokenizer (union, added tokens): saved as mergekit saves it
         tok = plan.vocab.tokenizer
         if template:

@@ -201,9 +201,11 @@ def test_chat_template(fam, tmp_path, template):
         assert tok.chat_template == want
         text = tok.apply_chat_template([{"role": "user", "content": "a b"}], tokenize=False)
         assert "a b" in text
+    merged = []  # an unknown name is an error before any tensor is merged
     with pytest.raises(FastmergeError, match="unknown template"):
-        fastmerge.merge(_recipe(fam, tokenizer_source="union", chat_template="nosuch"), tmp_path / "bad")
-    assert not (tmp_path / "bad").exists()
+        fastmerge.merge(_recipe(fam, tokenizer_source="union", chat_template="nosuch"), tmp_path / "bad",
+                        progress=merged.append)
+    assert not (tmp_path / "bad").exists() and merged == []
 
 
 def test_merger_builds_the_output_vocabulary(fam, tmp_path):
