@@ -144,8 +144,19 @@ def test_deterministic_methods_match_mergekit(name, fam, tmp_path):
     assert fm_cfg["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
 
 
-@pytest.mark.parametrize("arch, spec", [("qwen2", {}), ("mistral", {}), ("llama", {"tie_embeddings": True})],
-                         ids=["qwen2-biases", "mistral", "llama-tied"])
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_methods_match_mergekit_on_gpt2(name, families, tmp_path):
+    """The same recipes on GPT-2's layout (``transformer.h.N``, Conv1D weights, biases, tied
+    embeddings; filters that name Llama modules match nothing there, as in mergekit)."""
+    paths = [str(p) for p in families("gpt2", layers=4)]
+    recipe = _deterministic_recipes(*paths)[name] | {"dtype": "float32"}
+    mk, fm, mk_cfg, fm_cfg = _merge_both(recipe, tmp_path)
+    _assert_same(mk, fm)
+    assert fm_cfg["n_layer"] == mk_cfg["n_layer"]
+
+
+@pytest.mark.parametrize("arch, spec", [("qwen2", {}), ("mistral", {}), ("llama", {"tie_embeddings": True}), ("gpt2", {})],
+                         ids=["qwen2-biases", "mistral", "llama-tied", "gpt2"])
 def test_other_architectures_match_mergekit(arch, spec, families, tmp_path):
     paths = [str(p) for p in families(arch, layers=2, **spec)]
     recipe = _deterministic_recipes(*paths)["ties_gradient_filter"] | {"dtype": "float32"}

@@ -261,3 +261,11 @@ def test_cli_help_lists_the_wired_methods(capsys):
     out = capsys.readouterr().out
     for name in WIRED:
         assert f"  {name} " in out, name
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.startswith("della")] + ["della:dense", "della_linear:dense"])
+def test_merges_as_mergekit_on_gpt2(case, families, tmp_path):
+    """GPT-2's layout (``transformer.h.N``, Conv1D weights, biases, tied embeddings) for every method."""
+    recipe = _recipe(case, families("gpt2", layers=2))
+    fastmerge.merge(copy.deepcopy(recipe), tmp_path / "fm")
+    _close(load_dir(tmp_path / "fm"), _mergekit(recipe, tmp_path / "mk"))
