@@ -35,6 +35,19 @@ _SPARSIFY = {"none": 0, "random": 1, "magnitude": 2}
 _CONSENSUS = {"none": 0, "sum": 1, "count": 2}
 #: at most this many partial sums per model in the l1 pass (each program loops over blocks)
 _SUM_PROGRAMS = 1024
+#: the width of one vector load: the grouped kernel takes only tensors aligned to it
+ALIGN_BYTES = 16
+
+
+def launch_config(k: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK, num_warps) for K models of ``dtype``: one 16-byte vector load per input and thread
+    (8 bf16 / fp16 or 4 fp32 elements each), 4 warps; 8 warps from K = 6, where a block holds more
+    of the K + 2 streams in flight per program. Compiled for sm_90 this keeps every variant at or
+    under 128 registers (tests/test_kernels_ptx.py); ``bench/gpu_check.sh`` measures the
+    alternatives on a GPU. The result never depends on it."""
+    per_thread = ALIGN_BYTES // (torch.finfo(dtype).bits // 8)
+    warps = 8 if k >= 6 else 4
+    return warps * 32 * per_thread, warps
 
 
 
@@ -160,12 +173,14 @@ def fused_merge(
     name: str,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
-    block: int = 1024,
-    num_warps: int = 4,
+    block: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Fused task-arithmetic-family merge of one tensor (linear when ``base`` is None) into
-    ``out`` (allocated if None), as ``fastmerge.cpu.fused_merge``; ``block`` is a power of two
-    and does not change the result."""
+    ``out`` (allocated if None), as ``fastmerge.cpu.fused_merge``; ``block`` (a power of two) and
+    ``num_warps`` default to ``launch_config`` and do not change the result."""
+    cfg = launch_config(opts.k, models[0].dtype if models and models[0].dtype in _DTYPES else torch.float32)
+    block, num_warps = block or cfg[0], num_warps or cfg[1]
     b, xs, out, store, prm, ends = _prepare(base, models, opts, name, out_dtype, out, block)
     if store is None:
         return out

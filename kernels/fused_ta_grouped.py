@@ -27,7 +27,7 @@ from fastmerge import rng
 from fastmerge.errors import FastmergeError
 from fastmerge.spec import FusedOptions
 
-from .fused_ta import _CONSENSUS, _SPARSIFY, MAXK, _launch, _prepare, chunk_prm
+from .fused_ta import _CONSENSUS, _DTYPES, _SPARSIFY, ALIGN_BYTES, MAXK, _launch, _prepare, chunk_prm, launch_config
 from .fused_ta_details._fused_ta import PRM_SIZE, _fused_ta_grouped_kernel
 
 #: one item: (base or None, models, options, tensor name, out tensor or output dtype)
@@ -36,18 +36,21 @@ Item = tuple[torch.Tensor | None, Sequence[torch.Tensor], FusedOptions, str, "to
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int16: tl.int16}
 
 
-def grouped_fused_merge(items: Sequence[Item], block: int = 1024, num_warps: int = 4) -> list[torch.Tensor]:
+def grouped_fused_merge(items: Sequence[Item], block: int | None = None, num_warps: int | None = None) -> list[torch.Tensor]:
     """Merge every item as ``fused_ta.fused_merge(base, models, opts, name, dtype, out)`` would, with
     one launch per group of compatible items; returns the outputs in item order (``out`` itself
-    when a tensor was given, else a new tensor of that dtype and the models' shape)."""
+    when a tensor was given, else a new tensor of that dtype and the models' shape). ``block`` and
+    ``num_warps`` default to ``fused_ta.launch_config`` and do not change the result."""
     outs: list[torch.Tensor] = []
     groups: dict[tuple, list] = {}
     for base, models, opts, name, out in items:
         out_dtype = out.dtype if isinstance(out, torch.Tensor) else out
         if not isinstance(out_dtype, torch.dtype):
             raise FastmergeError(f"{name}: out must be a tensor or a torch.dtype, got {out!r}")
+        x_dtype = models[0].dtype if models and models[0].dtype in _DTYPES else torch.float32
+        cfg = launch_config(opts.k, x_dtype) if 1 <= opts.k <= MAXK else (1024, 4)
         b, xs, out_t, store, prm, ends = _prepare(base, list(models), opts, name, out_dtype,
-                                            out if isinstance(out, torch.Tensor) else None, block)
+                                                  out if isinstance(out, torch.Tensor) else None, block or cfg[0])
         outs.append(out_t)
         if store is None:  # empty tensor: nothing to do
             continue
@@ -55,7 +58,7 @@ def grouped_fused_merge(items: Sequence[Item], block: int = 1024, num_warps: int
         if len(devices) != 1:
             raise FastmergeError(f"{name}: the base, the models and out must be on one device")
         if len({x.dtype for x in xs}) != 1:  # mixed model dtypes: not groupable
-            _launch(b, xs, store, prm, ends, opts, name, block, num_warps)
+            _launch(b, xs, store, prm, ends, opts, name, block or cfg[0], num_warps or cfg[1])
             continue
         lam = float(torch.tensor(opts.lambda_, dtype=torch.float32))
         key = (opts.k, b.dtype if b is not None else None, xs[0].dtype, store.dtype, store.device,
@@ -66,42 +69,62 @@ def grouped_fused_merge(items: Sequence[Item], block: int = 1024, num_warps: int
     return outs
 
 
-def _launch_group(key: tuple, members: list, block: int, num_warps: int) -> None:
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % ALIGN_BYTES == 0
+
+
+def _launch_group(key: tuple, members: list, block: int | None, num_warps: int | None) -> None:
     k, base_dtype, x_dtype, store_dtype, device, sparsify, consensus, normalize = key
     assert 1 <= k <= MAXK
+    cfg_block, cfg_warps = launch_config(k, x_dtype)
+    block, num_warps = block or cfg_block, num_warps or cfg_warps
     starts = [0]
     numels: list[int] = []
-    ptrs: list[int] = []
+    rows: list[list[torch.Tensor]] = []
     seeds: list[int] = []
     prms: list[torch.Tensor] = []
     for b, xs, store, prm, ends, opts, name, _ in members:
+        if not all(_aligned(t) for t in [store, xs[0] if b is None else b, *xs]):
+            _launch(b, xs, store, prm, ends, opts, name, block, num_warps)  # rare (odd views): its own launch
+            continue
         n = xs[0].numel()
-        for c, (s, e) in enumerate(rng.chunks(n)):
+        for c, (s, e) in enumerate(rng.chunks(n)):  # chunks start at multiples of 2**31: aligned too
             cname = rng.chunk_name(name, c, n)
+            row = [store[s:e], b[s:e] if b is not None else xs[0][s:e], *(x[s:e] for x in xs)]
             numels.append(e - s)
             starts.append(starts[-1] + triton.cdiv(e - s, block))
-            x0 = xs[0][s:e].data_ptr()
-            ptrs += [store[s:e].data_ptr(), b[s:e].data_ptr() if b is not None else x0]
-            ptrs += [x[s:e].data_ptr() for x in xs]
-            if sparsify == "random":
-                seeds += [rng.group_seed(opts.seed, cname, g) for g in range(2)]
-            else:
-                seeds += [0, 0]
+            rows.append(row)
+            seeds += [rng.group_seed(opts.seed, cname, g) for g in range(2)] if sparsify == "random" else [0, 0]
             prms.append(chunk_prm(prm, ends, s))
     entries = len(numels)
-    if starts[-1] >= 2**31:
-        raise FastmergeError(f"a group of {starts[-1]} blocks is too large for one launch; use a larger block")
+    if not entries:
+        return
+    total = starts[-1]
+    if total >= 2**31:
+        raise FastmergeError(f"a group of {total} blocks is too large for one launch; use a larger block")
+    # addresses as element offsets from the first entry's tensors (the anchors), which the kernel
+    # knows to be 16-byte aligned: its loads through them are vectors
+    anchors = rows[0][0], rows[0][1], rows[0][2]
+    offsets = []
+    for row in rows:
+        for i, t in enumerate(row):
+            a = anchors[min(i, 2)]
+            offsets.append((t.data_ptr() - a.data_ptr()) // t.element_size())
     as_dev = dict(dtype=torch.int64, device=device)
+    counts = torch.tensor([starts[i + 1] - starts[i] for i in range(entries)], **as_dev)
+    block_entry = torch.repeat_interleave(torch.arange(entries, dtype=torch.int32, device=device), counts,
+                                          output_size=total)  # no host synchronisation
     starts_t = torch.tensor(starts, **as_dev)
     numel_t = torch.tensor(numels, **as_dev)
-    ptrs_t = torch.tensor(ptrs, **as_dev)
+    ptrs_t = torch.tensor(offsets, **as_dev)
     seeds_t = torch.tensor(seeds, **as_dev)
     prm_t = torch.stack(prms).reshape(-1)
     assert prm_t.numel() == PRM_SIZE * entries and ptrs_t.numel() == (k + 2) * entries
-    _fused_ta_grouped_kernel[(starts[-1],)](
-        starts_t, numel_t, ptrs_t, prm_t, seeds_t, entries, (entries - 1).bit_length(),
+    _fused_ta_grouped_kernel[(total,)](
+        block_entry, starts_t, numel_t, ptrs_t, prm_t, seeds_t, *anchors,
         K=k, HAS_BASE=base_dtype is not None, SPARSIFY=_SPARSIFY[sparsify], CONSENSUS=_CONSENSUS[consensus],
         NORMALIZE=normalize, APPLY_LAMBDA=any(m[-1] != 1.0 for m in members),  # x * 1.0 == x: exact
-        OUT_BF16_BITS=store_dtype == torch.int16, BASE_DT=_TL[base_dtype or x_dtype], X_DT=_TL[x_dtype],
-        OUT_DT=_TL[store_dtype], BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
+        OUT_BF16_BITS=store_dtype == torch.int16, OUT_ALIGN=ALIGN_BYTES // anchors[0].element_size(),
+        BASE_ALIGN=ALIGN_BYTES // anchors[1].element_size(), X_ALIGN=ALIGN_BYTES // anchors[2].element_size(),
+        BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
     )

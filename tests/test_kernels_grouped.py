@@ -162,10 +162,10 @@ _COMPILE = textwrap.dedent("""
     from fastmerge.kernels.fused_ta_details._fused_ta import _fused_ta_grouped_kernel
     for k, sp, cs, bf16 in [(3, 2, 1, True), (6, 1, 0, False)]:
         const = dict(K=k, HAS_BASE=True, SPARSIFY=sp, CONSENSUS=cs, NORMALIZE=True, APPLY_LAMBDA=True,
-                     OUT_BF16_BITS=bf16, BASE_DT=tl.bfloat16, X_DT=tl.float16,
-                     OUT_DT=tl.int16 if bf16 else tl.float32, BLOCK=1024)
-        sig = {"starts_ptr": "*i64", "numel_ptr": "*i64", "ptrs_ptr": "*i64", "prm_ptr": "*fp32",
-               "seeds_ptr": "*i64", "n_entries": "i32", "n_steps": "i32"}
+                     OUT_BF16_BITS=bf16, OUT_ALIGN=8 if bf16 else 4, BASE_ALIGN=8, X_ALIGN=8, BLOCK=1024)
+        sig = {"block_entry_ptr": "*i32", "starts_ptr": "*i64", "numel_ptr": "*i64", "ptrs_ptr": "*i64",
+               "prm_ptr": "*fp32", "seeds_ptr": "*i64", "out_anchor": "*i16" if bf16 else "*fp32",
+               "base_anchor": "*bf16", "x_anchor": "*fp16"}
         sig.update({c: "constexpr" for c in const})
         ptx = triton.compile(ASTSource(_fused_ta_grouped_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                              options=dict(enable_fp_fusion=False, num_warps=4)).asm["ptx"]
@@ -182,7 +182,7 @@ def test_compiles_for_a_gpu_without_fma_contraction():
     if "nvidia" not in triton.backends.backends:
         pytest.skip("triton has no nvidia backend here")
     # the grouped kernel's row stride of prm is a literal: it must be PRM_SIZE
-    assert f"prm_ptr + t * {_fused_ta.PRM_SIZE}," in Path(_fused_ta.__file__).read_text()
+    assert f"prm = prm_ptr + t * {_fused_ta.PRM_SIZE}\n" in Path(_fused_ta.__file__).read_text()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -177,70 +177,80 @@ def _merge_block(
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed0", "seed1", "n"])  # a new seed or size must not recompile
 def _fused_ta_kernel(
     out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, n,
     K: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
     NORMALIZE: tl.constexpr, APPLY_LAMBDA: tl.constexpr, OUT_BF16_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 addressing
-    _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, offs, offs < n,
-                 K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA, OUT_BF16_BITS, BLOCK)
+    first = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = first + tl.arange(0, BLOCK)  # int64 addressing
+    if first + BLOCK <= n:  # a full block: no mask, so 16-byte vector loads whatever n is
+        _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, offs,
+                     tl.full([BLOCK], 1, tl.int1), K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA,
+                     OUT_BF16_BITS, BLOCK)
+    else:
+        _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, offs, offs < n,
+                     K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA, OUT_BF16_BITS, BLOCK)
 
 
 @triton.jit
-def _table_ptr(row, i: tl.constexpr, DT: tl.constexpr):
-    """Entry ``i`` of a pointer-table row (an int64 address) as a pointer to DT."""
-    return tl.load(row + i).to(tl.pointer_type(DT))
+def _table_ptr(anchor, row, i: tl.constexpr, ALIGN: tl.constexpr):
+    """Entry ``i`` of a pointer-table row: an int64 offset in elements from ``anchor`` (a pointer
+    argument, 16-byte aligned). The host puts only 16-byte aligned tensors in the table, so every
+    offset is a multiple of ALIGN = 16 / element size, and says so here: a pointer cast from a
+    loaded int64 address carries no alignment, and every load through it was a scalar load."""
+    return anchor + tl.multiple_of(tl.load(row + i), ALIGN)
 
 
 @triton.jit
 def _fused_ta_grouped_kernel(
-    starts_ptr, numel_ptr, ptrs_ptr, prm_ptr, seeds_ptr, n_entries, n_steps,
+    block_entry_ptr, starts_ptr, numel_ptr, ptrs_ptr, prm_ptr, seeds_ptr, out_anchor, base_anchor, x_anchor,
     K: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, CONSENSUS: tl.constexpr,
     NORMALIZE: tl.constexpr, APPLY_LAMBDA: tl.constexpr, OUT_BF16_BITS: tl.constexpr,
-    BASE_DT: tl.constexpr, X_DT: tl.constexpr, OUT_DT: tl.constexpr, BLOCK: tl.constexpr,
+    OUT_ALIGN: tl.constexpr, BASE_ALIGN: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Many tensors (or 2**31-element chunks) in one launch. Entry t of the work table: its element
-    count ``numel[t]``, its first program ``starts[t]`` (prefix sum of cdiv(numel, BLOCK); starts
-    has n_entries + 1 values), a pointer row ``ptrs[t, :]`` = (out, base, x0 .. x{K-1}) as int64
-    addresses, its parameters ``prm[t, :]`` (the per-tensor layout, PRM_SIZE = 41 floats) and its
-    two Philox seeds ``seeds[t, :]``. Each program finds its entry by a binary search over starts
-    (n_steps = ceil(log2(n_entries)) steps) and merges one BLOCK with element indices local to the
-    entry: exactly what the per-tensor kernel computes for that block."""
-    pid = tl.program_id(0).to(tl.int64)
-    lo = pid * 0
-    hi = lo + n_entries
-    for _ in range(0, n_steps):  # invariant: starts[lo] <= pid < starts[hi]
-        mid = (lo + hi) // 2
-        below = tl.load(starts_ptr + mid) <= pid
-        lo = tl.where(below, mid, lo)
-        hi = tl.where(below, hi, mid)
-    t = lo
-    offs = (pid - tl.load(starts_ptr + t)) * BLOCK + tl.arange(0, BLOCK)  # int64, local to the entry
-    mask = offs < tl.load(numel_ptr + t)
+    """Many tensors (or 2**31-element chunks) in one launch. Program ``pid`` merges block ``pid``
+    of the concatenated work: its entry t = ``block_entry[pid]`` (int32, built on the device), whose
+    first program is ``starts[t]``; entry t's element count is ``numel[t]``, its pointer row
+    ``ptrs[t, :]`` = (out, base, x0 .. x{K-1}) as int64 element offsets from the anchors (the
+    first entry's tensors), its parameters ``prm[t, :]`` (the per-tensor layout, PRM_SIZE = 41
+    floats) and its two Philox seeds ``seeds[t, :]``. The block's element indices are local to the
+    entry: exactly what the per-tensor kernel computes for that block. A full block (all but the
+    last block of each entry) is merged without a mask, so its loads and stores are 16-byte vectors."""
+    pid = tl.program_id(0)
+    t = tl.load(block_entry_ptr + pid).to(tl.int64)
+    first = (pid - tl.load(starts_ptr + t)).to(tl.int64) * BLOCK  # int64, local to the entry
+    offs = first + tl.arange(0, BLOCK)
+    numel = tl.load(numel_ptr + t)
     row = ptrs_ptr + t * (K + 2)
-    out_ptr = _table_ptr(row, 0, OUT_DT)
-    x0 = _table_ptr(row, 2, X_DT)
+    out_ptr = _table_ptr(out_anchor, row, 0, OUT_ALIGN)
+    x0 = _table_ptr(x_anchor, row, 2, X_ALIGN)
     # models past K are never read (the per-model code is unrolled up to the constexpr K)
-    x1 = _table_ptr(row, 3 if K > 1 else 2, X_DT)
-    x2 = _table_ptr(row, 4 if K > 2 else 2, X_DT)
-    x3 = _table_ptr(row, 5 if K > 3 else 2, X_DT)
-    x4 = _table_ptr(row, 6 if K > 4 else 2, X_DT)
-    x5 = _table_ptr(row, 7 if K > 5 else 2, X_DT)
-    x6 = _table_ptr(row, 8 if K > 6 else 2, X_DT)
-    x7 = _table_ptr(row, 9 if K > 7 else 2, X_DT)
+    x1 = _table_ptr(x_anchor, row, 3 if K > 1 else 2, X_ALIGN)
+    x2 = _table_ptr(x_anchor, row, 4 if K > 2 else 2, X_ALIGN)
+    x3 = _table_ptr(x_anchor, row, 5 if K > 3 else 2, X_ALIGN)
+    x4 = _table_ptr(x_anchor, row, 6 if K > 4 else 2, X_ALIGN)
+    x5 = _table_ptr(x_anchor, row, 7 if K > 5 else 2, X_ALIGN)
+    x6 = _table_ptr(x_anchor, row, 8 if K > 6 else 2, X_ALIGN)
+    x7 = _table_ptr(x_anchor, row, 9 if K > 7 else 2, X_ALIGN)
     if HAS_BASE:
-        base_ptr = _table_ptr(row, 1, BASE_DT)
+        base_ptr = _table_ptr(base_anchor, row, 1, BASE_ALIGN)
     else:
         base_ptr = x0
     seed0 = tl.load(seeds_ptr + 2 * t)
     seed1 = tl.load(seeds_ptr + 2 * t + 1)
-    _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr + t * 41, seed0, seed1, offs, mask,
-                 K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA, OUT_BF16_BITS, BLOCK)
+    prm = prm_ptr + t * 41
+    if first + BLOCK <= numel:
+        _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm, seed0, seed1, offs,
+                     tl.full([BLOCK], 1, tl.int1), K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA,
+                     OUT_BF16_BITS, BLOCK)
+    else:
+        _merge_block(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm, seed0, seed1, offs, offs < numel,
+                     K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA, OUT_BF16_BITS, BLOCK)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "n", "iters"])
 def _l1_sums_kernel(
     sums_ptr, base_ptr, x_ptr, prm_ptr, seed, n, iters,
     k: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, BLOCK: tl.constexpr,
