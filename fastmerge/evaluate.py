@@ -10,6 +10,8 @@ Three built-ins (DESIGN 8) and a door for the user's own:
 - :class:`LoglikEvaluator` -- mean per-token log-likelihood of a text set: cheap, smooth fitness.
 - :class:`~fastmerge.lmeval.LMEvalEvaluator` (``lm_eval``) -- lm-evaluation-harness tasks (local task
   YAML + JSONL), several combined into one ``score``.
+- :class:`~fastmerge.vqa.VQAEvaluator` (``vqa``) -- visual question answering on a vision-language
+  model, ROUGE-L with a Japanese word tokenizer and a language gate (EvoVLM-JP's metric).
 - ``"package.module:function"`` -- anything callable as ``f(model, tokenizer) -> dict``.
 
 Every evaluator is a callable ``(model, tokenizer) -> dict[str, float]``; :func:`load_evaluator` builds
@@ -38,6 +40,7 @@ from ._optional import missing, require
 from .backends import as_backend
 from .errors import FastmergeError
 from .lmeval import LMEvalEvaluator
+from .vqa import VQAEvaluator
 
 __all__ = [
     "DEFAULT_STOP",
@@ -45,6 +48,7 @@ __all__ = [
     "LID_ENV",
     "LoglikEvaluator",
     "MathEvaluator",
+    "VQAEvaluator",
     "detect_language",
     "evaluate_checkpoint",
     "extract_answer",
@@ -433,7 +437,8 @@ class LoglikEvaluator:
 # Specs, user evaluators, checkpoints
 # --------------------------------------------------------------------------------------------------
 
-BUILTINS: dict[str, type] = {"math": MathEvaluator, "loglik": LoglikEvaluator, "lm_eval": LMEvalEvaluator}
+BUILTINS: dict[str, type] = {"math": MathEvaluator, "loglik": LoglikEvaluator, "lm_eval": LMEvalEvaluator,
+                             "vqa": VQAEvaluator}
 
 
 def _import_callable(ref: str) -> Callable:
@@ -458,9 +463,10 @@ def _import_callable(ref: str) -> Callable:
 def load_evaluator(spec: dict | str) -> Evaluator:
     """An evaluator ``(model, tokenizer) -> dict`` from a spec.
 
-    - ``{"name": "math" | "loglik" | "lm_eval", **kwargs}``: the built-in class with those keyword
-      arguments (``data`` at least; ``tasks`` for lm_eval), e.g. ``{"name": "math", "data":
-      "mgsm_ja.jsonl", "lang": "ja"}``, ``{"name": "lm_eval", "tasks": ["arith"], "include_path": "tasks/"}``.
+    - ``{"name": "math" | "loglik" | "lm_eval" | "vqa", **kwargs}``: the built-in class with those
+      keyword arguments (``data`` at least; ``tasks`` for lm_eval), e.g. ``{"name": "math", "data":
+      "mgsm_ja.jsonl", "lang": "ja"}``, ``{"name": "lm_eval", "tasks": ["arith"], "include_path": "tasks/"}``,
+      ``{"name": "vqa", "data": "vqa_ja.jsonl", "lang": "ja"}``.
     - ``"package.module:function"`` or ``{"name": "package.module:function"}``: that function is the
       evaluator.
     - ``{"name": "package.module:factory", **kwargs}``: with keyword arguments, the function is a
@@ -532,15 +538,26 @@ def evaluate_checkpoint(path: str | Path, spec: dict | str, device: str = "cpu",
 
     ``backend``: "hf" (transformers) or "vllm" (an engine started on ``path``; safetensors only). The
     evaluator is built first, so bad data fail before the model is loaded. ``progress`` reaches
-    built-in evaluators only (a user function has its own signature).
+    built-in evaluators only (a user function has its own signature). The ``vqa`` evaluator loads
+    ``path`` as a vision-language model (``AutoModelForImageTextToText``) and its processor from
+    ``tokenizer`` if given, else from ``path`` (unless its spec names a ``processor``); hf only.
     """
     from .backends import BACKENDS
 
     if backend not in BACKENDS:
         raise FastmergeError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     evaluator = load_evaluator(spec)
-    if progress is not None and isinstance(evaluator, (MathEvaluator, LoglikEvaluator)):
+    if progress is not None and isinstance(evaluator, (MathEvaluator, LoglikEvaluator, VQAEvaluator)):
         evaluator.progress = progress
+    if isinstance(evaluator, VQAEvaluator):
+        if backend != "hf":
+            raise FastmergeError(f"the vqa evaluator runs on the hf backend, not {backend}")
+        from .vqa import load_vlm
+
+        if evaluator.processor is None:
+            evaluator.processor = tokenizer if tokenizer is not None else path
+        evaluator.resolve_processor()  # before minutes of loading the model
+        return evaluator(load_vlm(path, device=device, dtype=dtype, allow_bin=allow_bin))
     if backend == "vllm":
         return _evaluate_on_vllm(Path(path), evaluator, device, dtype, tokenizer)
     model, tok = load_model(path, device=device, dtype=dtype, tokenizer=tokenizer, allow_bin=allow_bin)

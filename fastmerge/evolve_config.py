@@ -5,7 +5,7 @@ so every mistake that can be found from the YAML and the files' headers (a missi
 unknown method or metric, an empty range, no budget) is reported before any weight is read.
 
 Relative paths in the config (models, base model, tokenizer, evaluator data, the lm_eval evaluator's
-include_path) are resolved against the config file's directory, so a config and its models can move
+include_path, the vqa evaluator's processor) are resolved against the config file's directory, so a config and its models can move
 together; ``out`` given on the command line is relative to the working directory.
 
 A config is code, like a script: ``evaluator`` may name any ``module:function`` (with arguments),
@@ -40,7 +40,8 @@ SPARSIFYING = Names(lambda m: m.searchable and m.sparsifies)
 #: Llama-family architectures the DFS executor runs (fastmerge.dfs.FAMILIES)
 DFS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 #: metrics the built-in evaluators report; a ``module:function`` evaluator is checked on its first trial
-BUILTIN_METRICS = {"math": ("acc", "acc_lang", "n"), "loglik": ("loglik", "ppl", "n", "tokens")}
+BUILTIN_METRICS = {"math": ("acc", "acc_lang", "n"), "loglik": ("loglik", "ppl", "n", "tokens"),
+                   "vqa": ("score", "rouge_l", "rouge_l_ungated", "acc_lang", "n")}
 #: every built-in evaluator; lm_eval reports "score" and "<task>/<metric>" for its tasks (the names are
 #: checked once its tasks are loaded, before any model)
 BUILTIN_EVALUATORS = (*BUILTIN_METRICS, "lm_eval")
@@ -195,7 +196,7 @@ class EvolveConfig(_Strict):
             def at_root(p: Any) -> Any:
                 return str((root / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
 
-            for key in ("data", "include_path"):
+            for key in ("data", "include_path", "processor"):
                 if key in c.evaluator:
                     v = c.evaluator[key]
                     c.evaluator[key] = [at_root(p) for p in v] if isinstance(v, list) else at_root(v)
