@@ -267,8 +267,12 @@ class VQAEvaluator:
         outputs: list[str] = [""] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            enc = processor(images=[self._image(i) for i in idx], text=[prompts[i] for i in idx],
-                            return_tensors="pt", padding=True, padding_side="left")
+            try:
+                enc = processor(images=[self._image(i) for i in idx], text=[prompts[i] for i in idx],
+                                return_tensors="pt", padding=True, padding_side="left")
+            except (ValueError, TypeError, KeyError) as e:  # no pad token, no image token in a template, ...
+                raise FastmergeError(f"{self._where[idx[0]]}: the processor ({type(processor).__name__}) cannot "
+                                     f"encode this batch: {str(e).splitlines()[0] if str(e) else e!r}") from None
             enc = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
                    if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
             with torch.no_grad():

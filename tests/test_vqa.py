@@ -142,6 +142,15 @@ def test_progress_stop_and_template(vlm, data):
     assert [it["output"] for it in same.last_outputs] == plain
 
 
+def test_processor_failure_is_one_line(vlm, data):
+    model, processor = vlm
+    ev = VQAEvaluator(data, batch_size=2, max_new_tokens=4, template="USER: {question} ASSISTANT:")  # no <image>
+    with pytest.raises(FastmergeError) as e:
+        ev(model, processor)
+    assert str(e.value).startswith(f"{data}:") and "cannot encode this batch" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_in_memory_records_with_pil_images(vlm, data):
     model, processor = vlm
     recs = [json.loads(line) for line in data.read_text().splitlines()]
