@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -262,7 +263,7 @@ def test_evolve_config_takes_the_vqa_evaluator(family, data, tmp_path):
         EvolveConfig.from_yaml(cfg_dir / "evolve.yml")
 
 
-def test_cli_eval_vqa(vlm, family, data, capsys):
+def test_cli_eval_vqa(vlm, family, data, capsys, tmp_path):
     model, processor = vlm
     argv = ["eval", str(family["vlm"]), "--task", "vqa", "--data", str(data), "--lang", "ja", "--batch-size", "2",
             "--max-new-tokens", "5", "--no-progress"]
@@ -272,6 +273,14 @@ def test_cli_eval_vqa(vlm, family, data, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{family['vlm']}: score=") and "rouge_l_ungated=" in out and "acc_lang=" in out
+    # a checkpoint saved without its processor: --tokenizer names the directory that has it
+    bare = tmp_path / "weights_only"
+    shutil.copytree(family["vlm"], bare)
+    for f in ("processor_config.json", "preprocessor_config.json", "chat_template.jinja"):
+        (bare / f).unlink(missing_ok=True)
+    argv[1] = str(bare)
+    assert main(argv + ["--json", "--tokenizer", str(family["vlm"])]) == 0
+    assert json.loads(capsys.readouterr().out) == metrics
 
 
 def _error(argv, capsys) -> str:
