@@ -174,26 +174,28 @@ class VQAEvaluator:
                  max_new_tokens: int = 64, limit: int | None = None, processor: Any = None,
                  system: str | None = None, template: str | None = None, stop: Sequence[str] | None = None,
                  image_root: str | Path | None = None, progress: Progress | None = None) -> None:
-        from .evaluate import _limit, _text_field, load_jsonl  # evaluate imports this module
+        from .evaluate import _check_template, _limit, _text_field, load_jsonl  # evaluate imports this module
 
         if batch_size < 1:
             raise FastmergeError(f"batch_size must be at least 1, got {batch_size}")
         if max_new_tokens < 1:
             raise FastmergeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if template is not None and "{question}" not in template:
-            raise FastmergeError(f"prompt template must contain {{question}}: {template!r}")
+        if template is not None:
+            _check_template(template)
         records, self.name = load_jsonl(data)
         records = _limit(records, limit)
         if isinstance(data, (str, Path)):
             root = Path(data).parent
         else:
             root = Path(image_root) if image_root is not None else Path.cwd()
-        self.questions = [_text_field(r, "question") for r in records]
-        self.references = [_references(r) for r in records]
+        self.questions: list[str] = []
+        self.references: list[list[str]] = []
         self.images: list[Any] = []  # a Path per record, or the PIL image given in memory
         self._where = [r["_where"] for r in records]
         Image = _image_module()
-        for rec in records:
+        for rec in records:  # record by record, so the first bad line is the one reported
+            self.questions.append(_text_field(rec, "question"))
+            self.references.append(_references(rec))
             if isinstance(rec.get("image"), Image.Image):
                 self.images.append(rec["image"])
                 continue

@@ -340,6 +340,14 @@ def test_bad_records(data, rec, msg):
     assert str(e.value).startswith(f"{f}:3: ") and msg in str(e.value) and "\n" not in str(e.value)
 
 
+def test_the_first_bad_line_is_reported(data):
+    f = data.parent / "bad.jsonl"
+    f.write_text(json.dumps({"image": "img/missing.png", "question": "q", "answer": "a"}) + "\n"
+                 + json.dumps({"image": "img/0.png", "answer": "a"}) + "\n")
+    with pytest.raises(FastmergeError, match=f"^{f}:1: image not found"):
+        VQAEvaluator(f)
+
+
 def test_paths_inside_the_directory_are_fine(data):
     f = data.parent / "ok.jsonl"
     f.write_text(json.dumps({"image": "img/../img/./1.png", "question": "q", "answer": "a"}) + "\n")
@@ -353,6 +361,8 @@ def test_bad_arguments(data):
         VQAEvaluator(data, max_new_tokens=0)
     with pytest.raises(FastmergeError, match=r"must contain \{question\}"):
         VQAEvaluator(data, template="USER: <image> ASSISTANT:")
+    with pytest.raises(FastmergeError, match="bad prompt template"):
+        VQAEvaluator(data, template="USER: <image> {question} {answer} ASSISTANT:")
     assert len(VQAEvaluator(data, limit=2).questions) == 2
 
 
