@@ -373,3 +373,40 @@ def test_missing_pillow_names_the_extra(data, monkeypatch):
     with pytest.raises(MissingDependency) as e:
         VQAEvaluator(data)
     assert "\n" not in str(e.value) and "pip install 'fastmerge[vlm]'" in str(e.value)
+
+
+def test_llava_next_anyres_batched_equals_unbatched(tmp_path):
+    """LLaVA-NeXT's processor gives each image its own number of tiles (image_sizes): batches of
+    differently shaped images still answer as one record at a time does."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    from fastmerge.synth import ModelSpec
+    from fastmerge.synth_vlm import CHAT_TEMPLATE, IMAGE_TOKEN, tokenizer, vision_config
+
+    tok = tokenizer()
+    grid = [[32, 64], [64, 32], [64, 64]]
+    cfg = LlavaNextConfig(vision_config=vision_config(32, 8), text_config=ModelSpec(arch="mistral", vocab=len(tok)).config(),
+                          image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), image_grid_pinpoints=grid,
+                          vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(cfg).float().eval()
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                 image_grid_pinpoints=grid)
+    processor = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
+                                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE)
+    lines = []
+    for i, size in enumerate([(40, 30), (30, 70), (64, 64), (20, 20)]):
+        _draw(tmp_path / f"{i}.png", (60 * i, 100, 200 - 40 * i), size)
+        lines.append(json.dumps({"image": f"{i}.png", "question": f"w{i} w{i + 3}", "answer": "w1"}))
+    (tmp_path / "v.jsonl").write_text("\n".join(lines) + "\n")
+    answers = []
+    for bs in (1, 4):
+        ev = VQAEvaluator(tmp_path / "v.jsonl", batch_size=bs, max_new_tokens=6)
+        ev(model, processor)
+        answers.append([it["output"] for it in ev.last_outputs])
+    assert answers[0] == answers[1] and any(answers[0])
