@@ -12,9 +12,10 @@ import torch
 import triton
 
 from fastmerge import rng
+from fastmerge.cpu import Cut
 from fastmerge.dtypes import fused_flat
 from fastmerge.errors import FastmergeError
-from fastmerge.spec import FusedOptions, inverse_scale, l1_scale
+from fastmerge.spec import L1_EPS, FusedOptions, inverse_scale
 
 from .fused_ta_details._fused_ta import (
     PRM_DENSITY,
@@ -27,7 +28,7 @@ from .fused_ta_details._fused_ta import (
     _fused_ta_kernel,
     _l1_sums_kernel,
 )
-from .fused_ta_details._select import device_cuts
+from .fused_ta_details._select import cut_tensors as device_cut_tensors
 
 MAXK = 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,6 +38,9 @@ _CONSENSUS = {"none": 0, "sum": 1, "count": 2}
 _SUM_PROGRAMS = 1024
 #: the width of one vector load: the grouped kernel takes only tensors aligned to it
 ALIGN_BYTES = 16
+#: registers per thread the merge kernels may take (ptxas's ``maxnreg``): 4 warps of 128 threads
+#: per 64 K registers, 25% occupancy at worst; fp16 at K = 8 would take ~155 without the cap
+MAX_REGISTERS = 128
 
 
 def launch_config(k: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -59,38 +63,48 @@ def thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities:
 
 
 def cuts(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...]) -> list:
-    """TIES cuts (``fastmerge.cpu.Cut``: tau_k and the end of the ties kept at it). CPU tensors use
-    the fused CPU path's radix select; others the Triton radix select of
-    ``fused_ta_details/_select.py`` on their device (equal results)."""
+    """TIES cuts (``fastmerge.cpu.Cut``: tau_k and the end of the ties kept at it), as a list."""
+    taus, ends = cut_tensors(base, models, densities)
+    return [Cut(t, e) for t, e in zip(taus.tolist(), ends.tolist())]
+
+
+def cut_tensors(base: torch.Tensor | None, models: list[torch.Tensor],
+                densities: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES cuts as (tau fp32 [K], end int64 [K]) tensors on the models' device. CPU tensors use the
+    fused CPU path's radix select; others the Triton select of ``fused_ta_details/_select.py``
+    on their device, with no host synchronisation (equal results)."""
     if all(m.device.type == "cpu" for m in models) and (base is None or base.device.type == "cpu"):
         from fastmerge import cpu
 
-        return cpu.fused_cuts(base, models, densities)
-    return device_cuts(base, models, densities)
+        found = cpu.fused_cuts(base, models, densities)
+        return (torch.tensor([c.tau for c in found], dtype=torch.float32),
+                torch.tensor([c.end for c in found], dtype=torch.int64))
+    return device_cut_tensors(base, models, densities)
 
 
-def _tie_lasts(ends: list[int], start: int) -> torch.Tensor:
+def _tie_lasts(ends: torch.Tensor, start: int) -> torch.Tensor:
     """The int32 bits (as fp32, for ``prm``) of the last index, local to the chunk at ``start``, at
-    which a tie at tau is kept: -1 for none, 2**31 - 1 for all."""
-    lasts = [min(max(e - 1 - start, -1), 2**31 - 1) for e in ends]
-    return torch.tensor(lasts, dtype=torch.int32).view(torch.float32)
+    which a tie at tau is kept: -1 for none, 2**31 - 1 for all (torch ops on ends' device)."""
+    return (ends - 1 - start).clamp(-1, 2**31 - 1).to(torch.int32).view(torch.float32)
 
 
-def chunk_prm(prm: torch.Tensor, ends: list[int] | None, start: int) -> torch.Tensor:
+def chunk_prm(prm: torch.Tensor, ends: torch.Tensor | None, start: int) -> torch.Tensor:
     """``prm`` for the chunk starting at element ``start``: the same tensor for the first chunk (its
     tie indices are written by ``_prepare``), a copy with its own tie indices for later ones."""
-    if not ends or start == 0:
+    if ends is None or start == 0:
         return prm
     own = prm.clone()
-    own[PRM_TIE_LAST:PRM_TIE_LAST + len(ends)] = _tie_lasts(ends, start).to(prm.device)
+    own[PRM_TIE_LAST:PRM_TIE_LAST + ends.numel()] = _tie_lasts(ends, start)
     return own
 
 
-def _l1_sums(b, xs, prm, ends, opts: FusedOptions, name: str, block: int) -> tuple[list[float], list[float]]:
-    """Per-model sum|delta_k| and sum|keep_k * delta_k| (fp64 partial sums, summed on the host)."""
-    n = xs[0].numel()
-    total = [0.0] * opts.k
-    kept = [0.0] * opts.k
+def _l1_scales(b, xs, prm, ends, opts: FusedOptions, name: str, block: int) -> torch.Tensor:
+    """The l1 rescale factors (fp32 [K] on the device, no host synchronisation): per model
+    sum|delta_k| / sum|keep_k * delta_k| in fp64, 1 where either sum is below ``L1_EPS``, as
+    ``spec.l1_scale``. One launch per 2**31-element chunk for all models."""
+    n, k = xs[0].numel(), opts.k
+    total = torch.zeros(k, dtype=torch.float64, device=xs[0].device)
+    kept = torch.zeros_like(total)
     for c, (s, e) in enumerate(rng.chunks(n)):
         cn = e - s
         if cn == 0:
@@ -99,25 +113,26 @@ def _l1_sums(b, xs, prm, ends, opts: FusedOptions, name: str, block: int) -> tup
         blocks = triton.cdiv(cn, block)
         iters = triton.cdiv(blocks, _SUM_PROGRAMS)
         grid = triton.cdiv(blocks, iters)
-        sums = torch.empty(2 * grid, dtype=torch.float64, device=xs[0].device)
-        cprm = chunk_prm(prm, ends, s)
-        for k, x in enumerate(xs):
-            seed = rng.group_seed(opts.seed, cname, k // rng.MODELS_PER_CALL) if opts.sparsify == "random" else 0
-            _l1_sums_kernel[(grid,)](
-                sums, b[s:e] if b is not None else x[s:e], x[s:e], cprm, seed, cn, iters,
-                k=k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify], BLOCK=block, enable_fp_fusion=False,
-            )
-            pair = sums.view(grid, 2).sum(0).tolist()
-            total[k] += pair[0]
-            kept[k] += pair[1]
-    return total, kept
+        sums = torch.empty((grid, k, 2), dtype=torch.float64, device=xs[0].device)
+        seeds = [rng.group_seed(opts.seed, cname, g) for g in range(2)] if opts.sparsify == "random" else [0, 0]
+        pb = b[s:e] if b is not None else xs[0][s:e]
+        ptrs = [x[s:e] for x in xs] + [pb] * (MAXK - k)
+        _l1_sums_kernel[(grid,)](
+            sums, pb, *ptrs, chunk_prm(prm, ends, s), seeds[0], seeds[1], cn, iters,
+            K=k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify], BLOCK=block, enable_fp_fusion=False,
+        )
+        part = sums.sum(0)
+        total += part[:, 0]
+        kept += part[:, 1]
+    small = (total < L1_EPS) | (kept < L1_EPS)
+    return torch.where(small, torch.ones_like(total), total / kept).to(torch.float32)
 
 
 def _prepare(
     base: torch.Tensor | None, models: list[torch.Tensor], opts: FusedOptions, name: str, out_dtype: torch.dtype,
     out: torch.Tensor | None, block: int,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-           list[int] | None]:
+           torch.Tensor | None]:
     """Checks one tensor's inputs; returns the flat base and models, ``out`` (allocated if None), the
     flat store view of out (int16 for bf16), the per-tensor parameters ``prm`` on the device
     (weights, densities, scales: inverse or l1, TIES thresholds and the first chunk's tie indices,
@@ -144,25 +159,22 @@ def _prepare(
         return b, xs, out, None, None, None
     store = flat_out.view(torch.int16) if out_dtype == torch.bfloat16 else flat_out
 
-    prm = torch.zeros(PRM_SIZE, dtype=torch.float32)
+    # the host's part in pinned memory, copied without waiting; the rest is computed on the device
+    pin = device.type == "cuda"
+    host = torch.zeros(PRM_SIZE, dtype=torch.float32, pin_memory=pin)
     for k in range(opts.k):
-        prm[PRM_WEIGHT + k] = opts.weights[k]
-        prm[PRM_DENSITY + k] = opts.densities[k]
-        prm[PRM_SCALE + k] = 1.0
-    prm[PRM_LAMBDA] = opts.lambda_
+        host[PRM_WEIGHT + k] = opts.weights[k]
+        host[PRM_DENSITY + k] = opts.densities[k]
+        host[PRM_SCALE + k] = inverse_scale(opts.densities[k]) if opts.sparsify != "none" and opts.rescale == "inverse" else 1.0
+    host[PRM_LAMBDA] = opts.lambda_
+    prm = host.to(device, non_blocking=pin)
     ends = None
     if opts.sparsify == "magnitude":
-        found = cuts(b, xs, opts.densities)
-        ends = [c.end for c in found]
-        for k, c in enumerate(found):
-            prm[PRM_TAU + k] = c.tau
+        taus, ends = cut_tensors(b, xs, opts.densities)
+        prm[PRM_TAU:PRM_TAU + opts.k] = taus
         prm[PRM_TIE_LAST:PRM_TIE_LAST + opts.k] = _tie_lasts(ends, 0)
-    prm = prm.to(device)
-    if opts.sparsify != "none" and opts.rescale == "inverse":
-        prm[PRM_SCALE:PRM_SCALE + opts.k] = torch.tensor([inverse_scale(r) for r in opts.densities])
-    elif opts.sparsify != "none" and opts.rescale == "l1":
-        total, kept = _l1_sums(b, xs, prm, ends, opts, name, block)
-        prm[PRM_SCALE:PRM_SCALE + opts.k] = torch.tensor([l1_scale(t, kp) for t, kp in zip(total, kept)])
+    if opts.sparsify != "none" and opts.rescale == "l1":
+        prm[PRM_SCALE:PRM_SCALE + opts.k] = _l1_scales(b, xs, prm, ends, opts, name, block)
     return b, xs, out, store, prm, ends
 
 
@@ -205,5 +217,6 @@ def _launch(b, xs, store, prm, ends, opts: FusedOptions, name: str, block: int, 
             K=opts.k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify],
             CONSENSUS=_CONSENSUS[opts.consensus], NORMALIZE=bool(opts.normalize), APPLY_LAMBDA=lam != 1.0,
             OUT_BF16_BITS=out_dtype == torch.bfloat16, BLOCK=block,
-            num_warps=num_warps, enable_fp_fusion=False,  # no FMA contraction: the reference has none
+            num_warps=num_warps, maxnreg=MAX_REGISTERS,
+            enable_fp_fusion=False,  # no FMA contraction: the reference has none
         )

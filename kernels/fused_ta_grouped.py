@@ -27,8 +27,20 @@ from fastmerge import rng
 from fastmerge.errors import FastmergeError
 from fastmerge.spec import FusedOptions
 
-from .fused_ta import _CONSENSUS, _DTYPES, _SPARSIFY, ALIGN_BYTES, MAXK, _launch, _prepare, chunk_prm, launch_config
+from .fused_ta import (
+    _CONSENSUS,
+    _DTYPES,
+    _SPARSIFY,
+    ALIGN_BYTES,
+    MAX_REGISTERS,
+    MAXK,
+    _launch,
+    _prepare,
+    chunk_prm,
+    launch_config,
+)
 from .fused_ta_details._fused_ta import PRM_SIZE, _fused_ta_grouped_kernel
+from .fused_ta_details._host import to_device
 
 #: one item: (base or None, models, options, tensor name, out tensor or output dtype)
 Item = tuple[torch.Tensor | None, Sequence[torch.Tensor], FusedOptions, str, "torch.Tensor | torch.dtype"]
@@ -110,14 +122,13 @@ def _launch_group(key: tuple, members: list, block: int | None, num_warps: int |
         for i, t in enumerate(row):
             a = anchors[min(i, 2)]
             offsets.append((t.data_ptr() - a.data_ptr()) // t.element_size())
-    as_dev = dict(dtype=torch.int64, device=device)
-    counts = torch.tensor([starts[i + 1] - starts[i] for i in range(entries)], **as_dev)
+    counts = to_device([starts[i + 1] - starts[i] for i in range(entries)], torch.int64, device)
     block_entry = torch.repeat_interleave(torch.arange(entries, dtype=torch.int32, device=device), counts,
                                           output_size=total)  # no host synchronisation
-    starts_t = torch.tensor(starts, **as_dev)
-    numel_t = torch.tensor(numels, **as_dev)
-    ptrs_t = torch.tensor(offsets, **as_dev)
-    seeds_t = torch.tensor(seeds, **as_dev)
+    starts_t = to_device(starts, torch.int64, device)
+    numel_t = to_device(numels, torch.int64, device)
+    ptrs_t = to_device(offsets, torch.int64, device)
+    seeds_t = to_device(seeds, torch.int64, device)
     prm_t = torch.stack(prms).reshape(-1)
     assert prm_t.numel() == PRM_SIZE * entries and ptrs_t.numel() == (k + 2) * entries
     _fused_ta_grouped_kernel[(total,)](
@@ -126,5 +137,5 @@ def _launch_group(key: tuple, members: list, block: int | None, num_warps: int |
         NORMALIZE=normalize, APPLY_LAMBDA=any(m[-1] != 1.0 for m in members),  # x * 1.0 == x: exact
         OUT_BF16_BITS=store_dtype == torch.int16, OUT_ALIGN=ALIGN_BYTES // anchors[0].element_size(),
         BASE_ALIGN=ALIGN_BYTES // anchors[1].element_size(), X_ALIGN=ALIGN_BYTES // anchors[2].element_size(),
-        BLOCK=block, num_warps=num_warps, enable_fp_fusion=False,
+        BLOCK=block, num_warps=num_warps, maxnreg=MAX_REGISTERS, enable_fp_fusion=False,
     )

@@ -36,11 +36,14 @@ def _truth(base, x, rho) -> float:
 
 
 def _check(base, xs, dens, **kw) -> list[float]:
-    got = _select.device_thresholds(base, xs, dens, **kw)
+    """The device cuts equal the CPU path's (tau and the end of the ties kept), and tau the sort's."""
+    cuts = _select.device_cuts(base, xs, dens, **kw)
     cpu_b = base.cpu() if base is not None else None
-    ref = cpu.fused_thresholds(cpu_b, [x.cpu() for x in xs], dens)
+    ref = cpu.fused_cuts(cpu_b, [x.cpu() for x in xs], dens)
+    assert cuts == ref, (cuts, ref)
+    got = [c.tau for c in cuts]
     truth = [_truth(cpu_b, x.cpu(), r) for x, r in zip(xs, dens)]
-    assert got == ref == truth, (got, ref, truth)
+    assert got == truth, (got, truth)
     return got
 
 
@@ -119,14 +122,14 @@ def test_shapes_and_empty(device):
 
 
 def test_thresholds_dispatch(monkeypatch):
-    """``fused_ta.cuts``: non-CPU tensors take the device select, CPU tensors the CPU path."""
+    """``fused_ta.cut_tensors``: non-CPU tensors take the device select, CPU tensors the CPU path."""
     calls = []
 
     def spy(base, models, densities):
         calls.append(models[0].device.type)
-        return [cpu.Cut(1.5, 10)] * len(models)
+        return torch.full((len(models),), 1.5), torch.full((len(models),), 10)
 
-    monkeypatch.setattr(fused_ta, "device_cuts", spy)
+    monkeypatch.setattr(fused_ta, "device_cut_tensors", spy)
     meta = torch.empty(10, device="meta")
     assert fused_ta.thresholds(meta, [meta, meta], (0.5, 0.5)) == [1.5, 1.5]
     assert calls == ["meta"]

@@ -124,7 +124,7 @@ def test_chunk_prm_moves_the_tie_index():
     from fastmerge.kernels.fused_ta_details._fused_ta import PRM_SIZE, PRM_TIE_LAST
 
     prm = torch.zeros(PRM_SIZE)
-    ends = [5, 2**31 + 7, 3 * 2**31]
+    ends = torch.tensor([5, 2**31 + 7, 3 * 2**31])
     assert fused_ta.chunk_prm(prm, ends, 0) is prm
     last = fused_ta.chunk_prm(prm, ends, 2**31)[PRM_TIE_LAST:PRM_TIE_LAST + 3].view(torch.int32).tolist()
     assert last == [-1, 6, 2**31 - 1]

@@ -250,16 +250,32 @@ def _fused_ta_grouped_kernel(
                      K, HAS_BASE, SPARSIFY, CONSENSUS, NORMALIZE, APPLY_LAMBDA, OUT_BF16_BITS, BLOCK)
 
 
-@triton.jit(do_not_specialize=["seed", "n", "iters"])
+@triton.jit
+def _l1_step(x_ptr, offs, mask, b, rnd, prm_ptr, acc_total, acc_kept, k: tl.constexpr, SPARSIFY: tl.constexpr):
+    """Add model k's |delta| and |keep * delta| of one block to its fp64 accumulators."""
+    d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - b
+    a = tl.where(mask, tl.abs(d), 0.0).to(tl.float64)
+    return acc_total + a, acc_kept + tl.where(_keep(d, rnd, prm_ptr, k, SPARSIFY), a, 0.0)
+
+
+@triton.jit
+def _l1_store(sums_ptr, pid, acc_total, acc_kept, k: tl.constexpr, K: tl.constexpr):
+    tl.store(sums_ptr + (pid * K + k) * 2, tl.sum(acc_total, axis=0))
+    tl.store(sums_ptr + (pid * K + k) * 2 + 1, tl.sum(acc_kept, axis=0))
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "n", "iters"])
 def _l1_sums_kernel(
-    sums_ptr, base_ptr, x_ptr, prm_ptr, seed, n, iters,
-    k: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, BLOCK: tl.constexpr,
+    sums_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, n, iters,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per-program partial sum|delta_k| and sum|keep_k * delta_k| in fp64 (the l1 rescale) over
-    ``iters`` consecutive blocks; sums_ptr[2 * pid] and [2 * pid + 1]. One launch per model."""
+    ``iters`` consecutive blocks, for all K models in one launch (the base is read once):
+    sums[pid, k, 0] and sums[pid, k, 1]. The keep masks are the merge kernel's (``_keep``)."""
     pid = tl.program_id(0)
-    acc_total = tl.zeros([BLOCK], dtype=tl.float64)
-    acc_kept = tl.zeros([BLOCK], dtype=tl.float64)
+    zero = tl.zeros([BLOCK], dtype=tl.float64)
+    t0, k0, t1, k1, t2, k2, t3, k3 = zero, zero, zero, zero, zero, zero, zero, zero
+    t4, k4, t5, k5, t6, k6, t7, k7 = zero, zero, zero, zero, zero, zero, zero, zero
     for it in range(0, iters):
         offs = (pid.to(tl.int64) * iters + it) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -268,22 +284,41 @@ def _l1_sums_kernel(
             b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         else:
             b = tl.zeros([BLOCK], dtype=tl.float32)
-        d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - b
         if SPARSIFY == 1:
-            r0, r1, r2, r3 = tl.randint4x(seed, j)
-            if k % 4 == 0:
-                rnd = r0
-            elif k % 4 == 1:
-                rnd = r1
-            elif k % 4 == 2:
-                rnd = r2
+            r0, r1, r2, r3 = tl.randint4x(seed0, j)
+            if K > 4:
+                r4, r5, r6, r7 = tl.randint4x(seed1, j)
             else:
-                rnd = r3
+                r4, r5, r6, r7 = r0, r1, r2, r3
         else:
-            rnd = j
-        keep = _keep(d, rnd, prm_ptr, k, SPARSIFY)
-        a = tl.where(mask, tl.abs(d), 0.0).to(tl.float64)
-        acc_total += a
-        acc_kept += tl.where(keep, a, 0.0)
-    tl.store(sums_ptr + 2 * pid, tl.sum(acc_total, axis=0))
-    tl.store(sums_ptr + 2 * pid + 1, tl.sum(acc_kept, axis=0))
+            r0, r1, r2, r3, r4, r5, r6, r7 = j, j, j, j, j, j, j, j
+        t0, k0 = _l1_step(x0, offs, mask, b, r0, prm_ptr, t0, k0, 0, SPARSIFY)
+        if K > 1:
+            t1, k1 = _l1_step(x1, offs, mask, b, r1, prm_ptr, t1, k1, 1, SPARSIFY)
+        if K > 2:
+            t2, k2 = _l1_step(x2, offs, mask, b, r2, prm_ptr, t2, k2, 2, SPARSIFY)
+        if K > 3:
+            t3, k3 = _l1_step(x3, offs, mask, b, r3, prm_ptr, t3, k3, 3, SPARSIFY)
+        if K > 4:
+            t4, k4 = _l1_step(x4, offs, mask, b, r4, prm_ptr, t4, k4, 4, SPARSIFY)
+        if K > 5:
+            t5, k5 = _l1_step(x5, offs, mask, b, r5, prm_ptr, t5, k5, 5, SPARSIFY)
+        if K > 6:
+            t6, k6 = _l1_step(x6, offs, mask, b, r6, prm_ptr, t6, k6, 6, SPARSIFY)
+        if K > 7:
+            t7, k7 = _l1_step(x7, offs, mask, b, r7, prm_ptr, t7, k7, 7, SPARSIFY)
+    _l1_store(sums_ptr, pid, t0, k0, 0, K)
+    if K > 1:
+        _l1_store(sums_ptr, pid, t1, k1, 1, K)
+    if K > 2:
+        _l1_store(sums_ptr, pid, t2, k2, 2, K)
+    if K > 3:
+        _l1_store(sums_ptr, pid, t3, k3, 3, K)
+    if K > 4:
+        _l1_store(sums_ptr, pid, t4, k4, 4, K)
+    if K > 5:
+        _l1_store(sums_ptr, pid, t5, k5, 5, K)
+    if K > 6:
+        _l1_store(sums_ptr, pid, t6, k6, 6, K)
+    if K > 7:
+        _l1_store(sums_ptr, pid, t7, k7, 7, K)
