@@ -53,7 +53,7 @@ class DeviceRunner:
         with torch.cuda.stream(stream) if self.cuda else nullcontext():
             dev = [t.to(self.device, non_blocking=True) for t in tensors]
             base, models = task.split(dev)
-            result = self._fused_ta.fused_merge(base, models, task.fused, task.name, task.dtype)
+            result = self._fused_ta.fused_merge(base, models, task.fused, task.key, task.dtype)
             out_host.copy_(result, non_blocking=True)
             event = None
             if self.cuda:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import cpu, dtypes, methods, vocab
+from . import cpu, dtypes, methods, vlm, vocab
 from .errors import FastmergeError
 from .io import CheckpointReader, OutTensor, ShardedWriter, local_model, read_json_object
 from .plan import Plan, TensorPlan, build_plan
@@ -127,7 +127,7 @@ def open_models(recipe: Recipe, allow_bin: bool = False) -> dict[str, Checkpoint
     for n in _source_models(recipe):
         if not Path(n).exists():
             raise FastmergeError(f"{n}: model not found")
-        readers[n] = CheckpointReader(n, allow_bin=allow_bin)
+        readers[n] = vlm.view(CheckpointReader(n, allow_bin=allow_bin))  # a VLM: its language model
     return readers
 
 
@@ -159,7 +159,7 @@ def _run_fused(task: TensorPlan, tensors: list[torch.Tensor], threads: int | Non
                nonfinite: list[int] | None) -> torch.Tensor:
     base, models = task.split(tensors)
     counts: list[int] = []
-    result = cpu.fused_merge(base, models, task.fused, task.name, task.dtype, out=out, threads=threads,
+    result = cpu.fused_merge(base, models, task.fused, task.key, task.dtype, out=out, threads=threads,
                              nonfinite=counts if nonfinite is not None else None)
     if nonfinite is not None:
         nonfinite[:] = per_source(task, counts)
@@ -170,7 +170,7 @@ def _run_torch(task: TensorPlan, tensors: list[torch.Tensor], threads: int | Non
                nonfinite: list[int] | None) -> torch.Tensor:
     """A registered method's torch function, cast once to the output dtype (no copy when it is)."""
     base, inputs = task.split(tensors)
-    ctx = methods.MergeContext(task.name, task.position, task.seed, task.dtype, threads)
+    ctx = methods.MergeContext(task.key, task.position, task.seed, task.dtype, threads)
     return methods.get(task.method).merge(inputs, base, task.params, ctx).to(task.dtype)
 
 
@@ -213,7 +213,7 @@ def _raw_ok(task: TensorPlan, readers: dict[str, CheckpointReader]) -> bool:
         return False
     for s in task.sources:
         r = readers[s.model]
-        if not r.mappable(s.name) or r.tensors[s.name].code not in cpu.CODES:
+        if not r.mappable(s.name) or r.meta(s.name).code not in cpu.CODES:
             return False
     return True
 
@@ -221,12 +221,12 @@ def _raw_ok(task: TensorPlan, readers: dict[str, CheckpointReader]) -> bool:
 def _compute_raw(task: TensorPlan, readers: dict[str, CheckpointReader], arrays: list[np.ndarray],
                  out: np.ndarray, threads: int | None, nonfinite: list[int] | None) -> None:
     """``compute`` of a fused task on mapped bytes into ``out`` (bytes of the output tensor)."""
-    flats = [cpu.Flat(a.ctypes.data, readers[s.model].tensors[s.name].code, readers[s.model].tensors[s.name].numel)
-             for s, a in zip(task.sources, arrays)]
+    metas = [readers[s.model].meta(s.name) for s in task.sources]
+    flats = [cpu.Flat(a.ctypes.data, m.code, m.numel) for m, a in zip(metas, arrays)]
     base, models = task.split(flats)
     n = math.prod(task.shape)
     counts: list[int] = []
-    cpu.merge_into(base, models, task.fused, task.name, cpu.Flat(out.ctypes.data, task.code, n), threads,
+    cpu.merge_into(base, models, task.fused, task.key, cpu.Flat(out.ctypes.data, task.code, n), threads,
                    nonfinite=counts if nonfinite is not None else None)
     if nonfinite is not None:
         nonfinite[:] = per_source(task, counts)
@@ -369,7 +369,8 @@ class _Pipeline:
     def note_nonfinite(self, task: TensorPlan, counts: list[int]) -> None:
         for s, bad in zip(task.sources, counts):
             if bad:
-                self.nonfinite[f"{self.readers[s.model].tensors[s.name].file}: tensor {s.name}"] = bad
+                meta = self.readers[s.model].meta(s.name)
+                self.nonfinite[f"{meta.file}: tensor {meta.name}"] = bad
 
     def read_loop(self) -> None:
         try:
@@ -536,6 +537,9 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
         for k in keys:
             config[k] = name
+        for sub in ("text_config", "vision_config"):  # a VLM's: every tensor was cast to the output dtype
+            if isinstance(config.get(sub), dict):
+                config[sub] = {**config[sub], **{k: name for k in ("torch_dtype", "dtype") if k in config[sub]}}
     if not any(t.name.endswith("lm_head.weight") for t in plan.tensors):  # the embedding is the output projection
         config.setdefault("tie_word_embeddings", True)
     if config:
@@ -563,6 +567,10 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     elif tokenizer_model:
         for f in tokenizer_files(tokenizer_model):
             copy(f)
+    if plan.frame is not None:  # a VLM: its processor (image processor, chat template) with it
+        for f in vlm.PROCESSOR_FILES:
+            if (plan.frame.path / f).is_file() and not (tmp / f).exists():
+                copy(plan.frame.path / f)
     if recipe.chat_template and not built and (tokenizer_model or not plan.tokenizer_model):
         tok_cfg_path = Path(tokenizer_model or "") / "tokenizer_config.json"  # as copied above
         tok_cfg = read_json_object(tok_cfg_path, "tokenizer config") if tokenizer_model and tok_cfg_path.exists() else {}

@@ -338,7 +338,8 @@ class CheckpointReader:
             self.tensors[name] = TensorMeta(name, self.path, dtypes.from_torch(t.dtype), tuple(t.shape), 0,
                                             t.numel() * t.element_size())
 
-    def _meta(self, name: str) -> TensorMeta:
+    def meta(self, name: str) -> TensorMeta:
+        """Where tensor ``name`` lives (every lookup goes through here: ``vlm.LMView`` renames)."""
         meta = self.tensors.get(name)
         if meta is None:
             raise FastmergeError(f"{self.path}: tensor {name} not found")
@@ -346,13 +347,13 @@ class CheckpointReader:
 
     def mappable(self, name: str) -> bool:
         """Whether ``map_bytes`` can view the tensor in place (safetensors, aligned, non-empty)."""
-        meta = self._meta(name)
+        meta = self.meta(name)
         return self._bin_state is None and meta.offset % dtypes.itemsize(meta.code) == 0 and meta.nbytes > 0
 
     def map_bytes(self, name: str) -> np.ndarray:
         """The tensor's bytes as a zero-copy uint8 array over a private (copy-on-write) map of the
         shard: writing to it never touches the file. Needs ``mappable(name)``."""
-        meta = self._meta(name)
+        meta = self.meta(name)
         if not self.mappable(name):
             raise FastmergeError(f"{meta.file}: tensor {name} cannot be mapped in place")
         mm = self._maps.get(meta.file)
@@ -371,12 +372,12 @@ class CheckpointReader:
 
         if not self.mappable(name):
             return self.read(name)
-        meta = self.tensors[name]
+        meta = self.meta(name)
         return torch.from_numpy(self.map_bytes(name)).view(meta.dtype).reshape(meta.shape)
 
     def prefault(self, name: str) -> None:
         """Ask the kernel to read the tensor's pages ahead, and map them (one touch per page)."""
-        meta = self.tensors[name]
+        meta = self.meta(name)
         mm = self._maps.get(meta.file)
         if mm is None or meta.nbytes == 0:
             return
@@ -386,7 +387,7 @@ class CheckpointReader:
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process (they stay in the page cache)."""
-        meta = self.tensors[name]
+        meta = self.meta(name)
         mm = self._maps.get(meta.file)
         if mm is not None and meta.nbytes:
             start, length = _page_range(meta.offset, meta.nbytes)
@@ -396,9 +397,9 @@ class CheckpointReader:
         """Read one tensor's bytes from disk into a new CPU tensor of its stored dtype."""
         import torch
 
-        meta = self._meta(name)
+        meta = self.meta(name)
         if self._bin_state is not None:
-            return self._bin_state[name]
+            return self._bin_state[meta.name]
         fd = self._fds.get(meta.file)
         if fd is None:
             with self._open_lock:

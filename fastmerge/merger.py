@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import methods
+from . import methods, vlm
 from ._optional import require
 from .engine import compute, open_models
 from .errors import FastmergeError
@@ -50,7 +50,7 @@ class Genome:
     def options(self, task: TensorPlan, num_layers: int) -> FusedOptions:
         weights = _rows(self.weights)
         densities = _rows(self.densities) if self.densities is not None else None
-        group = layer_group(task.name, num_layers, math.ceil(max(num_layers, 1) / len(weights)))
+        group = layer_group(task.key, num_layers, math.ceil(max(num_layers, 1) / len(weights)))
         w = weights[min(group, len(weights) - 1)]
         d = task.fused.densities if densities is None else densities[min(group * len(densities) // len(weights),
                                                                           len(densities) - 1)]
@@ -90,19 +90,24 @@ class Merger:
         self.plan = build_plan(self.recipe, self._readers)
         self._sources: dict[tuple[str, str], torch.Tensor] = {}
         for task in self.plan.tensors:
-            for s in task.sources:
+            for s in task.sources if not task.carried else []:
                 if (s.model, s.name) not in self._sources:
                     self._sources[(s.model, s.name)] = self._readers[s.model].read(s.name).to(self.device)
-        for r in self._readers.values():
-            r.close()
         self.module = self._build_module(self.plan)
         self._params = self._bind(self.plan)
+        with torch.no_grad():  # a VLM's vision side: written once, straight into the module, never again
+            for task in self.plan.tensors:
+                if task.carried:
+                    s = task.inputs[0]
+                    self._params[task.name].copy_(compute(task, [self._readers[s.model].read(s.name)], threads))
+        for r in self._readers.values():
+            r.close()
         self.merge()
 
     def _build_module(self, plan: Plan) -> torch.nn.Module:
         """The output architecture on the device, its weights allocated but not initialized (they
         are merged into next); buffers that checkpoints do not hold (rotary) are built normally."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
         from .hf_compat import no_init_weights
 
@@ -113,8 +118,9 @@ class Merger:
         cfg.pop("transformers_version", None)
         config = AutoConfig.for_model(model_type, **cfg)
         dtype = next((t.dtype for t in plan.tensors if t.dtype.is_floating_point), torch.float32)
+        auto = AutoModelForImageTextToText if plan.frame is not None else AutoModelForCausalLM
         with no_init_weights(), self.device:
-            module = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            module = auto.from_config(config, dtype=dtype)
         # no_init_weights also skips the tying that post_init does: an untied lm_head would stay
         # uninitialized memory when the checkpoint holds only the embeddings
         module.tie_weights()
@@ -125,7 +131,8 @@ class Merger:
         tensors = {**dict(self.module.named_buffers()), **dict(self.module.named_parameters())}
         out: dict[str, torch.Tensor] = {}
         for task in plan.tensors:
-            t = tensors.get(task.name)
+            # a VLM checkpoint's names (legacy or transformers 5's) as the module's (fastmerge.vlm)
+            t = tensors.get(task.name if plan.frame is None else vlm.module_name(task.name))
             if t is None:
                 raise FastmergeError(f"the model class has no parameter {task.name} (from the checkpoint)")
             if tuple(t.shape) != task.shape or t.dtype != task.dtype:
@@ -167,6 +174,8 @@ class Merger:
         task_for = self._options(candidate)
         grouped = []  # triton backend: all fused tensors go to one grouped launch per option group
         for base_task in self.plan.tensors:
+            if base_task.carried:  # a VLM's vision side: the same for every candidate, written once
+                continue
             task = task_for(base_task)
             out = self._params[task.name]
             tensors = [self._sources[(s.model, s.name)] for s in task.sources]
@@ -175,7 +184,7 @@ class Merger:
                 compute(task, tensors, self.threads, out=out)
             elif fused and "triton" in methods.get(task.method).executors:
                 base, models = task.split(tensors)
-                grouped.append((base, models, task.fused, task.name, out))
+                grouped.append((base, models, task.fused, task.key, out))
             else:  # copy and torch routes (and vocabulary mismatches): the engine's executor on CPU tensors
                 out.copy_(compute(task, [t.cpu() for t in tensors], self.threads))
         if grouped:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import dtypes, methods, vocab
+from . import dtypes, methods, vlm, vocab
 from .errors import FastmergeError
 from .io import CheckpointReader
 from .recipe import DTYPES, REQUIRED, Parameters, Recipe, as_float, parse_rescale, resolve
@@ -78,6 +78,14 @@ class TensorPlan:
     rows: int | None = None  # vocab mismatch: rows merged (the rest copied from ``base`` or input 0)
     vocab: vocab.VocabRows | None = None  # a tokenizer source: the sources rebuilt for the output vocabulary
     in_bytes: int = 0
+    #: the name that keys the tensor's random streams (DARE masks) and its layer group: ``name``, except
+    #: in a VLM output, where it is the text model's name of a language-model tensor (fastmerge.vlm)
+    key: str = ""
+    #: a VLM's vision tower / projector tensor: copied from the frame, the same for every candidate
+    carried: bool = False
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.name
 
     @property
     def whole(self) -> bool:
@@ -119,6 +127,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     #: the recipe names a tokenizer source: the output tokenizer and vocabulary (None: copy ``tokenizer_model``'s)
     vocab: vocab.OutVocab | None = None
+    #: the output is a vision-language model: this one's, its language model merged (fastmerge.vlm)
+    frame: vlm.Frame | None = None
 
     @property
     def read_bytes(self) -> int:
@@ -138,12 +148,14 @@ class _SliceSrc:
 
 
 def config_num_layers(config: dict) -> int | None:
-    """The layer count a config declares (``num_hidden_layers``, ``n_layer``, ...), or None."""
+    """The layer count a config declares (``num_hidden_layers``, ``n_layer``, ...), or None. A
+    vision-language model's (LLaVA: no count at the top level) is its ``text_config``'s."""
     for key in LAYER_COUNT_KEYS:
         n = config.get(key)
         if isinstance(n, int) and not isinstance(n, bool):
             return n
-    return None
+    text = config.get("text_config")
+    return config_num_layers(text) if isinstance(text, dict) else None
 
 
 def layer_count_key(config: dict) -> str:
@@ -246,6 +258,7 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
             raise FastmergeError(f"slices[{i}]: the base model {sbase!r} of merge_method {spec.name!r} is not "
                                  "among the sources")
 
+    frame = _frame(recipe, readers, slices)
     tok = recipe.tokenizer_source
     out_vocab = None
     unloadable = None
@@ -264,7 +277,7 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
             if tok == "union" or (settings and (settings.tokens or settings.pad_to_multiple_of)):
                 raise
             unloadable = f"{e}; its files are copied as they are and the embedding rows are not rebuilt"
-    builder = _Builder(recipe, readers, seed, out_vocab)
+    builder = _Builder(recipe, readers, seed, out_vocab, frame)
     if unloadable:
         builder.warnings.append(unloadable)
     out: list[TensorPlan] = []
@@ -301,7 +314,34 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
     zero_sum = builder.zero_sum_warning()
     if zero_sum:
         builder.warnings.append(zero_sum)
-    return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings, out_vocab)
+    view = readers[frame] if frame is not None else None
+    if not isinstance(view, vlm.LMView):
+        return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings, out_vocab)
+    # a VLM output: the language model under the frame's on-disk names (keyed by the text names), the
+    # frame's other tensors carried unchanged, its config around the merged language model's
+    for t in out:
+        t.name = view.disk_name(t.key)
+    out += [builder.carried(frame, name) for name in view.extra]
+    if tok is None:
+        tokenizer_model = frame
+    return Plan(out, vlm.frame_config(view, frame, config, out_vocab), frame, tokenizer_model, out_layer,
+                builder.warnings, out_vocab, vlm.Frame(frame, view.path, view.naming))
+
+
+def _frame(recipe: Recipe, readers: dict[str, CheckpointReader], slices) -> str | None:
+    """The model whose checkpoint the output is (its class, config, non-language-model tensors):
+    the recipe's ``frame_model``, else the first vision-language model among the sources (base
+    first), else None (the usual reference: the base, or the first model)."""
+    models = list(dict.fromkeys([*([recipe.base_model] if recipe.base_model else []),
+                                 *(s.model for srcs, _, _ in slices for s in srcs),
+                                 *(b for _, _, b in slices if b)]))
+    vlms = [m for m in models if isinstance(readers.get(m), vlm.LMView)]
+    if vlms:
+        vlm.check_family([m for m in models if m in readers], readers)
+    frame = recipe.frame_model
+    if frame is not None and frame not in models:
+        raise FastmergeError(f"frame_model: {frame} is not one of the recipe's models ({', '.join(models)})")
+    return frame if frame is not None else (vlms[0] if vlms else None)
 
 
 def _out_config(readers: dict[str, CheckpointReader], ref: str, layer_map: list[tuple[str, int]]) -> dict:
@@ -343,8 +383,9 @@ def is_pre(name: str) -> bool:
 
 class _Builder:
     def __init__(self, recipe: Recipe, readers: dict[str, CheckpointReader], seed: int,
-                 out_vocab: vocab.OutVocab | None = None):
+                 out_vocab: vocab.OutVocab | None = None, frame: str | None = None):
         self.recipe = recipe
+        self.frame = frame
         self.out_vocab = out_vocab
         self.spec = methods.get(recipe.merge_method)
         self.readers = readers
@@ -368,7 +409,18 @@ class _Builder:
     def reference(self, sl) -> str:
         srcs, _, sbase = sl
         models = [s.model for s in srcs]
+        if self.frame in models:  # the output's frame names and shapes the tensors (a VLM's vocabulary)
+            return self.frame
         return sbase if sbase in models else models[0]
+
+    def carried(self, model: str, name: str) -> TensorPlan:
+        """A tensor copied from ``model`` as it is (cast to the recipe's dtype, if it names one)."""
+        meta = self.readers[model].meta(name)
+        dtype_name = self.recipe.out_dtype or self.recipe.dtype
+        code = dtypes.from_name(DTYPES[dtype_name]) if dtype_name and dtypes.is_float(meta.code) else meta.code
+        plan = TensorPlan(name, meta.shape, code, "copy", [Source(model, name)], carried=True)
+        plan.in_bytes = meta.nbytes
+        return plan
 
     def _meta(self, model: str, name: str):
         reader = self.readers[model]

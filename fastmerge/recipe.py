@@ -90,6 +90,9 @@ class Recipe(BaseModel):
     modules: dict | None = None
     random_seed: int = Field(0, ge=0, le=SEED_MAX)
     name: str | None = None
+    #: fastmerge's: the model whose checkpoint the output is (default: the first vision-language model
+    #: among the sources, else the base / first model as mergekit); see fastmerge.vlm
+    frame_model: str | None = None
 
     def with_model_paths(self, f: Callable[[str], str]) -> Recipe:
         """A copy with ``f`` applied to every model reference (base, models, slice sources and
@@ -101,6 +104,7 @@ class Recipe(BaseModel):
             return None if name is None else f(name)
 
         c.base_model = model(c.base_model)
+        c.frame_model = model(c.frame_model)
         for m in c.models or []:
             m.model = model(m.model)
         for sl in c.slices or []:

@@ -113,7 +113,7 @@ class PSSpace:
         tensor's weights (and densities) swapped in."""
 
         def options(task: TensorPlan) -> FusedOptions:
-            g = self.group_of(task.name)
+            g = self.group_of(task.key)
             f = self.filter_of(task.inputs[0].name)  # the recipe filters on the source's name
             weights = tuple(float(w) for w in d.weights[g, f])
             if d.densities is None:

@@ -1,0 +1,181 @@
+"""LLaVA-style vision-language models as merge sources: their language model merged with text LLMs.
+
+A VLM checkpoint (config.json with a ``text_config`` and a ``vision_config``: LLaVA, LLaVA-NeXT, ...)
+holds a language model under one of two on-disk namings, and everything else (vision tower,
+projector, LLaVA-NeXT's ``image_newline``) beside it:
+
+============  ==========================================  ==============================
+naming        language model                              its output head
+============  ==========================================  ==============================
+``legacy``    ``language_model.model.*`` (layers, embeds)  ``language_model.lm_head.*``
+``v5``        ``model.language_model.*``                  ``lm_head.*``
+============  ==========================================  ==============================
+
+(``legacy`` is what ``save_pretrained`` writes and what the hub holds; ``v5`` is transformers 5's
+module names.) ``LMView`` is a ``CheckpointReader`` of such a checkpoint that shows the language
+model under a text model's names (``model.layers.N...``, ``model.embed_tokens``, ``model.norm``,
+``lm_head``) and its ``text_config`` as its config, so the plan pairs its tensors with the text
+models' exactly as it pairs text models. The other tensors (``extra``) stay readable under their
+own names: the plan carries them from the output's frame unchanged.
+
+Which name keys a tensor's random stream (DARE / DELLA masks, the Philox stream of the fused op and
+the torch-route methods): the text name (``TensorPlan.key``), so the merged VLM's language model
+equals, bit for bit and mask for mask, the text-only merge of the same tensors. The output keeps
+the frame's on-disk naming (``TensorPlan.name``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FastmergeError
+from .io import CheckpointReader, TensorMeta
+
+#: naming -> (on-disk prefix, text-model prefix) of the language model's tensors, head last
+NAMINGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "legacy": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+    "v5": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+}
+#: the processor files a VLM output carries from its frame (the tokenizer files: engine.TOKENIZER_FILES)
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json", "chat_template.jinja", "special_tokens_map.json")
+#: config keys of the image (and video) token id, remapped when the output vocabulary is rebuilt
+IMAGE_TOKEN_KEYS = ("image_token_index", "image_token_id", "video_token_index", "video_token_id")
+#: what the one error of a DFS search over a VLM says
+DFS_UNSUPPORTED = "DFS over a VLM's language model is not supported"
+
+
+def is_vlm(config: dict) -> bool:
+    """A vision-language model's config: nested ``text_config`` and ``vision_config``."""
+    return isinstance(config.get("text_config"), dict) and isinstance(config.get("vision_config"), dict)
+
+
+def naming_of(names, where: Path | str) -> str:
+    """``legacy`` or ``v5``: how a VLM checkpoint names its language model's tensors."""
+    names = list(names)
+    for naming in ("legacy", "v5"):
+        body = NAMINGS[naming][0][0]
+        if any(n.startswith(body) for n in names):
+            return naming
+    raise FastmergeError(f"{where}: config.json describes a vision-language model (text_config + vision_config), "
+                         "but no language-model tensors were found (language_model.model.* or "
+                         "model.language_model.*)")
+
+
+def to_text(name: str, naming: str) -> str | None:
+    """A VLM tensor's name in its language model as a text model names it, or None (not the LM's)."""
+    for disk, text in NAMINGS[naming]:
+        if name.startswith(disk):
+            return text + name[len(disk):]
+    return None
+
+
+def to_disk(text_name: str, naming: str) -> str:
+    """A text-model tensor name as a VLM of ``naming`` stores its language model's."""
+    for disk, text in NAMINGS[naming]:
+        if text_name.startswith(text):
+            return disk + text_name[len(text):]
+    raise FastmergeError(f"tensor {text_name}: not a language-model tensor name (model.* or lm_head.*)")
+
+
+def module_name(name: str) -> str:
+    """A VLM checkpoint's tensor name as transformers 5's module names it (``legacy`` names moved
+    under ``model.``, the head to the top; ``v5`` names are module names already)."""
+    if name.startswith("language_model.model."):
+        return "model.language_model." + name[len("language_model.model."):]
+    if name.startswith("language_model.lm_head."):
+        return name[len("language_model."):]
+    if name.startswith(("model.", "lm_head.")):
+        return name
+    return "model." + name
+
+
+class LMView(CheckpointReader):
+    """A VLM checkpoint seen as its language model: ``tensors`` and ``config`` are the language
+    model's under text names (``model.layers.N...``, ``lm_head.weight``) and its ``text_config``;
+    ``extra`` (on-disk name -> meta) holds every other tensor, read by its own name."""
+
+    full_config: dict
+    naming: str
+    extra: dict[str, TensorMeta]
+
+    @classmethod
+    def of(cls, reader: CheckpointReader) -> LMView:
+        """The view of an opened reader (sharing its files and maps)."""
+        view = cls.__new__(cls)
+        view.__dict__.update(reader.__dict__)
+        view.full_config = reader.config
+        view.config = dict(reader.config["text_config"])
+        view.naming = naming_of(reader.tensors, reader.path)
+        view.tensors, view.extra = {}, {}
+        for name, meta in reader.tensors.items():
+            text = to_text(name, view.naming)
+            if text is None:
+                view.extra[name] = meta
+            else:
+                view.tensors[text] = meta
+        return view
+
+    def meta(self, name: str) -> TensorMeta:
+        meta = self.tensors.get(name) or self.extra.get(name)
+        if meta is None:
+            raise FastmergeError(f"{self.path}: tensor {name} not found")
+        return meta
+
+    def disk_name(self, text_name: str) -> str:
+        """Where this checkpoint stores a language-model tensor of that text name."""
+        meta = self.tensors.get(text_name)
+        return meta.name if meta is not None else to_disk(text_name, self.naming)
+
+
+def view(reader: CheckpointReader) -> CheckpointReader:
+    """The reader as the plan reads it: an ``LMView`` for a VLM, itself otherwise."""
+    return LMView.of(reader) if is_vlm(reader.config) and not isinstance(reader, LMView) else reader
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The VLM an output is a checkpoint of: its class, config, naming and processor files."""
+
+    model: str
+    path: Path
+    naming: str
+
+
+def check_family(models: list[str], readers: dict[str, CheckpointReader]) -> None:
+    """A VLM's language model merges with text models of its size: one line naming two models whose
+    hidden sizes differ."""
+    sizes = [(m, readers[m].config.get("hidden_size")) for m in models]
+    sizes = [(m, h) for m, h in sizes if isinstance(h, int)]
+    other = next(((m, h) for m, h in sizes if h != sizes[0][1]), None)
+    if other is None:
+        return
+
+    def what(m: str, h: int) -> str:
+        return f"{m} ({'a VLM, its language model has ' if isinstance(readers[m], LMView) else ''}hidden_size {h})"
+
+    raise FastmergeError(f"hidden sizes differ: {what(*sizes[0])} vs {what(*other)}; a VLM's language model "
+                         "merges only with text models of the same family and size")
+
+
+def frame_config(view: LMView, model: str, text_config: dict, vocab=None) -> dict:
+    """The output VLM's config: the frame's, with the merged language model's ``text_config`` (layer
+    count, vocabulary size) and, when the vocabulary was rebuilt, the image token's new id."""
+    config = dict(view.full_config)
+    text = dict(view.full_config["text_config"])
+    text.update({k: v for k, v in text_config.items() if k in text or k in ("vocab_size",)})
+    config["text_config"] = text
+    if vocab is not None:
+        own = vocab.original.get(model)
+        by_id = {i: t for t, i in (own or {}).items()}
+        for key in IMAGE_TOKEN_KEYS:
+            old = config.get(key)
+            if not isinstance(old, int) or not own:
+                continue
+            token = by_id.get(old)
+            if token is None or token not in vocab.vocab:
+                raise FastmergeError(f"{view.path}: {key} {old} names no token the output vocabulary keeps; "
+                                     "use a tokenizer source that holds the VLM's image token")
+            config[key] = vocab.vocab[token]
+    return config
