@@ -37,8 +37,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .errors import FastmergeError
 from .hf_compat import CACHE_OUTPUT_FIELD, cache_kwarg, no_init_weights
-from .io import atomic_write, read_json, refuse_pickled_weights
+from .io import atomic_write, read_json, read_json_object, refuse_pickled_weights
 from .safety import OutputClaim, protected_inputs
+from .vlm import DFS_UNSUPPORTED, is_vlm
 
 #: Architectures whose decoder layer has the Llama contract
 #: ``layer(h, attention_mask, position_ids, cache | past_key_values, use_cache, position_embeddings)``.
@@ -201,6 +202,9 @@ def load_sources(models: Sequence[str | Path], head: int = 0, device: str = "cpu
         if not Path(m).is_dir():
             raise FastmergeError(f"{m}: not a model directory")
         refuse_pickled_weights(Path(m), allow_bin)
+        cfg = Path(m) / "config.json"
+        if cfg.is_file() and is_vlm(read_json_object(cfg, "config")):
+            raise FastmergeError(f"{m}: a vision-language model: {DFS_UNSUPPORTED}")
     loaded = []
     for m in models:
         try:

@@ -301,6 +301,16 @@ def _load_tokenizer(dirs: Sequence[str]):
     return None
 
 
+def _load_processor(path: Path):
+    """A VLM's processor (what a VQA evaluator feeds images and chat prompts through)."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise FastmergeError(f"{path}: cannot load its processor ({str(e).splitlines()[0]})") from None
+
+
 class _Runner:
     """Scores genomes in one process: models loaded once, each candidate merged/switched in place."""
 
@@ -325,6 +335,11 @@ class _Runner:
             self.merger = Merger(spec.space.base_recipe(), device=spec.device, backend=spec.backend,
                                  threads=spec.threads)
             self.model = self.merger.module
+            frame = self.merger.plan.frame
+            if frame is not None and getattr(self.evaluate, "takes_processor", False):
+                # a VLM (self.model: its live module) and an evaluator that asks for images: the frame's
+                # processor (image processor, tokenizer, chat template) in place of the tokenizer
+                self.tokenizer = _load_processor(frame.path)
             if spec.eval_backend == "vllm":
                 from .backends.vllm_engine import VLLMBackend
 

@@ -31,6 +31,7 @@ from .errors import FastmergeError
 from .io import HUB_ID, is_hub_id
 from .methods import METHODS, Names
 from .recipe import VALIDATORS
+from .vlm import DFS_UNSUPPORTED
 
 #: the merge methods a PS search can drive: one fused task-arithmetic op with per-model weights
 #: (derived from the registry, fastmerge.methods)
@@ -244,6 +245,8 @@ class EvolveConfig(_Strict):
             if self.vllm != VLLMConfig():
                 fail("vllm: engine options are for eval_backend: vllm (the config uses eval_backend: hf)")
             return
+        if any(_is_vlm(m) for m in self.ps_models):
+            fail("eval_backend: vllm scores text models; a VLM's merges are scored on eval_backend: hf")
         if "dfs" in self.stages:
             fail(f"eval_backend: vllm scores parameter-space merges; a DFS path model is no vLLM architecture "
                  f"(space: {self.space}: use space: ps, or eval_backend: hf)")
@@ -331,6 +334,9 @@ class EvolveConfig(_Strict):
     def _check_dfs(self, fail) -> None:
         d = self.dfs
         models = self.dfs_models
+        for m in [*models, *(self.ps_models if self.space == "ps+dfs" else [])]:
+            if _is_vlm(m):
+                fail(f"{m} is a vision-language model: {DFS_UNSUPPORTED} (use space: ps)")
         if d.repetitions < 1:
             fail(f"dfs.repetitions: must be >= 1, got {d.repetitions}")
         n_models = len(models) + (1 if self.space == "ps+dfs" else 0)
@@ -463,6 +469,17 @@ def _config_json(model: str, fail) -> dict | None:
     except json.JSONDecodeError as e:
         fail(f"{cfg}: invalid JSON ({e})")
     return None
+
+
+def _is_vlm(model: str) -> bool:
+    """A local model directory whose config.json describes a vision-language model (fastmerge.vlm)."""
+    from .vlm import is_vlm
+
+    cfg = Path(model) / "config.json"
+    try:
+        return not is_hub_id(model) and cfg.is_file() and is_vlm(json.loads(cfg.read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def _num_layers(model: str, fail) -> int | None:

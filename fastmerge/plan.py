@@ -319,6 +319,13 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
         return Plan(out, config, first_ref, tokenizer_model, out_layer, builder.warnings, out_vocab)
     # a VLM output: the language model under the frame's on-disk names (keyed by the text names), the
     # frame's other tensors carried unchanged, its config around the merged language model's
+    if recipe.models:  # the frame names the output's tensors: one another source has and it lacks is an error
+        made = {t.key for t in out}
+        for s in slices[0][0]:
+            for name in readers[s.model].tensors:
+                if name not in made and "rotary_emb.inv_freq" not in name:  # a buffer some checkpoints keep
+                    raise FastmergeError(f"{view.path}: tensor {view.disk_name(name)} is missing (needed by the "
+                                         f"recipe: {s.model} has {name})")
     for t in out:
         t.name = view.disk_name(t.key)
     out += [builder.carried(frame, name) for name in view.extra]

@@ -1,0 +1,293 @@
+"""Merging the language model inside a LLaVA-style VLM with text LLMs (fastmerge.vlm), on disk and
+in memory, for both on-disk namings: the merged VLM's language model equals the text-only merge of
+the same tensors bit for bit (same DARE masks), its vision side equals the source's, and it loads
+and generates from an image."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fastmerge
+from fastmerge.cli import main
+from fastmerge.merger import Genome, Merger
+from fastmerge.synth_vlm import make_vlm_family
+
+from .test_merge import load_dir
+
+#: on-disk prefix of the language model -> the text model's, per naming (written out here, apart
+#: from fastmerge.vlm's table, so the test checks the mapping rather than repeating it)
+LM_PREFIXES = {"legacy": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+               "v5": (("model.language_model.", "model."), ("lm_head.", "lm_head."))}
+
+
+def split_vlm(state: dict, naming: str) -> tuple[dict, dict]:
+    """(language model under text names, everything else) of a VLM checkpoint's tensors."""
+    lm, rest = {}, {}
+    for k, v in state.items():
+        for disk, text in LM_PREFIXES[naming]:
+            if k.startswith(disk):
+                lm[text + k[len(disk):]] = v
+                break
+        else:
+            rest[k] = v
+    return lm, rest
+
+
+@pytest.fixture(scope="module", params=["legacy", "v5"])
+def fam(request, tmp_path_factory):
+    """A tiny LLaVA (naming per param), the text base, a text fine-tune, and ``lm``: the VLM's
+    language model extracted as a text checkpoint (the base's config and tokenizer)."""
+    root = tmp_path_factory.mktemp(f"vlm-{request.param}")
+    out = make_vlm_family(root, naming=request.param)
+    lm_dir = root / "lm"
+    lm_dir.mkdir()
+    lm, _ = split_vlm(load_dir(out["vlm"]), request.param)
+    save_file(lm, lm_dir / "model.safetensors", metadata={"format": "pt"})
+    for f in out["base"].iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, lm_dir / f.name)
+    return {"naming": request.param, "base": out["base"], "vlm": out["vlm"], "text": out["text"][0], "lm": lm_dir}
+
+
+def recipes(fam, method: str, vlm_key: str = "vlm") -> dict:
+    """A recipe of ``method`` over the VLM (or, with ``vlm_key="lm"``, its extracted language model)
+    and the text fine-tune, over the text base where the method takes one."""
+    v, t, b = str(fam[vlm_key]), str(fam["text"]), str(fam["base"])
+    if method == "linear":
+        return {"merge_method": "linear", "models": [{"model": v, "parameters": {"weight": 0.6}},
+                                                      {"model": t, "parameters": {"weight": 0.4}}]}
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": v, "models": [{"model": v}, {"model": t}],
+                "parameters": {"t": [0.2, 0.7]}}
+    params = {"ties": ({"weight": 0.7, "density": 0.6}, {"weight": 0.5, "density": 0.8}),
+              "dare_ties": ({"weight": 0.7, "density": 0.5}, {"weight": 0.5, "density": 0.6}),
+              "della": ({"weight": 0.7, "density": 0.6, "epsilon": 0.1}, {"weight": 0.5, "density": 0.7,
+                                                                          "epsilon": 0.1})}[method]
+    return {"merge_method": method, "base_model": b, "random_seed": 5,
+            "models": [{"model": v, "parameters": params[0]}, {"model": t, "parameters": params[1]}]}
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "slerp", "della"])
+def test_language_model_equals_the_text_merge(fam, tmp_path, method):
+    fastmerge.merge(recipes(fam, method), tmp_path / "vlm_out")
+    fastmerge.merge(recipes(fam, method, "lm"), tmp_path / "text_out")
+    merged = load_dir(tmp_path / "vlm_out")
+    text = load_dir(tmp_path / "text_out")
+    source = load_dir(fam["vlm"])
+    assert set(merged) == set(source)  # the VLM's own naming, every tensor
+    lm, rest = split_vlm(merged, fam["naming"])
+    assert set(lm) == set(text)
+    for name, t in text.items():
+        assert torch.equal(lm[name], t), name  # bit-exact, the same DARE / DELLA masks
+    _, src_rest = split_vlm(source, fam["naming"])
+    assert rest and set(rest) == set(src_rest)
+    for name, t in src_rest.items():  # vision tower and projector carried unchanged
+        assert torch.equal(rest[name], t), name
+    # the language model did change (not a copy of the VLM's)
+    src_lm, _ = split_vlm(source, fam["naming"])
+    assert any(not torch.equal(lm[k], src_lm[k]) for k in lm)
+
+
+def test_output_is_the_vlm_and_generates_from_an_image(fam, tmp_path):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = tmp_path / "out"
+    fastmerge.merge(recipes(fam, "dare_ties"), out)
+    cfg = json.loads((out / "config.json").read_text())
+    src = json.loads((fam["vlm"] / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["vision_config"] == src["vision_config"]
+    assert cfg["text_config"]["num_hidden_layers"] == src["text_config"]["num_hidden_layers"]
+    for f in ("processor_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (out / f).exists(), f
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    processor = AutoProcessor.from_pretrained(out)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1 w2"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert ids.shape[1] == inputs["input_ids"].shape[1] + 4
+    processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])
+    # what it loaded is what was written (legacy names converted by transformers)
+    written = load_dir(out)
+    lm, _ = split_vlm(written, fam["naming"])
+    state = model.state_dict()
+    assert torch.equal(state["model.language_model.layers.1.mlp.up_proj.weight"], lm["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(state["lm_head.weight"], lm["lm_head.weight"])
+
+
+def test_in_place_merger_equals_the_disk_merge(fam, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    r = recipes(fam, "dare_ties")
+    merger = Merger(r)
+    assert type(merger.module).__name__ == "LlavaForConditionalGeneration"
+    # the vision side is loaded once, into the module: not kept as a source beside it
+    assert all(name.startswith(("model.", "lm_head.")) for _, name in merger._sources)
+    assert not any("vision" in name or "projector" in name for _, name in merger._sources)
+    fastmerge.merge(r, tmp_path / "out")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    mem, disk = merger.module.state_dict(), loaded.state_dict()
+    assert set(mem) == set(disk)
+    for name, t in disk.items():
+        assert torch.equal(mem[name], t), name
+    pixels = torch.randn(1, 3, 32, 32)
+    ids = torch.tensor([[1, 4] + [4] * 15 + [9, 10, 2]])  # USER: <image> x16 w.. ASSISTANT:
+    with torch.no_grad():
+        torch.testing.assert_close(merger.module(input_ids=ids, pixel_values=pixels).logits,
+                                   loaded(input_ids=ids, pixel_values=pixels).logits, rtol=0, atol=0)
+    # candidates: in place, the vision side untouched, the language model changed
+    vision = {k: v.clone() for k, v in mem.items() if "vision_tower" in k or "projector" in k}
+    ptrs = merger.storage()
+    before = mem["model.language_model.layers.0.mlp.up_proj.weight"].clone()
+    merger.merge(Genome(weights=[0.2, 1.1], densities=[0.9, 0.3]))
+    after = merger.module.state_dict()
+    assert merger.storage() == ptrs
+    assert all(torch.equal(after[k], v) for k, v in vision.items())
+    assert not torch.equal(after["model.language_model.layers.0.mlp.up_proj.weight"], before)
+
+
+def test_text_frame_writes_the_text_merge(fam, tmp_path):
+    """``frame_model`` names the output's checkpoint: a text model's gives the text merge alone."""
+    r = recipes(fam, "dare_ties")
+    fastmerge.merge({**r, "frame_model": str(fam["base"])}, tmp_path / "text_frame")
+    fastmerge.merge(recipes(fam, "dare_ties", "lm"), tmp_path / "text_out")
+    got, want = load_dir(tmp_path / "text_frame"), load_dir(tmp_path / "text_out")
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "text_frame" / "config.json").read_text())["model_type"] == "mistral"
+    # and the VLM named explicitly is the default
+    fastmerge.merge({**r, "frame_model": str(fam["vlm"])}, tmp_path / "explicit")
+    fastmerge.merge(r, tmp_path / "default")
+    a, b = load_dir(tmp_path / "explicit"), load_dir(tmp_path / "default")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def cli_error(recipe: dict, tmp_path: Path, capsys) -> str:
+    path = tmp_path / "recipe.yml"
+    path.write_text(json.dumps(recipe))
+    capsys.readouterr()  # what building the models printed
+    assert main(["merge", str(path), str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+def test_hidden_size_mismatch_is_one_line(fam, tmp_path, capsys):
+    from fastmerge.synth import ModelSpec, make_family
+
+    small = make_family(tmp_path / "small", ModelSpec(arch="mistral", hidden=32, vocab=49), finetunes=0)[0]
+    r = {"merge_method": "linear", "models": [{"model": str(fam["vlm"]), "parameters": {"weight": 0.5}},
+                                              {"model": str(small), "parameters": {"weight": 0.5}}]}
+    err = cli_error(r, tmp_path, capsys)
+    assert "hidden sizes differ" in err and str(fam["vlm"]) in err and str(small) in err, err
+
+
+def test_frame_model_must_be_a_source(fam, tmp_path, capsys):
+    r = {**recipes(fam, "ties"), "frame_model": str(fam["lm"])}
+    err = cli_error(r, tmp_path, capsys)
+    assert "frame_model" in err and str(fam["lm"]) in err, err
+
+
+def test_vlm_without_language_model_tensors(fam, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    state = {"foo." + k: v for k, v in load_dir(fam["vlm"]).items()}
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(fam["vlm"] / "config.json", broken / "config.json")
+    r = {"merge_method": "linear", "models": [{"model": str(broken), "parameters": {"weight": 0.5}},
+                                              {"model": str(fam["text"]), "parameters": {"weight": 0.5}}]}
+    err = cli_error(r, tmp_path, capsys)
+    assert str(broken) in err and "no language-model tensors" in err, err
+
+
+def test_missing_language_model_tensor_names_it(fam, tmp_path, capsys):
+    part = tmp_path / "part"
+    part.mkdir()
+    state = load_dir(fam["vlm"])
+    dropped = next(k for k in state if "layers.1.mlp.down_proj" in k)
+    del state[dropped]
+    save_file(state, part / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(fam["vlm"] / "config.json", part / "config.json")
+    err = cli_error({**recipes(fam, "ties"), "models": [{"model": str(part), "parameters": {"weight": 1.0,
+                                                                                          "density": 0.5}}]},
+                    tmp_path, capsys)
+    assert str(part) in err and "layers.1.mlp.down_proj" in err, err
+
+
+def test_dfs_over_a_vlm_is_refused(fam, tmp_path):
+    from fastmerge.errors import FastmergeError
+    from fastmerge.evolve_config import EvolveConfig
+
+    cfg = {"models": [str(fam["vlm"]), str(fam["text"])], "space": "dfs", "evaluator": {"name": "loglik"},
+           "metric": "loglik", "budget": {"trials": 4}, "out": str(tmp_path / "run")}
+    with pytest.raises(FastmergeError, match="DFS over a VLM's language model is not supported"):
+        EvolveConfig.from_yaml(cfg)
+    with pytest.raises(FastmergeError, match="DFS over a VLM's language model is not supported"):
+        EvolveConfig.from_yaml({**cfg, "space": "ps+dfs", "base_model": str(fam["base"]),
+                                "merge_method": "ties", "dfs": {"models": [str(fam["text"])]}})
+
+
+# ----------------------------------------------------------------------------------------- evolve
+
+
+class ImageFitness:
+    """A VQA-shaped evaluator for the evolve test: it asks for the processor (``takes_processor``),
+    runs the live VLM on an image through the chat template and scores one answer token."""
+
+    takes_processor = True
+
+    def __call__(self, model, processor) -> dict:
+        from PIL import Image
+
+        assert type(model).__name__ == "LlavaForConditionalGeneration"
+        image = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w3"}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        logits = model(**inputs).logits[0, -1].float()
+        return {"score": float(logits.log_softmax(-1)[processor.tokenizer.convert_tokens_to_ids("w7")]),
+                "n": 1}
+
+
+#: what the evolve config names (an evaluator with no arguments is the callable itself)
+image_fitness = ImageFitness()
+
+
+def test_evolve_ps_over_a_vlm_runs_and_resumes(fam, tmp_path):
+    if fam["naming"] != "legacy":
+        pytest.skip("one naming is enough for the search loop")
+    from fastmerge.evolve import evolve, read_trials
+
+    cfg = {"models": [str(fam["vlm"]), str(fam["text"])], "base_model": str(fam["base"]), "merge_method": "ties",
+           "evaluator": {"name": "tests.test_vlm_merge:image_fitness"}, "metric": "score",
+           "budget": {"generations": 2}, "cma": {"popsize": 4, "seed": 1}, "out": str(tmp_path / "run")}
+    first = evolve(cfg, materialize=True)
+    ps = first.best
+    assert ps.trials == 8 and np.isfinite(ps.best_fitness)
+    assert (ps.model_dir / "processor_config.json").exists()
+    # the materialized best is the VLM the search scored
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(ps.model_dir).eval()
+    with torch.no_grad():
+        again = ImageFitness()(model, AutoProcessor.from_pretrained(ps.model_dir))
+    assert again["score"] == pytest.approx(ps.best_fitness, abs=1e-5)
+    resumed = evolve({**cfg, "budget": {"generations": 3}}, resume=True)
+    assert resumed.best.trials == 12
+    rows = read_trials(tmp_path / "run" / "ps" / "trials.jsonl")
+    assert [r["trial"] for r in rows] == list(range(12))
