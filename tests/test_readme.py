@@ -131,3 +131,26 @@ def test_runnable_bash_lines_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for line in runnable:
         assert main(shlex.split(line)[1:] + ["--no-progress"]) == 0, line
+
+
+def test_vlm_recipe_runs(tmp_path):
+    """The "Merging a VLM's language model" recipe runs as written, over local stand-ins for the
+    paper's models (a tiny LLaVA, a text fine-tune, their text base), and gives a loadable VLM."""
+    from transformers import AutoModelForImageTextToText
+
+    from fastmerge.synth_vlm import make_vlm_family
+
+    section = README.read_text().split("### Merging a VLM's language model", 1)[1]
+    recipe_text = BLOCK.findall(section)[0]
+    assert recipe_text[0] == "yaml"
+    fam = make_vlm_family(tmp_path / "fam")
+    stand_ins = {"mistralai/Mistral-7B-v0.1": fam["base"], "llava-hf/llava-v1.6-mistral-7b-hf": fam["vlm"],
+                 "augmxnt/shisa-gamma-7b-v1": fam["text"][0]}
+    text = recipe_text[1]
+    for hub_id, local in stand_ins.items():
+        assert hub_id in text, hub_id
+        text = text.replace(hub_id, str(local))
+    (tmp_path / "vlm.yml").write_text(text)
+    assert main(["merge", str(tmp_path / "vlm.yml"), str(tmp_path / "out"), "--no-progress"]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"

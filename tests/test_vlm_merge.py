@@ -291,3 +291,39 @@ def test_evolve_ps_over_a_vlm_runs_and_resumes(fam, tmp_path):
     assert resumed.best.trials == 12
     rows = read_trials(tmp_path / "run" / "ps" / "trials.jsonl")
     assert [r["trial"] for r in rows] == list(range(12))
+
+
+def test_larger_vlm_vocabulary_merges_the_common_rows(fam, tmp_path):
+    """LLaVA-1.6-Mistral's 32064 rows against Mistral's 32000: the common rows merged as the text
+    merge merges them, the VLM's extra rows (its image token) carried, its vocab_size kept."""
+    from transformers import AutoModelForImageTextToText
+
+    big = tmp_path / "big"
+    shutil.copytree(fam["vlm"], big)
+    for f in big.glob("*.safetensors"):
+        f.unlink()
+    (big / "model.safetensors.index.json").unlink(missing_ok=True)
+    state = load_dir(fam["vlm"])
+    g = torch.Generator().manual_seed(0)
+    for k in list(state):
+        if k.endswith(("embed_tokens.weight", "lm_head.weight")):
+            state[k] = torch.cat([state[k], 0.02 * torch.randn(3, state[k].shape[1], generator=g)])
+    save_file(state, big / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((big / "config.json").read_text())
+    cfg["text_config"]["vocab_size"] += 3
+    (big / "config.json").write_text(json.dumps(cfg))
+    r = recipes(fam, "dare_ties")
+    r["models"][0]["model"] = str(big)
+    with pytest.warns(UserWarning, match="vocabulary sizes differ"):
+        fastmerge.merge(r, tmp_path / "out")
+    fastmerge.merge(recipes(fam, "dare_ties", "lm"), tmp_path / "text_out")
+    lm, _ = split_vlm(load_dir(tmp_path / "out"), fam["naming"])
+    text = load_dir(tmp_path / "text_out")
+    src, _ = split_vlm(state, fam["naming"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        n = text[name].shape[0]
+        assert lm[name].shape[0] == n + 3
+        assert torch.equal(lm[name][:n], text[name]), name
+        assert torch.equal(lm[name][n:], src[name][n:]), name
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["vocab_size"] == n + 3
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
