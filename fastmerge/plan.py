@@ -328,7 +328,13 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
                                          f"recipe: {s.model} has {name})")
     for t in out:
         t.name = view.disk_name(t.key)
-    out += [builder.carried(frame, name) for name in view.extra]
+    # the other tensors: merged where every model is a VLM that has them (two LLaVAs), else the frame's
+    group = slices[0] if recipe.models else None
+    for name in view.extra:
+        if group and all(name in getattr(readers[s.model], "extra", ()) for s in group[0]):
+            out.append(builder.tensor(name, {s.model: name for s in group[0]}, group, t=0.0))
+        else:
+            out.append(builder.carried(frame, name))
     if tok is None:
         tokenizer_model = frame
     return Plan(out, vlm.frame_config(view, frame, config, out_vocab), frame, tokenizer_model, out_layer,
@@ -432,6 +438,8 @@ class _Builder:
     def _meta(self, model: str, name: str):
         reader = self.readers[model]
         meta = reader.tensors.get(name)
+        if meta is None and isinstance(reader, vlm.LMView):  # a VLM's vision side, merged with another VLM's
+            meta = reader.extra.get(name)
         if meta is None and name.endswith("lm_head.weight"):
             # tied embeddings: the input embedding serves as the output projection
             for emb in TIED_EMBEDDINGS:

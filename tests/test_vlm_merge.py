@@ -275,8 +275,10 @@ def test_evolve_ps_over_a_vlm_runs_and_resumes(fam, tmp_path):
 
     cfg = {"models": [str(fam["vlm"]), str(fam["text"])], "base_model": str(fam["base"]), "merge_method": "ties",
            "evaluator": {"name": "tests.test_vlm_merge:image_fitness"}, "metric": "score",
+           "ps": {"group_size": 1},  # one gene set per layer: best.yml is written as slices
            "budget": {"generations": 2}, "cma": {"popsize": 4, "seed": 1}, "out": str(tmp_path / "run")}
     first = evolve(cfg, materialize=True)
+    assert "slices" in (tmp_path / "run" / "ps" / "best.yml").read_text()
     ps = first.best
     assert ps.trials == 8 and np.isfinite(ps.best_fitness)
     assert (ps.model_dir / "processor_config.json").exists()
@@ -286,7 +288,7 @@ def test_evolve_ps_over_a_vlm_runs_and_resumes(fam, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(ps.model_dir).eval()
     with torch.no_grad():
         again = ImageFitness()(model, AutoProcessor.from_pretrained(ps.model_dir))
-    assert again["score"] == pytest.approx(ps.best_fitness, abs=1e-5)
+    assert again["score"] == ps.best_fitness  # the same bits: best.yml rebuilds what Merger scored
     resumed = evolve({**cfg, "budget": {"generations": 3}}, resume=True)
     assert resumed.best.trials == 12
     rows = read_trials(tmp_path / "run" / "ps" / "trials.jsonl")
@@ -327,3 +329,86 @@ def test_larger_vlm_vocabulary_merges_the_common_rows(fam, tmp_path):
         assert torch.equal(lm[name][n:], src[name][n:]), name
     assert json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["vocab_size"] == n + 3
     AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+
+
+def test_two_vlms_merge_their_vision_side_too(fam, tmp_path):
+    """Every model a VLM (two LLaVAs): the vision tower and projector are merged like the rest, as
+    mergekit merges every tensor; with a text model among them they are the frame's."""
+    other = tmp_path / "other"
+    shutil.copytree(fam["vlm"], other)
+    for f in other.glob("*.safetensors"):
+        f.unlink()
+    (other / "model.safetensors.index.json").unlink(missing_ok=True)
+    a = load_dir(fam["vlm"])
+    g = torch.Generator().manual_seed(1)
+    b = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in a.items()}
+    save_file(b, other / "model.safetensors", metadata={"format": "pt"})
+    r = {"merge_method": "linear", "models": [{"model": str(fam["vlm"]), "parameters": {"weight": 0.5}},
+                                              {"model": str(other), "parameters": {"weight": 0.5}}]}
+    fastmerge.merge(r, tmp_path / "out")
+    merged = load_dir(tmp_path / "out")
+    assert set(merged) == set(a)
+    for k in merged:
+        torch.testing.assert_close(merged[k], (a[k] + b[k]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_llava_next(fam, tmp_path):
+    """LLaVA-NeXT (LLaVA-1.6's class): its language model merged as LLaVA's, ``image_newline`` and
+    the vision side carried, the output of its class."""
+    from transformers import (
+        AutoModelForImageTextToText,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
+
+    from fastmerge.synth_vlm import rename_to_v5
+
+    llava = LlavaForConditionalGeneration.from_pretrained(fam["vlm"])
+    cfg = LlavaNextConfig(vision_config=llava.config.vision_config, text_config=llava.config.text_config,
+                          image_grid_pinpoints=[[32, 32], [32, 64]], image_token_index=4, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    nxt = LlavaNextForConditionalGeneration(cfg)
+    nxt.model.language_model.load_state_dict(llava.model.language_model.state_dict())
+    nxt.lm_head.load_state_dict(llava.lm_head.state_dict())
+    nxt.save_pretrained(tmp_path / "next")
+    if fam["naming"] == "v5":
+        rename_to_v5(tmp_path / "next")
+        state = {("model." + k if k == "image_newline" else k): v for k, v in load_dir(tmp_path / "next").items()}
+        save_file(state, tmp_path / "next" / "model.safetensors", metadata={"format": "pt"})
+    source = load_dir(tmp_path / "next")
+    assert any(k.endswith("image_newline") for k in source)
+    r = recipes(fam, "dare_ties")
+    r["models"][0]["model"] = str(tmp_path / "next")
+    fastmerge.merge(r, tmp_path / "out")
+    fastmerge.merge(recipes(fam, "dare_ties", "lm"), tmp_path / "text_out")
+    merged, text = load_dir(tmp_path / "out"), load_dir(tmp_path / "text_out")
+    assert set(merged) == set(source)
+    lm, rest = split_vlm(merged, fam["naming"])
+    assert all(torch.equal(lm[k], text[k]) for k in text)
+    assert all(torch.equal(v, source[k]) for k, v in rest.items())
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    assert torch.equal(model.model.image_newline, source[next(k for k in source if k.endswith("image_newline"))])
+
+
+def test_passthrough_stacks_layers_into_the_vlm(fam, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    r = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(fam["vlm"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(fam["text"]), "layer_range": [1, 2]}]}]}
+    fastmerge.merge(r, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["text_config"]["num_hidden_layers"] == 3
+    lm, rest = split_vlm(load_dir(tmp_path / "out"), fam["naming"])
+    text = load_dir(fam["text"])
+    for k in text:
+        if k.startswith("model.layers.1."):
+            assert torch.equal(lm[k.replace("layers.1.", "layers.2.")], text[k]), k
+    _, src_rest = split_vlm(load_dir(fam["vlm"]), fam["naming"])
+    assert set(rest) == set(src_rest)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out")
+    assert model.config.text_config.num_hidden_layers == 3
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 9, 10, 2]]))
