@@ -166,6 +166,9 @@ def test_text_frame_writes_the_text_merge(fam, tmp_path):
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((tmp_path / "text_frame" / "config.json").read_text())["model_type"] == "mistral"
+    mem = Merger({**r, "frame_model": str(fam["base"])}).module  # in memory: the text model's class
+    assert type(mem).__name__ == "MistralForCausalLM"
+    assert all(torch.equal(mem.state_dict()[k], want[k]) for k in want)
     # and the VLM named explicitly is the default
     fastmerge.merge({**r, "frame_model": str(fam["vlm"])}, tmp_path / "explicit")
     fastmerge.merge(r, tmp_path / "default")
@@ -412,3 +415,36 @@ def test_passthrough_stacks_layers_into_the_vlm(fam, tmp_path):
     assert model.config.text_config.num_hidden_layers == 3
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 9, 10, 2]]))
+
+
+def test_union_tokenizer_moves_the_image_token(fam, tmp_path):
+    """A text base whose tokenizer lacks ``<image>``: the union vocabulary appends it, the VLM's
+    ``image_token_index`` follows it, and the output still runs on an image."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from fastmerge.synth import word_tokenizer
+    from fastmerge.synth_vlm import WORDS
+
+    base2 = tmp_path / "base2"
+    shutil.copytree(fam["base"], base2)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (base2 / f).unlink(missing_ok=True)
+    word_tokenizer([w for w in WORDS if w != "<image>"] + ["w40"]).save_pretrained(base2)
+    r = recipes(fam, "dare_ties")
+    r["base_model"] = str(base2)
+    r["tokenizer_source"] = "union"
+    fastmerge.merge(r, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    processor = AutoProcessor.from_pretrained(tmp_path / "out")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert cfg["image_token_index"] == image_id == 49 and cfg["text_config"]["vocab_size"] == 50
+    merged, _ = split_vlm(load_dir(tmp_path / "out"), fam["naming"])
+    assert merged["model.embed_tokens.weight"].shape[0] == merged["lm_head.weight"].shape[0] == 50
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w1"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.new("RGB", (32, 32)), text=prompt, return_tensors="pt")
+    assert (inputs["input_ids"] == 49).sum() == 16
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
