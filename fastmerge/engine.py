@@ -567,7 +567,7 @@ def _write_metadata(plan: Plan, recipe: Recipe, readers: dict[str, CheckpointRea
     elif tokenizer_model:
         for f in tokenizer_files(tokenizer_model):
             copy(f)
-    if plan.frame is not None:  # a VLM: its processor (image processor, chat template) with it
+    if plan.frame is not None and (tokenizer_model or built):  # a VLM: its processor files with its tokenizer
         for f in vlm.PROCESSOR_FILES:
             if (plan.frame.path / f).is_file() and not (tmp / f).exists():
                 copy(plan.frame.path / f)

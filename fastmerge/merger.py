@@ -70,6 +70,11 @@ class Merger:
     with ``FASTMERGE_NO_C=1``, its numpy twin with the same results: see ``fastmerge.cpu``) or
     "triton" (the fused kernel; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
     ``device`` is where sources and the module live.
+
+    A recipe whose frame is a vision-language model (``fastmerge.vlm``: a LLaVA among the models)
+    builds that VLM (``AutoModelForImageTextToText``); its vision tower and projector are read once
+    straight into the module (``TensorPlan.carried``, never held as sources) and every candidate is
+    merged into its language model only.
     """
 
     def __init__(self, recipe: Recipe | dict | str | Path, device: str = "cpu", backend: str | None = None,

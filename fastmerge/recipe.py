@@ -1,8 +1,9 @@
 """mergekit-compatible merge recipes: parsing, validation and parameter resolution.
 
 The schema is mergekit's (``merge_method``, ``base_model``, ``models``, ``slices``, ``parameters``,
-``dtype``, ``out_dtype``, ``tokenizer_source``) plus fastmerge's ``random_seed``, so an existing
-mergekit config runs unchanged. Unknown keys, methods and parameters are errors, never ignored; a
+``dtype``, ``out_dtype``, ``tokenizer_source``) plus fastmerge's ``random_seed`` and ``frame_model``
+(which model's checkpoint the output is: a VLM's, see ``fastmerge.vlm``), so an existing mergekit
+config runs unchanged. Unknown keys, methods and parameters are errors, never ignored; a
 parameter another method declares (``weight`` under ``slerp``) is a warning, as mergekit ignores it.
 What each method takes is declared once, in ``fastmerge.methods``.
 Parameter values resolve as mergekit resolves them: scalar, gradient list (piecewise linear in

@@ -232,7 +232,7 @@ def test_missing_language_model_tensor_names_it(fam, tmp_path, capsys):
     assert str(part) in err and "layers.1.mlp.down_proj" in err, err
 
 
-def test_dfs_over_a_vlm_is_refused(fam, tmp_path):
+def test_evolve_config_refuses_dfs_and_vllm_over_a_vlm(fam, tmp_path):
     from fastmerge.errors import FastmergeError
     from fastmerge.evolve_config import EvolveConfig
 
@@ -243,6 +243,12 @@ def test_dfs_over_a_vlm_is_refused(fam, tmp_path):
     with pytest.raises(FastmergeError, match="DFS over a VLM's language model is not supported"):
         EvolveConfig.from_yaml({**cfg, "space": "ps+dfs", "base_model": str(fam["base"]),
                                 "merge_method": "ties", "dfs": {"models": [str(fam["text"])]}})
+    with pytest.raises(FastmergeError, match="eval_backend: vllm"):
+        EvolveConfig.from_yaml({**cfg, "space": "ps", "base_model": str(fam["base"]), "merge_method": "ties",
+                                "eval_backend": "vllm"})
+    # PS over the VLM is a valid config (its layer count from text_config)
+    ok = EvolveConfig.from_yaml({**cfg, "space": "ps", "merge_method": "linear"})
+    assert ok.ps_num_genes(2) == 2
 
 
 # ----------------------------------------------------------------------------------------- evolve
