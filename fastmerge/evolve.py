@@ -221,12 +221,12 @@ def _config_json(model: str) -> dict:
 
 
 def ps_space(config: EvolveConfig) -> PSSpace:
-    """The PS genes of a config (layer count from the base model's config.json)."""
-    from .plan import config_num_layers
+    """The PS genes of a config (layer count from the base model's config.json, or its checkpoint)."""
+    from .plan import model_num_layers
 
     ps = config.ps
     return PSSpace(method=config.merge_method, models=list(config.models), base_model=config.base_model,
-                   num_layers=int(config_num_layers(_config_json(config.ps_models[0]))), group_size=ps.group_size,
+                   num_layers=int(model_num_layers(config.ps_models[0])), group_size=ps.group_size,
                    filters=list(ps.filters), weight_range=tuple(ps.weight), density_range=tuple(ps.density),
                    parameters=dict(ps.parameters), random_seed=ps.random_seed)
 

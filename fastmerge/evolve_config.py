@@ -486,9 +486,9 @@ def _num_layers(model: str, fail) -> int | None:
     cfg = _config_json(model, fail)
     if cfg is None:
         return None
-    from .plan import config_num_layers
+    from .plan import model_num_layers
 
-    n = config_num_layers(cfg)
+    n = model_num_layers(model)
     if not isinstance(n, int) or n < 1:
         fail(f"{model}/config.json: no layer count (num_hidden_layers, n_layer, num_layers or n_layers)")
     return n

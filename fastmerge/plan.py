@@ -8,6 +8,7 @@ It knows nothing of devices or threads.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -227,6 +228,19 @@ def num_layers(reader: CheckpointReader) -> int:
         return n
     _, by_layer = _layers(reader)
     return max(by_layer) + 1 if by_layer else 0
+
+
+def model_num_layers(path: str | Path) -> int | None:
+    """A model directory's layer count: its config's, else (a VLM's ``text_config`` as the hub
+    stores it often leaves the text model's defaults out) counted from its checkpoint's tensor
+    names (headers only)."""
+    config_file = Path(path) / "config.json"
+    config = vlm.read_config(config_file)
+    n = config_num_layers(config)
+    if n is None and vlm.is_vlm(config):
+        with contextlib.closing(vlm.view(CheckpointReader(path))) as reader:
+            n = num_layers(reader) or None
+    return n
 
 
 def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int | None = None) -> Plan:

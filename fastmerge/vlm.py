@@ -51,6 +51,13 @@ def is_vlm(config: dict) -> bool:
     return isinstance(config.get("text_config"), dict) and isinstance(config.get("vision_config"), dict)
 
 
+def read_config(file: Path) -> dict:
+    """A config.json as a dict ({} when there is none)."""
+    from .io import read_json_object
+
+    return read_json_object(file, "config") if file.is_file() else {}
+
+
 def naming_of(names, where: Path | str) -> str:
     """``legacy`` or ``v5``: how a VLM checkpoint names its language model's tensors."""
     names = list(names)
@@ -136,7 +143,7 @@ def view(reader: CheckpointReader) -> CheckpointReader:
 
 @dataclass(frozen=True)
 class Frame:
-    """The VLM an output is a checkpoint of: its class, config, naming and processor files."""
+    """The VLM an output is a checkpoint of (the recipe's name for it, its directory, its naming)."""
 
     model: str
     path: Path
@@ -146,7 +153,7 @@ class Frame:
 def check_family(models: list[str], readers: dict[str, CheckpointReader]) -> None:
     """A VLM's language model merges with text models of its size: one line naming two models whose
     hidden sizes differ."""
-    sizes = [(m, readers[m].config.get("hidden_size")) for m in models]
+    sizes = [(m, _hidden_size(readers[m])) for m in models]
     sizes = [(m, h) for m, h in sizes if isinstance(h, int)]
     other = next(((m, h) for m, h in sizes if h != sizes[0][1]), None)
     if other is None:
@@ -159,12 +166,21 @@ def check_family(models: list[str], readers: dict[str, CheckpointReader]) -> Non
                          "merges only with text models of the same family and size")
 
 
+def _hidden_size(reader: CheckpointReader) -> int | None:
+    """The config's hidden size, else the embeddings' width (a sparse hub text_config)."""
+    h = reader.config.get("hidden_size")
+    emb = reader.tensors.get("model.embed_tokens.weight")
+    return h if isinstance(h, int) else emb.shape[-1] if emb is not None and len(emb.shape) == 2 else None
+
+
 def frame_config(view: LMView, model: str, text_config: dict, vocab=None) -> dict:
     """The output VLM's config: the frame's, with the merged language model's ``text_config`` (layer
     count, vocabulary size) and, when the vocabulary was rebuilt, the image token's new id."""
     config = dict(view.full_config)
     text = dict(view.full_config["text_config"])
-    text.update({k: v for k, v in text_config.items() if k in text or k in ("vocab_size",)})
+    # the merged model's layer count and vocabulary size always; other keys where the frame's has them
+    # (a hub text_config leaves the text model's defaults out: so does the output's)
+    text.update({k: v for k, v in text_config.items() if k in text or k in ("vocab_size", "num_hidden_layers")})
     config["text_config"] = text
     if vocab is not None:
         own = vocab.original.get(model)

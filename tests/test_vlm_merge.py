@@ -454,3 +454,31 @@ def test_union_tokenizer_moves_the_image_token(fam, tmp_path):
     assert (inputs["input_ids"] == 49).sum() == 16
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+def test_sparse_hub_text_config(fam, tmp_path):
+    """A hub LLaVA's text_config leaves the text model's defaults out (no num_hidden_layers, no
+    hidden_size): the layer count comes from the checkpoint, for merges and for evolve configs."""
+    from fastmerge.evolve_config import EvolveConfig
+    from fastmerge.plan import model_num_layers
+
+    sparse = tmp_path / "sparse"
+    shutil.copytree(fam["vlm"], sparse)
+    cfg = json.loads((sparse / "config.json").read_text())
+    cfg["text_config"] = {k: cfg["text_config"][k] for k in ("model_type", "vocab_size", "intermediate_size")}
+    (sparse / "config.json").write_text(json.dumps(cfg))
+    assert model_num_layers(sparse) == 2
+    r = recipes(fam, "ties")
+    r["models"][0]["model"] = str(sparse)
+    fastmerge.merge(r, tmp_path / "out")
+    fastmerge.merge(recipes(fam, "ties"), tmp_path / "full")
+    a, b = load_dir(tmp_path / "out"), load_dir(tmp_path / "full")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]
+    assert out_cfg["num_hidden_layers"] == 2 and "hidden_size" not in out_cfg
+    ev = EvolveConfig.from_yaml({"models": [str(sparse), str(fam["text"])], "merge_method": "linear",
+                                 "evaluator": {"name": "loglik"}, "metric": "loglik", "ps": {"group_size": 1},
+                                 "budget": {"trials": 4}, "out": str(tmp_path / "run")})
+    from fastmerge.evolve import ps_space
+
+    assert ps_space(ev).num_layers == 2 and ev.ps_num_genes(2) == 4
