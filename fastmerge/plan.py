@@ -260,6 +260,10 @@ def build_plan(recipe: Recipe, readers: dict[str, CheckpointReader], seed: int |
             slices.append((srcs, sl.parameters, sl.base_model or base))
     for i, (srcs, _, sbase) in enumerate(slices):
         lengths = {s.end - s.start for s in srcs}
+        if len(lengths) != 1 and recipe.models:  # a VLM's language model (text_config) among text models too
+            listed = ", ".join(f"{s.model}: {s.end}" for s in srcs)
+            raise FastmergeError(f"models: the models have different layer counts ({listed}); a merge of whole "
+                                 "models needs one architecture (use slices to stack or cut layers)")
         if len(lengths) != 1:
             raise FastmergeError(f"slices[{i}]: all sources must span the same number of layers, got {sorted(lengths)}")
         for s in srcs:

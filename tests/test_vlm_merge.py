@@ -482,3 +482,13 @@ def test_sparse_hub_text_config(fam, tmp_path):
     from fastmerge.evolve import ps_space
 
     assert ps_space(ev).num_layers == 2 and ev.ps_num_genes(2) == 4
+
+
+def test_layer_count_mismatch_names_the_models(fam, tmp_path, capsys):
+    from fastmerge.synth import ModelSpec, make_family
+
+    deep = make_family(tmp_path / "deep", ModelSpec(arch="mistral", layers=4, vocab=49), finetunes=0)[0]
+    r = {"merge_method": "linear", "models": [{"model": str(fam["vlm"]), "parameters": {"weight": 0.5}},
+                                              {"model": str(deep), "parameters": {"weight": 0.5}}]}
+    err = cli_error(r, tmp_path, capsys)
+    assert "different layer counts" in err and f"{fam['vlm']}: 2" in err and f"{deep}: 4" in err, err
