@@ -137,7 +137,7 @@ class Merger:
         out: dict[str, torch.Tensor] = {}
         for task in plan.tensors:
             # a VLM checkpoint's names (legacy or transformers 5's) as the module's (fastmerge.vlm)
-            t = tensors.get(task.name if plan.frame is None else vlm.module_name(task.name))
+            t = tensors.get(task.name if plan.frame is None else vlm.module_name(task.name, plan.frame.naming))
             if t is None:
                 raise FastmergeError(f"the model class has no parameter {task.name} (from the checkpoint)")
             if tuple(t.shape) != task.shape or t.dtype != task.dtype:

@@ -1,7 +1,7 @@
 """LLaVA-style vision-language models as merge sources: their language model merged with text LLMs.
 
 A VLM checkpoint (config.json with a ``text_config`` and a ``vision_config``: LLaVA, LLaVA-NeXT, ...)
-holds a language model under one of two on-disk namings, and everything else (vision tower,
+holds a language model under one of these on-disk namings, and everything else (vision tower,
 projector, LLaVA-NeXT's ``image_newline``) beside it:
 
 ============  ==========================================  ==============================
@@ -9,6 +9,7 @@ naming        language model                              its output head
 ============  ==========================================  ==============================
 ``legacy``    ``language_model.model.*`` (layers, embeds)  ``language_model.lm_head.*``
 ``v5``        ``model.language_model.*``                  ``lm_head.*``
+``flat``      ``model.*`` (Qwen2-VL's older checkpoints)   ``lm_head.*``
 ============  ==========================================  ==============================
 
 (``legacy`` is what ``save_pretrained`` writes and what the hub holds; ``v5`` is transformers 5's
@@ -36,7 +37,11 @@ from .io import CheckpointReader, TensorMeta
 NAMINGS: dict[str, tuple[tuple[str, str], ...]] = {
     "legacy": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
     "v5": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    # Qwen2-VL's older checkpoints: the language model at the top, as a text model's (``visual.*`` beside)
+    "flat": (("model.", "model."), ("lm_head.", "lm_head.")),
 }
+#: naming -> the tensor that shows a checkpoint uses it (tried in this order)
+_MARKS = {"legacy": "language_model.model.", "v5": "model.language_model.", "flat": "model.layers."}
 #: the processor files a VLM output carries from its frame (the tokenizer files: engine.TOKENIZER_FILES)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
                    "chat_template.json", "chat_template.jinja", "special_tokens_map.json")
@@ -59,15 +64,14 @@ def read_config(file: Path) -> dict:
 
 
 def naming_of(names, where: Path | str) -> str:
-    """``legacy`` or ``v5``: how a VLM checkpoint names its language model's tensors."""
+    """``legacy``, ``v5`` or ``flat``: how a VLM checkpoint names its language model's tensors."""
     names = list(names)
-    for naming in ("legacy", "v5"):
-        body = NAMINGS[naming][0][0]
-        if any(n.startswith(body) for n in names):
+    for naming, mark in _MARKS.items():
+        if any(n.startswith(mark) for n in names):
             return naming
     raise FastmergeError(f"{where}: config.json describes a vision-language model (text_config + vision_config), "
-                         "but no language-model tensors were found (language_model.model.* or "
-                         "model.language_model.*)")
+                         "but no language-model tensors were found (language_model.model.*, "
+                         "model.language_model.* or model.layers.*)")
 
 
 def to_text(name: str, naming: str) -> str | None:
@@ -86,15 +90,15 @@ def to_disk(text_name: str, naming: str) -> str:
     raise FastmergeError(f"tensor {text_name}: not a language-model tensor name (model.* or lm_head.*)")
 
 
-def module_name(name: str) -> str:
-    """A VLM checkpoint's tensor name as transformers 5's module names it (``legacy`` names moved
-    under ``model.``, the head to the top; ``v5`` names are module names already)."""
-    if name.startswith("language_model.model."):
-        return "model.language_model." + name[len("language_model.model."):]
-    if name.startswith("language_model.lm_head."):
-        return name[len("language_model."):]
-    if name.startswith(("model.", "lm_head.")):
+def module_name(name: str, naming: str) -> str:
+    """A VLM checkpoint's tensor name as transformers 5's module names it: ``v5`` names are module
+    names already; otherwise the language model goes to ``model.language_model``, its head to the
+    top, everything else under ``model.``."""
+    if naming == "v5":
         return name
+    text = to_text(name, naming)
+    if text is not None:
+        return text if text.startswith("lm_head.") else "model.language_model." + text[len("model."):]
     return "model." + name
 
 

@@ -492,3 +492,28 @@ def test_layer_count_mismatch_names_the_models(fam, tmp_path, capsys):
                                               {"model": str(deep), "parameters": {"weight": 0.5}}]}
     err = cli_error(r, tmp_path, capsys)
     assert "different layer counts" in err and f"{fam['vlm']}: 2" in err and f"{deep}: 4" in err, err
+
+
+def test_flat_naming(fam, tmp_path):
+    """The third naming (Qwen2-VL's older checkpoints): the language model at the top level as a
+    text model's (``model.layers.N...``, ``lm_head``), the vision side beside it."""
+    if fam["naming"] != "legacy":
+        pytest.skip("made from the legacy checkpoint")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    lm, rest = split_vlm(load_dir(fam["vlm"]), "legacy")
+    save_file({**lm, **rest}, flat / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(fam["vlm"] / "config.json", flat / "config.json")
+    r = recipes(fam, "dare_ties")
+    r["models"][0]["model"] = str(flat)
+    fastmerge.merge(r, tmp_path / "out")
+    fastmerge.merge(recipes(fam, "dare_ties", "lm"), tmp_path / "text_out")
+    merged, text = load_dir(tmp_path / "out"), load_dir(tmp_path / "text_out")
+    assert set(merged) == set(lm) | set(rest)
+    assert all(torch.equal(merged[k], text[k]) for k in text)
+    assert all(torch.equal(merged[k], rest[k]) for k in rest)
+    # in memory: the names map to the module's (model.language_model.*, model.vision_tower.*)
+    mem = Merger(r).module.state_dict()
+    assert torch.equal(mem["model.language_model.layers.1.mlp.up_proj.weight"], text["model.layers.1.mlp.up_proj.weight"])
+    vision = next(k for k in rest if k.startswith("vision_tower."))
+    assert torch.equal(mem["model." + vision], rest[vision])
