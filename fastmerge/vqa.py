@@ -170,6 +170,9 @@ class VQAEvaluator:
     lang_ok, rouge_l_gated).
     """
 
+    #: ``fastmerge evolve`` over a VLM (PS) calls it with the VLM's processor in place of the tokenizer
+    takes_processor = True
+
     def __init__(self, data: str | Path | list[dict], lang: str | None = None, batch_size: int = 8,
                  max_new_tokens: int = 64, limit: int | None = None, processor: Any = None,
                  system: str | None = None, template: str | None = None, stop: Sequence[str] | None = None,

@@ -517,3 +517,35 @@ def test_flat_naming(fam, tmp_path):
     assert torch.equal(mem["model.language_model.layers.1.mlp.up_proj.weight"], text["model.layers.1.mlp.up_proj.weight"])
     vision = next(k for k in rest if k.startswith("vision_tower."))
     assert torch.equal(mem["model." + vision], rest[vision])
+
+
+def test_evolve_ps_over_a_vlm_with_the_vqa_evaluator(fam, tmp_path):
+    """The issue's acceptance: an evolve run over a tiny VLM scored by the VQA evaluator (ROUGE-L,
+    language gate) runs end to end and resumes; the evaluator gets the VLM's processor from the run."""
+    if fam["naming"] != "legacy":
+        pytest.skip("one naming is enough for the search loop")
+    pytest.importorskip("fugashi")
+    from PIL import Image
+
+    from fastmerge.evolve import evolve, read_trials
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    lines = []
+    for i, (q, a, colour) in enumerate([("w1 w2", "w1 w3", (255, 0, 0)), ("w4", "w5 w6", (0, 255, 0)),
+                                        ("w7 w8", "w1", (0, 0, 255))]):
+        Image.new("RGB", (32, 32), colour).save(data / "img" / f"{i}.png")
+        lines.append(json.dumps({"image": f"img/{i}.png", "question": q, "answer": a}))
+    (data / "vqa.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = {"models": [str(fam["vlm"]), str(fam["text"])], "base_model": str(fam["base"]),
+           "merge_method": "dare_ties", "metric": "rouge_l_ungated",
+           "evaluator": {"name": "vqa", "data": str(data / "vqa.jsonl"), "lang": "ja", "max_new_tokens": 4,
+                         "batch_size": 3},
+           "budget": {"generations": 1}, "cma": {"popsize": 4, "seed": 2}, "out": str(tmp_path / "run")}
+    first = evolve(cfg)
+    assert first.best.trials == 4 and np.isfinite(first.best.best_fitness)
+    resumed = evolve({**cfg, "budget": {"generations": 2}}, resume=True)
+    assert resumed.best.trials == 8
+    rows = read_trials(tmp_path / "run" / "ps" / "trials.jsonl")
+    assert [r["trial"] for r in rows] == list(range(8))
+    assert set(rows[0]["metrics"]) >= {"score", "rouge_l", "rouge_l_ungated", "acc_lang", "n"}
