@@ -549,3 +549,16 @@ def test_evolve_ps_over_a_vlm_with_the_vqa_evaluator(fam, tmp_path):
     rows = read_trials(tmp_path / "run" / "ps" / "trials.jsonl")
     assert [r["trial"] for r in rows] == list(range(8))
     assert set(rows[0]["metrics"]) >= {"score", "rouge_l", "rouge_l_ungated", "acc_lang", "n"}
+
+
+@pytest.mark.interpreter
+def test_triton_merger_on_a_vlm_equals_the_cpu_merger(fam):
+    """The grouped Triton launch (under the interpreter here) keys DARE masks by the text names too."""
+    pytest.importorskip("triton")
+    if fam["naming"] != "legacy":
+        pytest.skip("one naming is enough")
+    r = recipes(fam, "dare_ties")
+    want = Merger(r).module.state_dict()
+    got = Merger(r, backend="triton").module.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
