@@ -562,3 +562,19 @@ def test_triton_merger_on_a_vlm_equals_the_cpu_merger(fam):
     got = Merger(r, backend="triton").module.state_dict()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.interpreter
+def test_triton_streaming_merge_of_a_vlm_equals_the_cpu_merge(fam, tmp_path):
+    """The engine's accelerator path (DeviceRunner + kernel, interpreter here) on a VLM: the same
+    masks (text-name keys) and the vision side carried."""
+    pytest.importorskip("triton")
+    if fam["naming"] != "legacy":
+        pytest.skip("one naming is enough")
+    r = recipes(fam, "dare_ties")
+    fastmerge.merge(r, tmp_path / "cpu")
+    fastmerge.merge(r, tmp_path / "triton", fastmerge.MergeOptions(backend="triton"))
+    want, got = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "triton")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
