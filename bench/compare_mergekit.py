@@ -209,7 +209,7 @@ def ensure_family(workdir: Path, size: str) -> list[Path]:
 #: per-model parameters written for each method (mergekit's names); methods not listed take none
 PER_MODEL: dict[str, tuple[str, ...]] = {
     "dare_ties": ("weight", "density"), "ties": ("weight", "density"), "della": ("weight", "density"),
-    "nuslerp": ("weight",),
+    "nuslerp": ("weight",), "task_arithmetic": ("weight",),
 }
 #: global parameters written for each method
 GLOBAL: dict[str, dict[str, float]] = {"della": {"epsilon": 0.05}}

@@ -3,17 +3,21 @@
     python -m pytest bench/test_triton_kernel.py --benchmark-disable -q -s
 
 - kernel throughput: K = 2, 3, 4, 8 bf16 sources, 1M..500M elements, dare_ties / ties /
-  task_arithmetic; ``triton.testing.do_bench`` medians with 20/80% quantiles; GB/s counts (K + 1)
-  inputs read + 1 output written, and is reported as a fraction of the device's measured copy
+  task_arithmetic with mergekit's default options (dare_ties: the l1 rescale, which needs the sums
+  pass; ties: the exact cut, three select passes), and dare_ties with the 1/p rescale;
+  ``triton.testing.do_bench`` medians with 20/80% quantiles; GB/s counts (K + 1) inputs read + 1
+  output written per merge pass, and is reported as a fraction of the device's measured copy
   bandwidth (a 1 GiB device-to-device copy timed the same way);
+- the launch configurations around ``fused_ta.launch_config`` (BLOCK x num_warps) per K and dtype;
 - a 3-source 7B-shaped model (Llama-2-7B tensor shapes, random bf16 weights made on the device)
   merged by the grouped launch: the in-memory merge time of DESIGN section 5 (target < 100 ms).
-Results go to bench/results/triton_kernel_<gpu>.csv and .png, with the GPU's name.
+Results go to $FASTMERGE_BENCH_OUT (default bench/results) as triton_kernel_<gpu>.csv and .png.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -29,11 +33,12 @@ from fastmerge.kernels.fused_ta_grouped import grouped_fused_merge  # noqa: E402
 
 from fastmerge.spec import FusedOptions  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = {
-    "dare_ties": dict(sparsify="random", consensus="sum", rescale="inverse", normalize=False),
+RESULTS = Path(os.environ.get("FASTMERGE_BENCH_OUT") or Path(__file__).resolve().parent / "results")
+METHODS = {  # mergekit's defaults, as fastmerge's method declarations give them
+    "dare_ties": dict(sparsify="random", consensus="sum", rescale="l1", normalize=False),
     "ties": dict(sparsify="magnitude", consensus="sum", rescale="none", normalize=True),
     "task_arithmetic": dict(sparsify="none", consensus="none", rescale="none", normalize=False),
+    "dare_ties_inverse": dict(sparsify="random", consensus="sum", rescale="inverse", normalize=False),
 }
 SIZES = (1 << 20, 1 << 24, 1 << 27, 500_000_000)
 ROWS: list[dict] = []
@@ -90,7 +95,31 @@ def _llama7b_shapes() -> list[tuple[str, tuple[int, ...]]]:
     return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "task_arithmetic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_launch_config_sweep(k, dtype, copy_gbps):
+    """dare_ties (l1) at 2**27 elements in the default configuration and its neighbours."""
+    torch.cuda.empty_cache()
+    n = 1 << 27
+    base = torch.randn(n, device="cuda", dtype=dtype)
+    xs = [base + 0.01 * torch.randn_like(base) for _ in range(k)]
+    out = torch.empty_like(base)
+    opts = _opts(k, "dare_ties_inverse")  # no sums pass: the merge kernel alone
+    default = fused_ta.launch_config(k, dtype)
+    size = torch.finfo(dtype).bits // 8
+    for block, warps in sorted({default, (512, 4), (1024, 4), (2048, 4), (1024, 8), (2048, 8), (4096, 8)}):
+        ms, lo, hi = triton.testing.do_bench(
+            lambda b=block, w=warps: fused_ta.fused_merge(base, xs, opts, "w", dtype, out=out, block=b, num_warps=w),
+            quantiles=[0.5, 0.2, 0.8])
+        gbps = (k + 2) * n * size / (ms * 1e-3) / 1e9
+        ROWS.append({"gpu": gpu_name(), "what": f"config{'*' if (block, warps) == default else ''}",
+                     "method": f"dare_ties_inverse {str(dtype)[6:]} block={block} warps={warps}", "k": k,
+                     "elements": n, "median_ms": round(ms, 4), "p20_ms": round(lo, 4), "p80_ms": round(hi, 4),
+                     "gb_per_s": round(gbps, 1), "fraction_of_copy": round(gbps / copy_gbps, 3),
+                     "copy_gb_per_s": round(copy_gbps, 1)})
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
 def test_grouped_7b_in_memory(method, copy_gbps):
     shapes = _llama7b_shapes()
     numel = sum(int(torch.Size(s).numel()) for _, s in shapes)

@@ -18,6 +18,8 @@ from fastmerge import cpu, rng
 from fastmerge.errors import FastmergeError
 from fastmerge.spec import FusedOptions
 
+from .conftest import tensor_family
+
 pytest.importorskip("triton")
 from fastmerge.kernels import fused_ta, fused_ta_grouped  # noqa: E402
 from fastmerge.kernels.fused_ta_details import _fused_ta  # noqa: E402
@@ -186,3 +188,24 @@ def test_compiles_for_a_gpu_without_fma_contraction():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a GPU matter")
+@pytest.mark.parametrize("sparsify, rescale", [("magnitude", "none"), ("random", "l1"), ("magnitude", "l1")])
+def test_no_host_synchronisation_in_a_launch(sparsify, rescale):
+    """The TIES cuts, the l1 sums and the launch tables stay on the device: a merge never waits
+    for the GPU (torch raises on any synchronising call in this mode)."""
+    base, models = tensor_family(70001, 3, torch.bfloat16, seed=5)
+    base, models = base.cuda(), [m.cuda() for m in models]
+    opts = FusedOptions(weights=(0.5, 0.3, 0.8), densities=(0.3, 0.5, 0.7), sparsify=sparsify, consensus="sum",
+                        rescale=rescale, seed=3)
+    want = fused_ta.fused_merge(base, models, opts, "w", torch.bfloat16)  # compiles, warms the allocators
+    fused_ta_grouped.grouped_fused_merge([(base, models, opts, "w", torch.bfloat16)])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = fused_ta.fused_merge(base, models, opts, "w", torch.bfloat16)
+        (grouped,) = fused_ta_grouped.grouped_fused_merge([(base, models, opts, "w", torch.bfloat16)])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want) and torch.equal(grouped, want)
