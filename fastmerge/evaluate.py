@@ -496,6 +496,22 @@ def load_evaluator(spec: dict | str) -> Evaluator:
     return ev
 
 
+def checkpoint_to_load(path: str | Path, device: str, dtype: torch.dtype | str | None,
+                       allow_bin: bool) -> tuple[Path, torch.dtype | str]:
+    """(the checked checkpoint directory, the dtype to load it in): a directory with config.json,
+    pickled weights only when allowed; dtype None: float32 on the CPU (bf16 matmuls are slow
+    there), the checkpoint's own on a GPU. What every model loader here checks first."""
+    from .io import refuse_pickled_weights
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FastmergeError(f"not a model checkpoint (no config.json): {path}")
+    refuse_pickled_weights(path, allow_bin)
+    if dtype is None:
+        dtype = torch.float32 if str(device).startswith("cpu") else "auto"
+    return path, dtype
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None,
                tokenizer: str | Path | None = None, allow_bin: bool = False) -> tuple[Any, Any]:
     """(model in eval mode on ``device``, tokenizer) from a local checkpoint directory.
@@ -507,14 +523,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | str |
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .io import refuse_pickled_weights
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FastmergeError(f"not a model checkpoint (no config.json): {path}")
-    refuse_pickled_weights(path, allow_bin)
-    if dtype is None:
-        dtype = torch.float32 if str(device).startswith("cpu") else "auto"
+    path, dtype = checkpoint_to_load(path, device, dtype, allow_bin)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:

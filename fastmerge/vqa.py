@@ -120,14 +120,9 @@ def load_vlm(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | N
     (``AutoModelForImageTextToText``; dtype None: float32 on the CPU, the checkpoint's on a GPU)."""
     from transformers import AutoModelForImageTextToText
 
-    from .io import refuse_pickled_weights
+    from .evaluate import checkpoint_to_load
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FastmergeError(f"not a model checkpoint (no config.json): {path}")
-    refuse_pickled_weights(path, allow_bin)
-    if dtype is None:
-        dtype = torch.float32 if str(device).startswith("cpu") else "auto"
+    path, dtype = checkpoint_to_load(path, device, dtype, allow_bin)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
