@@ -186,7 +186,7 @@ def _build() -> ctypes.CDLL:
                                 ctypes.POINTER(ctypes.c_double)]
         lib.fm_abs_hist.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         lib.fm_abs_keys.argtypes = [ctypes.POINTER(_Params), ctypes.c_void_p]
-        lib.fm_tie_ends.argtypes = [ctypes.POINTER(_Params), ctypes.c_void_p, ctypes.c_void_p]
+        lib.fm_tie_ends.argtypes = [ctypes.POINTER(_Params), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.fm_select.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)]
         lib.fm_select.restype = ctypes.c_int64
         lib.fm_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
@@ -356,23 +356,25 @@ def _cut(tau_key: int, m: int, above: int, equal: int, n: int, split: list, i: i
     if not 1 <= need <= equal:
         raise ValueError(f"inconsistent selection: {m} to keep, {above} above tau, {equal} at tau")
     if need < equal:
-        split.append((i, need))
+        split.append((i, need, equal))
     return Cut(key_value(tau_key), n)
 
 
-def _tie_ends(p: _Params, split: list[tuple[int, int]], cuts: list[Cut]) -> None:
-    """Fill in ``end`` for the models whose ties at tau are split (fm_tie_ends: one pass)."""
+def _tie_ends(p: _Params, split: list[tuple[int, int, int]], cuts: list[Cut]) -> None:
+    """Fill in ``end`` for the models whose ties at tau are split (fm_tie_ends: at most about half
+    a pass)."""
     if not split:
         return
     q = _Params.from_buffer_copy(p)
     q.k = len(split)
     need = (ctypes.c_int64 * MAXK)()
+    equal = (ctypes.c_int64 * MAXK)()
     ends = (ctypes.c_int64 * MAXK)()
-    for j, (i, r) in enumerate(split):
+    for j, (i, r, e) in enumerate(split):
         q.x[j], q.dtype_x[j], q.tau[j] = p.x[i], p.dtype_x[i], cuts[i].tau
-        need[j] = r
-    library().fm_tie_ends(ctypes.byref(q), need, ends)
-    for j, (i, _) in enumerate(split):
+        need[j], equal[j] = r, e
+    library().fm_tie_ends(ctypes.byref(q), need, equal, ends)
+    for j, (i, _, _) in enumerate(split):
         if ends[j] < 0:
             raise MemoryError("fm_tie_ends could not allocate its per-block counts")
         cuts[i] = Cut(cuts[i].tau, int(ends[j]))
@@ -386,7 +388,7 @@ def _radix_cuts(p: _Params, ms: list[int]) -> list[Cut]:
     lib = library()
     k, n = p.k, p.n
     cuts = [Cut(float("inf"), 0)] * k
-    split: list[tuple[int, int]] = []
+    split: list[tuple[int, int, int]] = []
     buf = _hist_buffer(k)
     hist0 = buf[: k * BINS0].reshape(k, BINS0)
     lib.fm_abs_hist(ctypes.byref(p), 0, None, buf.ctypes.data)
@@ -746,7 +748,7 @@ def _np_cuts(base: Flat | None, xs: list[Flat], ms: list[int], threads: int | No
             result[i] = _keys_cut(_np_keys(base, xs[i], 0, n), ms[i])
         return result
     threads = threads or default_threads()
-    split: list[tuple[int, int]] = []
+    split: list[tuple[int, int, int]] = []
 
     def level0(s: int, e: int) -> list[np.ndarray]:
         out = []
@@ -777,7 +779,7 @@ def _np_cuts(base: Flat | None, xs: list[Flat], ms: list[int], threads: int | No
         for (i, top, rank, above), h in zip(second, hist1):
             low, within = _np_select(h, rank)
             result[i] = _cut((top << 16) | low, ms[i], above + rank - within, int(h[low]), n, split, i)
-    for i, need in split:  # the ties' end: count by pieces, then find it in its piece
+    for i, need, _ in split:  # the ties' end: count by pieces, then find it in its piece
         key = np.uint32(struct.unpack("<I", struct.pack("<f", result[i].tau))[0])
         pieces = _np_ranges(n, NP_HIST_PIECE)
         counts = _np_map(lambda r: int(np.count_nonzero(_np_keys(base, xs[i], *r) == key)), pieces, threads)  # noqa: B023

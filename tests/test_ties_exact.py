@@ -128,3 +128,13 @@ def test_chunk_prm_moves_the_tie_index():
     assert fused_ta.chunk_prm(prm, ends, 0) is prm
     last = fused_ta.chunk_prm(prm, ends, 2**31)[PRM_TIE_LAST:PRM_TIE_LAST + 3].view(torch.int32).tolist()
     assert last == [-1, 6, 2**31 - 1]
+
+
+@pytest.mark.parametrize("density", [0.3, 0.77])  # the ties' end searched from the start / from the end
+def test_all_deltas_tied_keeps_the_first_m(monkeypatch, density):
+    n = 3 * cpu.SMALL_SELECT + 17
+    g = torch.Generator().manual_seed(2)
+    base = torch.randint(-8, 8, (n,), generator=g).float()
+    x = base + torch.where(torch.rand(n, generator=g) < 0.5, -0.25, 0.25)
+    want, got_np = c_and_numpy(monkeypatch, lambda: cpu.fused_cuts(base, [x, x], (density, 0.5), threads=2))
+    assert want == got_np == [cpu.Cut(0.25, keep_count(density, n)), cpu.Cut(0.25, keep_count(0.5, n))]

@@ -237,14 +237,14 @@ static void block_deltas(const fm_params *p, int64_t s, int cnt, fm_scratch *w, 
             float *restrict kp = w->keep[m];
             const float *restrict d = w->d[m];
             const float tau = p->tau[m];
-            /* ties at tau are kept at block indices below te (te may be <= 0 or > cnt) */
+            /* ties at tau are kept at block indices below te: >= before it, > from it on (two
+             * plain loops vectorize; one with the index test in it did not) */
             const int64_t te = p->tie_end[m] - s;
-            if (p->sparsify == SP_MAGNITUDE)
-                for (int i = 0; i < cnt; i++) {
-                    const float a = fabsf(d[i]);
-                    kp[i] = (a > tau || (a == tau && (int64_t)i < te)) ? 1.0f : 0.0f;
-                }
-            else
+            const int lim = te <= 0 ? 0 : te >= cnt ? cnt : (int)te;
+            if (p->sparsify == SP_MAGNITUDE) {
+                for (int i = 0; i < lim; i++) kp[i] = fabsf(d[i]) >= tau ? 1.0f : 0.0f;
+                for (int i = lim; i < cnt; i++) kp[i] = fabsf(d[i]) > tau ? 1.0f : 0.0f;
+            } else
                 for (int i = 0; i < cnt; i++) kp[i] = 1.0f;
         }
     }
@@ -411,55 +411,87 @@ void fm_abs_hist(const fm_params *p, int level, const uint32_t *prefix, int64_t 
     }
 }
 
-/* For each model m: the index e (0 <= e <= n) such that [0, e) holds exactly need[m] elements with
- * |x_m - base| == tau[m] and element e - 1 is one of them (need[m] >= 1 and at most the number of
- * such elements): where the magnitude keep mask stops taking ties. One parallel pass counts the
- * ties per block; one block per model is then re-read to find the index. */
-void fm_tie_ends(const fm_params *p, const int64_t *need, int64_t *ends) {
+/* The rank[j]-th element with |x_m - base| == tau[m], m = models[j], counted from the start
+ * (backward == 0) or from the end: its index + 1 goes to ends[m]. Blocks are counted in rounds of
+ * `span` consecutive blocks (all threads on one round) until every model's rank is reached; the
+ * block holding it is then read again to find the index. */
+static void tie_scan(const fm_params *q, const int *models, int nm, const int64_t *rank, int backward,
+                     int64_t *ends, int32_t *cnts, int64_t span) {
+    const int64_t nblk = (q->n + FM_BLOCK - 1) / FM_BLOCK;
+    int64_t seen[FM_MAXK] = {0};
+    int open = nm;
+    fm_scratch *w = thread_scratch();
+    for (int64_t done = 0; done < nblk && open > 0; done += span) {
+        const int64_t nb = nblk - done < span ? nblk - done : span;
+#pragma omp parallel num_threads(q->threads)
+        {
+            fm_scratch *tw = thread_scratch();
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < nb; r++) {
+                const int64_t blk = backward ? nblk - 1 - (done + r) : done + r;
+                const int64_t s = blk * FM_BLOCK;
+                const int cnt = block_count(q->n, s);
+                block_deltas(q, s, cnt, tw, NULL);
+                for (int j = 0; j < nm; j++) {
+                    const float *restrict d = tw->d[models[j]];
+                    const float tau = q->tau[models[j]];
+                    int32_t c = 0;
+                    for (int i = 0; i < cnt; i++) c += fabsf(d[i]) == tau;
+                    cnts[(size_t)j * span + r] = c;
+                }
+            }
+        }
+        for (int j = 0; j < nm; j++) {
+            const int m = models[j];
+            if (ends[m] >= 0) continue;
+            for (int64_t r = 0; r < nb; r++) {
+                const int32_t c = cnts[(size_t)j * span + r];
+                if (seen[j] + c < rank[j]) {
+                    seen[j] += c;
+                    continue;
+                }
+                const int64_t blk = backward ? nblk - 1 - (done + r) : done + r;
+                const int64_t s = blk * FM_BLOCK;
+                const int cnt = block_count(q->n, s);
+                block_deltas(q, s, cnt, w, NULL);
+                for (int k = 0; k < cnt; k++) {
+                    const int i = backward ? cnt - 1 - k : k;
+                    if (fabsf(w->d[m][i]) == q->tau[m] && ++seen[j] == rank[j]) {
+                        ends[m] = s + i + 1;
+                        break;
+                    }
+                }
+                open--;
+                break;
+            }
+        }
+    }
+}
+
+/* For each model m: the index e (0 <= e <= n) such that [0, e) holds exactly need[m] of the
+ * equal[m] elements with |x_m - base| == tau[m] (1 <= need[m] <= equal[m]), and element e - 1 is
+ * one of them: where the magnitude keep mask stops taking ties. Ties spread over a tensor, so the
+ * need-th from the start is found scanning from the start when need <= equal / 2 and as the
+ * (equal - need + 1)-th from the end otherwise: at most about half the tensor is read. */
+#define FM_TIE_ROUND 64 /* blocks per thread and round */
+void fm_tie_ends(const fm_params *p, const int64_t *need, const int64_t *equal, int64_t *ends) {
     const int K = p->k;
-    const int64_t nblk = (p->n + FM_BLOCK - 1) / FM_BLOCK;
-    int32_t *cnts = malloc(sizeof(int32_t) * (size_t)(nblk > 0 ? nblk : 1) * (size_t)K);
+    const int64_t span = (int64_t)FM_TIE_ROUND * (p->threads > 0 ? p->threads : 1);
+    int32_t *cnts = malloc(sizeof(int32_t) * (size_t)span * (size_t)K);
     fm_params q = *p;
     q.sparsify = SP_NONE;
     q.bits_mode = 0;
     for (int m = 0; m < K; m++) ends[m] = -1;
     if (!cnts) return;
-#pragma omp parallel num_threads(p->threads)
-    {
-        fm_scratch *w = thread_scratch();
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < nblk; blk++) {
-            const int64_t s = blk * FM_BLOCK;
-            const int cnt = block_count(p->n, s);
-            block_deltas(&q, s, cnt, w, NULL);
-            for (int m = 0; m < K; m++) {
-                const float *restrict d = w->d[m];
-                const float tau = p->tau[m];
-                int32_t c = 0;
-                for (int i = 0; i < cnt; i++) c += fabsf(d[i]) == tau;
-                cnts[(size_t)m * nblk + blk] = c;
-            }
+    for (int backward = 0; backward < 2; backward++) {
+        int models[FM_MAXK], nm = 0;
+        int64_t rank[FM_MAXK];
+        for (int m = 0; m < K; m++) {
+            if ((2 * need[m] > equal[m]) != backward) continue;
+            models[nm] = m;
+            rank[nm++] = backward ? equal[m] - need[m] + 1 : need[m];
         }
-    }
-    fm_scratch *w = thread_scratch();
-    for (int m = 0; m < K; m++) {
-        int64_t seen = 0;
-        for (int64_t blk = 0; blk < nblk; blk++) {
-            const int32_t c = cnts[(size_t)m * nblk + blk];
-            if (seen + c < need[m]) {
-                seen += c;
-                continue;
-            }
-            const int64_t s = blk * FM_BLOCK;
-            const int cnt = block_count(p->n, s);
-            block_deltas(&q, s, cnt, w, NULL);
-            for (int i = 0; i < cnt; i++)
-                if (fabsf(w->d[m][i]) == p->tau[m] && ++seen == need[m]) {
-                    ends[m] = s + i + 1;
-                    break;
-                }
-            break;
-        }
+        if (nm) tie_scan(&q, models, nm, rank, backward, ends, cnts, span);
     }
     free(cnts);
 }
