@@ -135,7 +135,31 @@ def _per_model(value: PerModel, k: int, what: str) -> list[float]:
 
 def uniforms(seed: int, name: str, k: int, numel: int) -> torch.Tensor:
     """U_k(j) for every element j of a tensor (DESIGN.md s.3): Philox per 2**31-element chunk,
-    exactly as the DARE masks of the reference draw them."""
+    exactly as the DARE masks of the reference draw them -- by the C loop's vectorized Philox, or
+    where it is unavailable by the numpy twin's (``cpu._np_philox``) in pieces; the same bits as
+    ``uniforms_reference`` (``rng.uniforms`` over the whole tensor in int64)."""
+    import numpy as np
+
+    from . import cpu, sparsify_cpu
+
+    out = np.empty(numel, dtype=np.float32)
+    for c, (s, e) in enumerate(rng.chunks(numel)):
+        cname = rng.chunk_name(name, c, numel)
+        if not sparsify_cpu.uniforms_into(out[s:e], seed, cname, k, 0):
+            key = rng.group_seed(seed, cname, k // rng.MODELS_PER_CALL)
+            for a in range(s, e, UNIFORM_PIECE):
+                b = min(e, a + UNIFORM_PIECE)
+                out[a:b] = cpu._np_philox(key, a - s, b - a)[k % rng.MODELS_PER_CALL]
+    return torch.from_numpy(out)
+
+
+#: elements per numpy Philox piece (its uint64 temporaries stay small)
+UNIFORM_PIECE = 1 << 16
+
+
+def uniforms_reference(seed: int, name: str, k: int, numel: int) -> torch.Tensor:
+    """``uniforms`` as first written: ``rng.uniforms`` (uint32 emulated in int64 by torch) over the
+    whole tensor; the reference of the bit-identity tests."""
     parts = []
     for c, (s, e) in enumerate(rng.chunks(numel)):
         index = torch.arange(e - s, dtype=torch.int64)
@@ -211,6 +235,21 @@ def breadcrumbs_keep(delta: torch.Tensor, density: float, gamma: float) -> torch
 
 
 def _breadcrumbs(base, tensors, consensus, weight, density, gamma, rescale, normalize, lambda_):
+    k = len(tensors)
+    if tensors:
+        from . import sparsify_cpu
+
+        out = sparsify_cpu.breadcrumbs(base, tensors, consensus, _per_model(weight, k, "weight"),
+                                       _per_model(density, k, "density"), _per_model(gamma, k, "gamma"),
+                                       rescale, normalize, lambda_)
+        if out is not None:
+            return out
+    return _breadcrumbs_reference(base, tensors, consensus, weight, density, gamma, rescale, normalize, lambda_)
+
+
+def _breadcrumbs_reference(base, tensors, consensus, weight, density, gamma, rescale, normalize, lambda_):
+    """breadcrumbs in pure torch (a full argsort per model): the fallback, and the reference of
+    the bit-identity tests of ``sparsify_cpu.breadcrumbs``."""
     b = _f32(base)
     k = len(tensors)
     weights = _per_model(weight, k, "weight")
@@ -282,7 +321,9 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     """
     x = delta.unsqueeze(0) if delta.dim() < 2 else delta
     order = torch.argsort(x.abs(), dim=1, stable=True)
-    ranks = torch.argsort(order, dim=1, stable=True).to(torch.float32)  # 0 .. m-1
+    # the ranks 0 .. m-1: the inverse permutation of ``order`` (what a second argsort computed)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1]).expand_as(order))
+    ranks = ranks.to(torch.float32)
     m = x.shape[1]
     if m == 1:
         r = torch.full_like(ranks, 0.5)
@@ -292,8 +333,8 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     return probs.reshape(delta.shape)
 
 
-def della_keep(delta: torch.Tensor, density: float, epsilon: float, *, name: str, seed: int, k: int
-               ) -> torch.Tensor | None:
+def della_keep(delta: torch.Tensor, density: float, epsilon: float, *, name: str, seed: int, k: int,
+               draw: Callable[[int, str, int, int], torch.Tensor] | None = None) -> torch.Tensor | None:
     """MAGPRUNE mask of model k: keep_k(j) = U_k(j) < p_k(j) (Philox, DESIGN.md s.3) where mergekit
     draws ``torch.bernoulli(p)``; ``None`` at density >= 1 (untouched, not rescaled)."""
     if density >= 1:
@@ -303,11 +344,28 @@ def della_keep(delta: torch.Tensor, density: float, epsilon: float, *, name: str
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("della: epsilon must be chosen such that density +/- epsilon is in (0, 1)")
     probs = della_probabilities(delta, density, epsilon).reshape(-1)
-    u = uniforms(seed, name, k, delta.numel())
+    u = (draw or uniforms)(seed, name, k, delta.numel())
     return (u < probs).reshape(delta.shape)
 
 
 def _della(base, tensors, consensus, weight, density, epsilon, rescale, normalize, lambda_, name, seed):
+    k = len(tensors)
+    if tensors:
+        from . import sparsify_cpu
+
+        out = sparsify_cpu.della(base, tensors, consensus, _per_model(weight, k, "weight"),
+                                 _per_model(density, k, "density"), _per_model(epsilon, k, "epsilon"),
+                                 rescale, normalize, lambda_, name, seed)
+        if out is not None:
+            return out
+    return _della_reference(base, tensors, consensus, weight, density, epsilon, rescale, normalize, lambda_,
+                            name, seed)
+
+
+def _della_reference(base, tensors, consensus, weight, density, epsilon, rescale, normalize, lambda_, name, seed,
+                     draw=None):
+    """DELLA in torch, whole tensors: the fallback where the C loop is unavailable, and (with
+    ``draw=uniforms_reference``) the reference of the bit-identity tests of ``sparsify_cpu.della``."""
     b = _f32(base)
     k = len(tensors)
     weights = _per_model(weight, k, "weight")
@@ -318,7 +376,7 @@ def _della(base, tensors, consensus, weight, density, epsilon, rescale, normaliz
     deltas = []
     for i, (t, rho, eps) in enumerate(zip(tensors, densities, epsilons)):
         d = _f32(t) - b
-        keep = della_keep(d, rho, eps, name=name, seed=seed, k=i)
+        keep = della_keep(d, rho, eps, name=name, seed=seed, k=i, draw=draw)
         deltas.append(d if keep is None else _l1_rescaled(d, keep, rescale))
     return _combine(b, deltas, weights, consensus, normalize, lambda_)
 
@@ -377,6 +435,12 @@ def sce_select(task_vectors: torch.Tensor, select_topk: float) -> torch.Tensor:
         return torch.ones(shape, dtype=torch.bool)
     var = torch.var(task_vectors, dim=0, unbiased=False).reshape(-1)
     m = int(int(torch.count_nonzero(var)) * select_topk)
+    if m > 0:
+        from . import sparsify_cpu
+
+        fast = sparsify_cpu.top_mask(var, m)
+        if fast is not None:
+            return fast.reshape(shape)
     keep = torch.zeros(var.numel(), dtype=torch.bool)
     if m > 0:
         keep[torch.argsort(var.abs(), descending=True, stable=True)[:m]] = True

@@ -588,3 +588,276 @@ int64_t fm_count_nonfinite(const void *p, int dt, int64_t n) {
     }
     return bad;
 }
+
+/* ==============================================================================================
+ * Sparsifying pre-passes and the combine of the torch-route methods (della, della_linear,
+ * breadcrumbs, breadcrumbs_ties, sce; fastmerge.sparsify_cpu), bit for bit as the pure-torch
+ * functions of fastmerge.methods_math. Their own parameter struct (fm_sp_params, mirrored in
+ * fastmerge.sparsify_cpu): they share only the block helpers and philox_block above.
+ * ============================================================================================== */
+
+typedef struct {
+    int64_t n;                 /* elements of the tensor */
+    int64_t rows, cols;        /* della: rank rows (a 1-D tensor is one row) */
+    int32_t k, threads;
+    int32_t consensus, normalize; /* combine: CS_NONE or CS_SUM; normalize by the agreeing weights */
+    float lambda_, div_none;   /* div_none: the divisor without consensus (sum of weights, guarded) */
+    const void *base;
+    int32_t dtype_base, ngroups; /* ngroups: Philox key groups of four models */
+    const void *x[FM_MAXK];
+    int32_t dtype_x[FM_MAXK];
+    float weight[FM_MAXK];
+    float scale[FM_MAXK];      /* l1 rescale of the kept values (1: none) */
+    int32_t mode[FM_MAXK];     /* della: 0 keep all, 1 keep none, 2 MAGPRUNE */
+    float lo[FM_MAXK];         /* della: density - epsilon, as fp32 */
+    float eps[FM_MAXK];        /* della: epsilon, as fp32 */
+    const uint64_t *seeds;     /* della: Philox keys [chunk][group] */
+    int64_t chunk;             /* elements per Philox chunk (2**31) */
+    uint8_t *bits;             /* keep bits, bit m for model m (K <= 8) */
+    float *out;                /* combine: fp32 output */
+    double total[FM_MAXK];     /* della pre-pass: sum |delta| per model */
+    double kept[FM_MAXK];      /* della pre-pass: sum |delta| over the kept elements */
+} fm_sp_params;
+
+size_t fm_sp_params_size(void) { return sizeof(fm_sp_params); }
+
+/* |d| as ordered bits: fp32 bits of a non-negative number order as its value; every NaN is one
+ * key above +inf (torch's sorts put NaN last, all NaNs equal) */
+static inline uint32_t sp_abs_key(float d) {
+    uint32_t u;
+    memcpy(&u, &d, 4);
+    u &= 0x7FFFFFFFu;
+    return u > 0x7F800000u ? 0x7FC00000u : u;
+}
+
+/* U_k(j) for j in [j0, j0 + n) of one Philox key and one lane (0..3): rng.uniforms, vectorized */
+void fm_uniforms(uint64_t seed, int64_t j0, int64_t n, int lane, float *out, int threads) {
+    const int64_t nblk = (n + FM_BLOCK - 1) / FM_BLOCK;
+#pragma omp parallel num_threads(threads)
+    {
+        float u[4][FM_BLOCK];
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t s = blk * FM_BLOCK;
+            const int cnt = block_count(n, s);
+            philox_block(seed, j0 + s, cnt, u[0], u[1], u[2], u[3]);
+            memcpy(out + s, u[lane & 3], sizeof(float) * cnt);
+        }
+    }
+}
+
+/* Stable LSD radix sort of v[0..m) by the upper 32 bits (the key; the lower 32 bits hold the
+ * index, so equal keys stay in index order: torch's stable argsort). Three digits of 11, 11 and
+ * 10 bits; a digit that all keys share is skipped. Returns the sorted array (v or tmp). */
+static uint64_t *sp_sort(uint64_t *v, uint64_t *tmp, int64_t m) {
+    static const int shift[3] = {32, 43, 54};
+    static const int width[3] = {11, 11, 10};
+    uint32_t hist[3][2048];
+    memset(hist, 0, sizeof(hist));
+    for (int64_t i = 0; i < m; i++) {
+        const uint64_t x = v[i];
+        hist[0][(x >> 32) & 2047u]++;
+        hist[1][(x >> 43) & 2047u]++;
+        hist[2][(x >> 54) & 1023u]++;
+    }
+    for (int d = 0; d < 3; d++) {
+        const uint32_t mask = (1u << width[d]) - 1u;
+        uint32_t *h = hist[d];
+        if (h[(v[0] >> shift[d]) & mask] == (uint32_t)m) continue; /* one bucket: order unchanged */
+        uint32_t sum = 0;
+        for (uint32_t b = 0; b <= mask; b++) { const uint32_t c = h[b]; h[b] = sum; sum += c; }
+        for (int64_t i = 0; i < m; i++) {
+            const uint64_t x = v[i];
+            tmp[h[(x >> shift[d]) & mask]++] = x;
+        }
+        uint64_t *t = v; v = tmp; tmp = t;
+    }
+    return v;
+}
+
+/* load one fp32 delta row [s, s + cnt) of model m (base NULL: zero) */
+static void sp_delta(const fm_sp_params *p, int m, int64_t s, int64_t cnt, float *restrict d, float *restrict b) {
+    for (int64_t o = 0; o < cnt; o += FM_BLOCK) {
+        const int c = (int)((cnt - o) < FM_BLOCK ? (cnt - o) : FM_BLOCK);
+        load_block(p->x[m], p->dtype_x[m], s + o, c, d + o);
+        if (p->base) {
+            load_block(p->base, p->dtype_base, s + o, c, b);
+            for (int i = 0; i < c; i++) d[o + i] = d[o + i] - b[i];
+        }
+    }
+}
+
+/* DELLA's MAGPRUNE keep bits and l1 sums (methods_math.della_keep, _l1_rescaled): per row, the
+ * stable rank r of |delta| (0 .. cols-1), p = lo + ((r / (cols - 1)) * 2) * eps in fp32 (0.5 for
+ * r / (cols - 1) when cols == 1), kept where U_m(j) < p; U from Philox of the element's flat index
+ * within its chunk, lane m % 4 of group m / 4. */
+void fm_della_bits(fm_sp_params *p) {
+    const int K = p->k;
+    const int64_t cols = p->cols, rows = p->rows;
+    for (int m = 0; m < K; m++) p->total[m] = p->kept[m] = 0.0;
+#pragma omp parallel num_threads(p->threads)
+    {
+        float *u = malloc(sizeof(float) * 4 * (size_t)p->ngroups * (size_t)cols);
+        float *d = malloc(sizeof(float) * (size_t)cols);
+        float *prob = malloc(sizeof(float) * (size_t)cols);
+        uint64_t *v = malloc(sizeof(uint64_t) * (size_t)cols);
+        uint64_t *tmp = malloc(sizeof(uint64_t) * (size_t)cols);
+        float b[FM_BLOCK];
+        double lt[FM_MAXK] = {0}, lk[FM_MAXK] = {0};
+        const float denom = (float)(cols - 1);
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t row = 0; row < rows; row++) {
+            const int64_t s = row * cols;
+            uint8_t *restrict bits = p->bits + s;
+            for (int64_t i = 0; i < cols; i++) bits[i] = 0;
+            int need = 0;
+            for (int m = 0; m < K; m++) need |= p->mode[m] == 2;
+            if (need) {
+                for (int g = 0; g < p->ngroups; g++) {
+                    float *ug = u + (size_t)4 * g * cols;
+                    for (int64_t a = s; a < s + cols;) {
+                        const int64_t c = a / p->chunk, end = (c + 1) * p->chunk;
+                        int64_t e = s + cols < end ? s + cols : end;
+                        if (e - a > (1 << 20)) e = a + (1 << 20);
+                        const int64_t o = a - s;
+                        philox_block(p->seeds[c * p->ngroups + g], a - c * p->chunk, (int)(e - a),
+                                     ug + o, ug + cols + o, ug + 2 * cols + o, ug + 3 * cols + o);
+                        a = e;
+                    }
+                }
+            }
+            for (int m = 0; m < K; m++) {
+                if (p->mode[m] == 0) {
+                    for (int64_t i = 0; i < cols; i++) bits[i] |= (uint8_t)(1u << m);
+                    continue;
+                }
+                if (p->mode[m] == 1) continue;
+                sp_delta(p, m, s, cols, d, b);
+                for (int64_t i = 0; i < cols; i++) v[i] = ((uint64_t)sp_abs_key(d[i]) << 32) | (uint64_t)i;
+                const uint64_t *sorted = sp_sort(v, tmp, cols);
+                const float lo = p->lo[m], eps = p->eps[m];
+                for (int64_t r = 0; r < cols; r++) {
+                    float rr;
+                    if (cols == 1) {
+                        rr = 0.5f;
+                    } else {
+                        rr = (float)r / denom;
+                        rr = rr < 0.0f ? 0.0f : (rr > 1.0f ? 1.0f : rr);
+                    }
+                    prob[(uint32_t)sorted[r]] = lo + (rr * 2.0f) * eps;
+                }
+                const float *restrict um = u + (size_t)(4 * (m / 4) + (m % 4)) * cols;
+                double rt = 0.0, rk = 0.0;
+                for (int64_t i = 0; i < cols; i++) {
+                    const int keep = um[i] < prob[i];
+                    const double a = fabsf(d[i]);
+                    bits[i] |= (uint8_t)(keep << m);
+                    rt += a;
+                    rk += keep ? a : 0.0;
+                }
+                lt[m] += rt;
+                lk[m] += rk;
+            }
+        }
+#pragma omp critical
+        for (int m = 0; m < K; m++) { p->total[m] += lt[m]; p->kept[m] += lk[m]; }
+        free(u); free(d); free(prob); free(v); free(tmp);
+    }
+}
+
+/* keys[i] = sp_abs_key(x_m[i] - base[i]) for the whole tensor (breadcrumbs' band select) */
+void fm_sp_abs_keys(const fm_sp_params *p, int m, uint32_t *keys) {
+    const int64_t nblk = (p->n + FM_BLOCK - 1) / FM_BLOCK;
+#pragma omp parallel num_threads(p->threads)
+    {
+        float d[FM_BLOCK], b[FM_BLOCK];
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t s = blk * FM_BLOCK;
+            const int cnt = block_count(p->n, s);
+            sp_delta(p, m, s, cnt, d, b);
+            for (int i = 0; i < cnt; i++) keys[s + i] = sp_abs_key(d[i]);
+        }
+    }
+}
+
+/* Keys as fp32 |values| (sce's |var|): canonical ordered bits */
+void fm_sp_f32_keys(const float *x, int64_t n, uint32_t *keys) {
+    for (int64_t i = 0; i < n; i++) keys[i] = sp_abs_key(x[i]);
+}
+
+/* Elements of rank [start, end) in the order (key descending, index ascending), as bit m of
+ * bits (K <= 8) or as 1/0 bytes (m < 0): top(end) minus top(start), where top(R) is every key
+ * above hi_key[.] plus the first need[.] (by index) equal to it; R = 0 is no element (need -1).
+ * Returns sum of the kept keys' values in double when sums is not NULL (sums[0] all, sums[1] kept). */
+void fm_sp_band_bits(const uint32_t *keys, int64_t n, uint32_t t_end, int64_t need_end, uint32_t t_start,
+                     int64_t need_start, int m, uint8_t *bits, double *sums) {
+    int64_t c_end = 0, c_start = 0;
+    double tot = 0.0, kept = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t key = keys[i];
+        int in_end = 0, in_start = 0;
+        if (need_end >= 0) in_end = key > t_end || (key == t_end && c_end++ < need_end);
+        if (need_start >= 0) in_start = key > t_start || (key == t_start && c_start++ < need_start);
+        const int keep = in_end && !in_start;
+        if (m >= 0) bits[i] |= (uint8_t)(keep << m);
+        else bits[i] = (uint8_t)keep;
+        if (sums) {
+            float a;
+            memcpy(&a, &key, 4);
+            tot += a;
+            kept += keep ? (double)a : 0.0;
+        }
+    }
+    if (sums) { sums[0] = tot; sums[1] = kept; }
+}
+
+/* methods_math._combine over kept deltas: v_m = ((keep ? d : 0) [* scale]) * w, then sum or TIES
+ * sum consensus (agree = sign(v) == sigma, as a 1/0 float multiplied in), normalize, lambda,
+ * base + mixed; every sum over models in model order from 0, as torch's sum(dim=0). */
+void fm_sp_combine(const fm_sp_params *p) {
+    const int K = p->k;
+    const int64_t nblk = (p->n + FM_BLOCK - 1) / FM_BLOCK;
+#pragma omp parallel num_threads(p->threads)
+    {
+        float b[FM_BLOCK], d[FM_BLOCK], sgn[FM_BLOCK], mixed[FM_BLOCK], div[FM_BLOCK];
+        fm_scratch *w = thread_scratch();
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t s = blk * FM_BLOCK;
+            const int cnt = block_count(p->n, s);
+            const uint8_t *restrict bits = p->bits + s;
+            if (p->base) load_block(p->base, p->dtype_base, s, cnt, b);
+            else for (int i = 0; i < cnt; i++) b[i] = 0.0f;
+            for (int i = 0; i < cnt; i++) { sgn[i] = 0.0f; mixed[i] = 0.0f; div[i] = 0.0f; }
+            for (int m = 0; m < K; m++) {
+                float *restrict vm = w->v[m];
+                const float sc = p->scale[m], wt = p->weight[m];
+                load_block(p->x[m], p->dtype_x[m], s, cnt, d);
+                for (int i = 0; i < cnt; i++) d[i] = d[i] - b[i];
+                for (int i = 0; i < cnt; i++) vm[i] = ((bits[i] >> m) & 1u) ? d[i] : 0.0f;
+                if (sc != 1.0f) for (int i = 0; i < cnt; i++) vm[i] = vm[i] * sc;
+                for (int i = 0; i < cnt; i++) vm[i] = vm[i] * wt;
+                for (int i = 0; i < cnt; i++) sgn[i] = sgn[i] + vm[i];
+            }
+            if (p->consensus == CS_SUM) {
+                for (int m = 0; m < K; m++) {
+                    const float *restrict vm = w->v[m];
+                    const float wt = p->weight[m];
+                    for (int i = 0; i < cnt; i++) {
+                        const float sigma = sgn[i] >= 0.0f ? 1.0f : -1.0f;
+                        const float agree = (vm[i] > 0.0f && sigma > 0.0f) || (vm[i] < 0.0f && sigma < 0.0f) ? 1.0f : 0.0f;
+                        mixed[i] = mixed[i] + vm[i] * agree;
+                        div[i] = div[i] + wt * agree;
+                    }
+                }
+                for (int i = 0; i < cnt; i++) div[i] = div[i] == 0.0f ? 1.0f : div[i];
+            } else {
+                for (int i = 0; i < cnt; i++) { mixed[i] = sgn[i]; div[i] = p->div_none; }
+            }
+            if (p->normalize) for (int i = 0; i < cnt; i++) mixed[i] = mixed[i] / div[i];
+            if (p->lambda_ != 1.0f) for (int i = 0; i < cnt; i++) mixed[i] = mixed[i] * p->lambda_;
+            for (int i = 0; i < cnt; i++) p->out[s + i] = b[i] + mixed[i];
+        }
+    }
+}
