@@ -248,8 +248,8 @@ def _breadcrumbs(base, tensors, consensus, weight, density, gamma, rescale, norm
 
 
 def _breadcrumbs_reference(base, tensors, consensus, weight, density, gamma, rescale, normalize, lambda_):
-    """breadcrumbs in pure torch (a full argsort per model): the fallback, and the reference of
-    the bit-identity tests of ``sparsify_cpu.breadcrumbs``."""
+    """breadcrumbs in pure torch (a full argsort per model): the fallback where
+    ``sparsify_cpu.breadcrumbs`` does not apply (no C loop, more than 8 models)."""
     b = _f32(base)
     k = len(tensors)
     weights = _per_model(weight, k, "weight")
@@ -322,7 +322,8 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     x = delta.unsqueeze(0) if delta.dim() < 2 else delta
     order = torch.argsort(x.abs(), dim=1, stable=True)
     # the ranks 0 .. m-1: the inverse permutation of ``order`` (what a second argsort computed)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1]).expand_as(order))
+    positions = torch.arange(x.shape[1]).reshape(1, -1, *([1] * (x.dim() - 2))).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
     ranks = ranks.to(torch.float32)
     m = x.shape[1]
     if m == 1:
@@ -333,8 +334,8 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     return probs.reshape(delta.shape)
 
 
-def della_keep(delta: torch.Tensor, density: float, epsilon: float, *, name: str, seed: int, k: int,
-               draw: Callable[[int, str, int, int], torch.Tensor] | None = None) -> torch.Tensor | None:
+def della_keep(delta: torch.Tensor, density: float, epsilon: float, *, name: str, seed: int, k: int
+               ) -> torch.Tensor | None:
     """MAGPRUNE mask of model k: keep_k(j) = U_k(j) < p_k(j) (Philox, DESIGN.md s.3) where mergekit
     draws ``torch.bernoulli(p)``; ``None`` at density >= 1 (untouched, not rescaled)."""
     if density >= 1:
@@ -344,7 +345,7 @@ def della_keep(delta: torch.Tensor, density: float, epsilon: float, *, name: str
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError("della: epsilon must be chosen such that density +/- epsilon is in (0, 1)")
     probs = della_probabilities(delta, density, epsilon).reshape(-1)
-    u = (draw or uniforms)(seed, name, k, delta.numel())
+    u = uniforms(seed, name, k, delta.numel())
     return (u < probs).reshape(delta.shape)
 
 
@@ -362,10 +363,10 @@ def _della(base, tensors, consensus, weight, density, epsilon, rescale, normaliz
                             name, seed)
 
 
-def _della_reference(base, tensors, consensus, weight, density, epsilon, rescale, normalize, lambda_, name, seed,
-                     draw=None):
-    """DELLA in torch, whole tensors: the fallback where the C loop is unavailable, and (with
-    ``draw=uniforms_reference``) the reference of the bit-identity tests of ``sparsify_cpu.della``."""
+def _della_reference(base, tensors, consensus, weight, density, epsilon, rescale, normalize, lambda_, name, seed):
+    """DELLA in torch over whole tensors: the fallback where ``sparsify_cpu.della`` does not apply
+    (no C loop, more than 8 models, a tensor of 3+ dims). tests/methods_math_before.py keeps the
+    version before the C path, which the bit-identity tests hold both to."""
     b = _f32(base)
     k = len(tensors)
     weights = _per_model(weight, k, "weight")
@@ -376,7 +377,7 @@ def _della_reference(base, tensors, consensus, weight, density, epsilon, rescale
     deltas = []
     for i, (t, rho, eps) in enumerate(zip(tensors, densities, epsilons)):
         d = _f32(t) - b
-        keep = della_keep(d, rho, eps, name=name, seed=seed, k=i, draw=draw)
+        keep = della_keep(d, rho, eps, name=name, seed=seed, k=i)
         deltas.append(d if keep is None else _l1_rescaled(d, keep, rescale))
     return _combine(b, deltas, weights, consensus, normalize, lambda_)
 
