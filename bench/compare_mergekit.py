@@ -209,10 +209,12 @@ def ensure_family(workdir: Path, size: str) -> list[Path]:
 #: per-model parameters written for each method (mergekit's names); methods not listed take none
 PER_MODEL: dict[str, tuple[str, ...]] = {
     "dare_ties": ("weight", "density"), "ties": ("weight", "density"), "della": ("weight", "density"),
-    "nuslerp": ("weight",), "task_arithmetic": ("weight",),
+    "della_linear": ("weight", "density"), "breadcrumbs": ("weight", "density"),
+    "breadcrumbs_ties": ("weight", "density"), "nuslerp": ("weight",), "task_arithmetic": ("weight",),
 }
-#: global parameters written for each method
-GLOBAL: dict[str, dict[str, float]] = {"della": {"epsilon": 0.05}}
+#: global parameters written for each method (sce: select half the elements, so its select runs)
+GLOBAL: dict[str, dict[str, float]] = {"della": {"epsilon": 0.05}, "della_linear": {"epsilon": 0.05},
+                                       "sce": {"select_topk": 0.5}}
 #: how many fine-tunes a method takes (nuslerp: exactly two)
 MAX_MODELS = {"nuslerp": 2}
 

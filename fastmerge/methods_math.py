@@ -434,11 +434,14 @@ def sce_select(task_vectors: torch.Tensor, select_topk: float) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.bool)
     if select_topk >= 1:
         return torch.ones(shape, dtype=torch.bool)
-    var = torch.var(task_vectors, dim=0, unbiased=False).reshape(-1)
+    from . import sparsify_cpu
+
+    var = sparsify_cpu.var_models(task_vectors)
+    if var is None:
+        var = torch.var(task_vectors, dim=0, unbiased=False)
+    var = var.reshape(-1)
     m = int(int(torch.count_nonzero(var)) * select_topk)
     if m > 0:
-        from . import sparsify_cpu
-
         fast = sparsify_cpu.top_mask(var, m)
         if fast is not None:
             return fast.reshape(shape)

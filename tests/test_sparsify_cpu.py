@@ -155,3 +155,21 @@ def test_top_mask_is_stable_descending_argsort():
         want = torch.zeros(v.numel(), dtype=torch.bool)
         want[torch.argsort(v.abs(), descending=True, stable=True)[:m]] = True
         assert torch.equal(sparsify_cpu.top_mask(v, m), want), m
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_var_models_is_torch_var(threads):
+    """sce's variance over models: torch.var(dim=0, unbiased=False), bit for bit (NaN as NaN)."""
+    if not cpu.available():
+        pytest.skip("the C loop is unavailable here")
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(2)
+    for k in (1, 2, 3, 4, 5, 7):
+        for shape in [(1000,), (33, 17), (3, 5, 4)]:
+            tv = torch.randn((k, *shape), generator=g) * torch.logspace(-4, 2, k).reshape(-1, *[1] * len(shape))
+            tv.view(-1)[3] = float("inf")
+            tv.view(-1)[-2] = float("nan")
+            tv.view(-1)[5] = 0.0
+            want = torch.var(tv, dim=0, unbiased=False)
+            got = sparsify_cpu.var_models(tv, threads)
+            assert torch.equal(_bits(got), _bits(want)), (k, shape)

@@ -861,3 +861,21 @@ void fm_sp_combine(const fm_sp_params *p) {
         }
     }
 }
+
+/* sce's torch.var(task_vectors, dim=0, unbiased=False) of K fp32 rows of n (the task vectors at
+ * row stride n), as torch's CPU reduction computes it per element: Welford in double over the
+ * rows in order, var = m2 / K cast to fp32. */
+void fm_sp_var_rows(const float *tv, int64_t k, int64_t n, float *var, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        double mean = 0.0, m2 = 0.0;
+        for (int64_t r = 0; r < k; r++) {
+            const double x = tv[r * n + i];
+            const double nf = (double)(r + 1);
+            const double delta = x - mean;
+            mean = mean + delta / nf;
+            m2 = m2 + delta * (x - mean);
+        }
+        var[i] = (float)(m2 / (double)k);
+    }
+}
