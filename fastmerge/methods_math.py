@@ -467,14 +467,21 @@ def sce(
     b = _f32(base)
     if not tensors:
         return b
-    tvs = torch.stack([_f32(t) - b for t in tensors])
+    tvs = torch.empty((len(tensors), *b.shape), dtype=torch.float32)
+    for i, t in enumerate(tensors):  # the stack of the task vectors, without a second copy
+        torch.sub(_f32(t), b, out=tvs[i])
     if select_topk < 1:
-        tvs = tvs * sce_select(tvs, select_topk).to(torch.float32)
-    majority = torch.where(tvs.sum(dim=0) >= 0, 1.0, -1.0)
-    agree = (torch.sign(tvs) == majority).to(torch.float32)
+        tvs.mul_(sce_select(tvs, select_topk).to(torch.float32))
     energy = tvs.square().reshape(len(tensors), -1).mean(dim=1)
     total = float(energy.sum())
     w = torch.full_like(energy, 1.0 / len(tensors)) if abs(total) < 1e-6 else energy / total
+    from . import sparsify_cpu
+
+    fast = sparsify_cpu.sce_combine(tvs, w, b)
+    if fast is not None:
+        return fast
+    majority = torch.where(tvs.sum(dim=0) >= 0, 1.0, -1.0)
+    agree = (torch.sign(tvs) == majority).to(torch.float32)
     w = w.reshape(-1, *([1] * b.dim())) * agree
     return b + (tvs * w).sum(dim=0) / w.sum(dim=0).clamp(min=1e-6)
 

@@ -101,6 +101,8 @@ def library() -> ctypes.CDLL | None:
                                             ctypes.c_uint32, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                                             ctypes.c_void_p]
             lib.fm_sp_combine.argtypes = [P]
+            lib.fm_sp_sce_combine.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
             lib.fm_sp_var_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                            ctypes.c_int]
             _ready = lib
@@ -336,4 +338,24 @@ def var_models(task_vectors: torch.Tensor, threads: int | None = None) -> torch.
     if k == 0:
         return None
     lib.fm_sp_var_rows(tv.data_ptr(), k, out.numel(), out.data_ptr(), _threads(threads))
+    return out
+
+
+def sce_combine(task_vectors: torch.Tensor, weights: torch.Tensor, base: torch.Tensor, threads: int | None = None
+                ) -> torch.Tensor | None:
+    """sce's erase and weighted mean (methods_math.sce after its energy weights) in one pass over the
+    fp32 task vectors [K, ...] (K <= COMBINE_MAXK: torch's sums over models in order), no K-sized
+    temporaries; None where it does not apply."""
+    k = task_vectors.shape[0]
+    if not 1 <= k <= COMBINE_MAXK or task_vectors.dtype != torch.float32 or base.dtype != torch.float32:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    tv = task_vectors.contiguous()
+    w = weights.to(torch.float32).contiguous()
+    b = base.contiguous()
+    out = torch.empty(b.shape, dtype=torch.float32)
+    lib.fm_sp_sce_combine(tv.data_ptr(), k, b.numel(), w.data_ptr(), b.data_ptr(), cpu.CODES["F32"],
+                          out.data_ptr(), _threads(threads))
     return out

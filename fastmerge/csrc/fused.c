@@ -879,3 +879,42 @@ void fm_sp_var_rows(const float *tv, int64_t k, int64_t n, float *var, int threa
         var[i] = (float)(m2 / (double)k);
     }
 }
+
+/* sce after its select and energy weights (methods_math.sce), K <= 4 task vectors tv [K][n] in
+ * fp32: sigma = sum_k tv_k >= 0 ? 1 : -1, wa_k = w_k * (sign(tv_k) == sigma), out = base +
+ * (sum_k tv_k * wa_k) / max(sum_k wa_k, 1e-6) (NaN kept, as torch's clamp), each sum from 0 in
+ * model order. */
+void fm_sp_sce_combine(const float *tv, int64_t k, int64_t n, const float *w, const void *base, int dtype_base,
+                       float *out, int threads) {
+    const int64_t nblk = (n + FM_BLOCK - 1) / FM_BLOCK;
+#pragma omp parallel num_threads(threads)
+    {
+        float b[FM_BLOCK], sg[FM_BLOCK], num[FM_BLOCK], den[FM_BLOCK];
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t s = blk * FM_BLOCK;
+            const int cnt = block_count(n, s);
+            load_block(base, dtype_base, s, cnt, b);
+            for (int i = 0; i < cnt; i++) { sg[i] = 0.0f; num[i] = 0.0f; den[i] = 0.0f; }
+            for (int64_t m = 0; m < k; m++) {
+                const float *restrict t = tv + m * n + s;
+                for (int i = 0; i < cnt; i++) sg[i] = sg[i] + t[i];
+            }
+            for (int64_t m = 0; m < k; m++) {
+                const float *restrict t = tv + m * n + s;
+                const float wm = w[m];
+                for (int i = 0; i < cnt; i++) {
+                    const float sigma = sg[i] >= 0.0f ? 1.0f : -1.0f;
+                    const float agree = (t[i] > 0.0f && sigma > 0.0f) || (t[i] < 0.0f && sigma < 0.0f) ? 1.0f : 0.0f;
+                    const float wa = wm * agree;
+                    num[i] = num[i] + t[i] * wa;
+                    den[i] = den[i] + wa;
+                }
+            }
+            for (int i = 0; i < cnt; i++) {
+                const float d = den[i] != den[i] ? den[i] : (den[i] < 1e-6f ? 1e-6f : den[i]);
+                out[s + i] = b[i] + num[i] / d;
+            }
+        }
+    }
+}
