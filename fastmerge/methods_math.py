@@ -18,6 +18,11 @@ with two kinds of deliberate difference, both documented where they occur:
 
 ``PARAMS`` documents every parameter mergekit declares for these methods with its default, and
 ``FUSION`` says for each method whether it can join a fused one-pass family.
+
+The sparsifying methods (breadcrumbs, breadcrumbs_ties, della, della_linear, sce) run their
+pre-passes and combine in the C loop where it is available (``fastmerge.sparsify_cpu``: the same
+bits, without model-sized temporaries); the torch code here is their fallback, and
+tests/methods_math_before.py freezes it as it was before, the reference of the bit-identity tests.
 """
 
 from __future__ import annotations
@@ -93,10 +98,12 @@ PARAMS: dict[str, dict[str, tuple[str, type, object]]] = {
 FUSION: dict[str, str] = {
     # two |delta| order statistics per model (the n_bot-th and (n_bot+m)-th smallest), then a band
     # mask; plus the l1 sums when rescale is on -- TIES's threshold pass with a second threshold
+    # (sparsify_cpu: numpy.partition of the |delta| keys, one band pass, one combine pass)
     "breadcrumbs": "pre-pass",
     "breadcrumbs_ties": "pre-pass",
     # per-row rank of |delta| (a per-row sort), then a Philox draw per element against a
     # rank-dependent probability; the l1 rescale needs the kept sum (a second reduction)
+    # (sparsify_cpu: one row pass -- radix ranks, Philox, keep bits, l1 sums -- then one combine)
     "della": "pre-pass",
     "della_linear": "pre-pass",
     # per-model mean square of the (top-k-selected) task vectors and, for select_topk < 1, the
