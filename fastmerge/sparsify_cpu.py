@@ -43,6 +43,7 @@ from .spec import l1_scale
 
 MAXK = 32  # fused.c's FM_MAXK
 MAX_BITS_MODELS = 8  # keep bits: one byte per element
+MAX_ROW = 1 << 22  # della's longest row in C (each thread holds ~40 bytes per element of a row)
 CS_NONE, CS_SUM = 0, 1
 
 
@@ -224,7 +225,7 @@ def della(base: torch.Tensor, tensors: Sequence[torch.Tensor], consensus: bool, 
     p = _params(base, tensors, codes, held, threads)
     n = p.n
     p.rows, p.cols = (1, n) if base.dim() == 1 else (base.shape[0], base.shape[1])
-    if p.cols >= 2**31:
+    if p.cols > MAX_ROW:
         return None
     groups = (k + rng.MODELS_PER_CALL - 1) // rng.MODELS_PER_CALL
     chunks = rng.chunks(n)
@@ -240,6 +241,8 @@ def della(base: torch.Tensor, tensors: Sequence[torch.Tensor], consensus: bool, 
     bits = np.empty(n, dtype=np.uint8)
     p.bits = bits.ctypes.data
     lib.fm_della_bits(ctypes.byref(p))
+    if p.rows < 0:  # a thread could not allocate its row buffers
+        return None
     for m, mode in enumerate(modes):
         if mode == 2 and rescale:
             p.scale[m] = l1_scale(p.total[m], p.kept[m])

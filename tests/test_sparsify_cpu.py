@@ -173,3 +173,15 @@ def test_var_models_is_torch_var(threads):
             want = torch.var(tv, dim=0, unbiased=False)
             got = sparsify_cpu.var_models(tv, threads)
             assert torch.equal(_bits(got), _bits(want)), (k, shape)
+
+
+def test_same_bits_where_the_c_path_steps_aside(monkeypatch):
+    """More than 8 models (keep bits are one byte) and della rows longer than MAX_ROW take the torch
+    functions: the same bits."""
+    base, xs = family((7, 11), 9, torch.bfloat16, 4)
+    w = [0.1 * (i + 1) for i in range(9)]
+    assert_same_bits("della", base, xs, dict(weight=w, density=0.5, epsilon=0.1), "della k=9")
+    assert_same_bits("breadcrumbs_ties", base, xs, dict(weight=w, density=0.5, gamma=0.1), "breadcrumbs k=9")
+    monkeypatch.setattr(sparsify_cpu, "MAX_ROW", 50)
+    base, xs = family((300,), 3, torch.float32, 5)
+    assert_same_bits("della", base, xs, dict(weight=[1, 2, 3], density=0.5, epsilon=0.1), "della long row")

@@ -687,13 +687,15 @@ static void sp_delta(const fm_sp_params *p, int m, int64_t s, int64_t cnt, float
     }
 }
 
-/* DELLA's MAGPRUNE keep bits and l1 sums (methods_math.della_keep, _l1_rescaled): per row, the
+/* DELLA's MAGPRUNE keep bits and l1 sums (methods_math.della_keep, _l1_rescaled); sets rows to -1
+ * when a thread could not allocate its row buffers (the caller then falls back). Per row, the
  * stable rank r of |delta| (0 .. cols-1), p = lo + ((r / (cols - 1)) * 2) * eps in fp32 (0.5 for
  * r / (cols - 1) when cols == 1), kept where U_m(j) < p; U from Philox of the element's flat index
  * within its chunk, lane m % 4 of group m / 4. */
 void fm_della_bits(fm_sp_params *p) {
     const int K = p->k;
     const int64_t cols = p->cols, rows = p->rows;
+    int failed = 0;
     for (int m = 0; m < K; m++) p->total[m] = p->kept[m] = 0.0;
 #pragma omp parallel num_threads(p->threads)
     {
@@ -705,8 +707,14 @@ void fm_della_bits(fm_sp_params *p) {
         float b[FM_BLOCK];
         double lt[FM_MAXK] = {0}, lk[FM_MAXK] = {0};
         const float denom = (float)(cols - 1);
+        const int ok = u && d && prob && v && tmp;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(dynamic, 4)
         for (int64_t row = 0; row < rows; row++) {
+            if (!ok) continue;
             const int64_t s = row * cols;
             uint8_t *restrict bits = p->bits + s;
             for (int64_t i = 0; i < cols; i++) bits[i] = 0;
@@ -763,6 +771,7 @@ void fm_della_bits(fm_sp_params *p) {
         for (int m = 0; m < K; m++) { p->total[m] += lt[m]; p->kept[m] += lk[m]; }
         free(u); free(d); free(prob); free(v); free(tmp);
     }
+    if (failed) p->rows = -1; /* out of memory for a thread's row buffers: nothing usable written */
 }
 
 /* keys[i] = sp_abs_key(x_m[i] - base[i]) for the whole tensor (breadcrumbs' band select) */
