@@ -110,8 +110,27 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+_local = threading.local()
+
+
+class thread_limit:
+    """``with thread_limit(n):`` the C loop's threads for calls in this thread that name none (the
+    torch route's ``MergeContext.threads``, i.e. the merge's ``--threads``); None: the default."""
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+
+    def __enter__(self):
+        self.saved = getattr(_local, "threads", None)
+        _local.threads = self.threads
+        return self
+
+    def __exit__(self, *exc):
+        _local.threads = self.saved
+
+
 def _threads(threads: int | None) -> int:
-    return threads or cpu.default_threads()
+    return threads or getattr(_local, "threads", None) or cpu.default_threads()
 
 
 def uniforms_into(out: np.ndarray, seed: int, tensor_name: str, k: int, j0: int, threads: int | None = None

@@ -258,11 +258,12 @@ def math_merge(method: str) -> TorchMerge:
     ``methods_math``) is imported when a tensor is merged, not when the registry is."""
 
     def merge(tensors, base, params, ctx):
-        from .. import methods_math
+        from .. import methods_math, sparsify_cpu
 
         kwargs = {methods_math.PYARG.get(k, k): v for k, v in params.items()}
         try:
-            return methods_math.METHODS[method](base, tensors, **kwargs, name=ctx.name, seed=ctx.seed)
+            with sparsify_cpu.thread_limit(ctx.threads):  # the C pre-passes of della, breadcrumbs, sce
+                return methods_math.METHODS[method](base, tensors, **kwargs, name=ctx.name, seed=ctx.seed)
         except ValueError as e:
             raise FastmergeError(f"{method}: tensor {ctx.name}: {e}") from None
 
