@@ -386,3 +386,42 @@ def test_the_paper_ps_config_is_valid_with_local_stand_ins(families, tmp_path):
     assert recipe["parameters"]["normalize"] is False and recipe["parameters"]["rescale"] is True
     # the same search scored on vLLM: a valid config, the same fingerprint (a run may resume on it)
     assert EvolveConfig.from_yaml({**data, "eval_backend": "vllm"}).fingerprint("ps") == config.fingerprint("ps")
+
+
+def test_paper_vlm_example_runs_on_tiny_stand_ins(tmp_path):
+    """examples/evolve/paper_vlm_ja.yml (EvoVLM-JP) with a tiny LLaVA, a tiny Japanese text fine-tune
+    and their tiny Mistral base for the hub ids, and a two-question Japanese VQA file: the config
+    parses to the paper's layer-wise genome over the VLM (weight and density per model and layer),
+    and one generation (4 trials) runs through the vqa evaluator (the VLM's processor, the ja gate) on the CPU."""
+    pytest.importorskip("fugashi")
+    from PIL import Image
+
+    from fastmerge.synth_vlm import make_vlm_family
+
+    data = yaml.safe_load((ROOT / "examples/evolve/paper_vlm_ja.yml").read_text())
+    assert data["models"][0] == "llava-hf/llava-v1.6-mistral-7b-hf" and data["space"] == "ps"
+    assert data["evaluator"]["name"] == "vqa" and data["evaluator"]["lang"] == "ja"
+    fam = make_vlm_family(tmp_path / "models", text_finetunes=1)
+    assert len(data["models"]) == 2
+    (tmp_path / "img").mkdir()
+    lines = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "img" / f"{i}.png")
+        lines.append(json.dumps({"image": f"img/{i}.png", "question": "この図形は何色ですか？",
+                                 "answers": ["赤い丸です。" if i == 0 else "青い丸です。"]}, ensure_ascii=False))
+    (tmp_path / "search.jsonl").write_text("\n".join(lines) + "\n")
+    data.update(models=[str(fam["vlm"]), str(fam["text"][0])], base_model=str(fam["base"]),
+                out=str(tmp_path / "out"), device="cpu", budget={"generations": 1}, cma={**data["cma"], "popsize": 4})
+    data["evaluator"].update(data=str(tmp_path / "search.jsonl"), max_new_tokens=4)
+    config = EvolveConfig.from_yaml(data)
+    layers = json.loads((fam["base"] / "config.json").read_text())["num_hidden_layers"]
+    assert config.ps_num_genes(layers) == layers * 2 * 2
+    recipe = ps_space(config).base_recipe()
+    assert recipe["merge_method"] == "dare_ties"
+    assert recipe["parameters"]["normalize"] is False and recipe["parameters"]["rescale"] is True
+    result = evolve(data)
+    assert result.best.trials == 4 and np.isfinite(result.best.best_fitness)
+    rows = read_trials(tmp_path / "out" / "ps" / "trials.jsonl")
+    assert [r["trial"] for r in rows] == [0, 1, 2, 3]
+    assert set(rows[0]["metrics"]) >= {"score", "rouge_l", "rouge_l_ungated", "acc_lang", "n"}
+    assert rows[0]["metrics"]["n"] == 2
