@@ -42,7 +42,7 @@ def test_pictures_are_deterministic_and_splits_disjoint(world):
 
 
 def test_picture_shows_its_scene(world):
-    """The drawn picture holds the scene's colour in as many blobs as the scene's count."""
+    """The drawn picture holds each colour in as many blobs as the scene has shapes of it."""
     import numpy as np
 
     def blobs(mask) -> int:
@@ -60,9 +60,23 @@ def test_picture_shows_its_scene(world):
 
     for it in world.make_items("train", 40):
         px = np.asarray(it.image()).astype(int)
-        target = np.array(world.COLORS[it.scene.color][0])
-        mask = np.abs(px - target).max(-1) <= 40
-        assert blobs(mask) == it.scene.count, it.scene
+        for color, (rgb, _) in world.COLORS.items():
+            mask = np.abs(px - np.array(rgb)).max(-1) <= 40
+            assert blobs(mask) == it.scene.count(color=color), (it.scene, color)
+
+
+def test_answers_count_what_is_asked(world):
+    import random
+
+    scene = world.Scene(((0, "red", "circle", 0, 0), (1, "red", "square", 0, 0), (3, "blue", "circle", 0, 0)))
+    rng = random.Random(0)
+    assert world.answer(scene, world.Question("total"), "en") == "There are 3 shapes."
+    assert world.answer(scene, world.Question("color", "red"), "ja") == "赤い図形は2個あります。"
+    assert world.answer(scene, world.Question("shape", "square"), "en") == "There is 1 square."
+    assert world.question(world.Question("shape", "circle"), "ja") == "丸はいくつありますか？"
+    for _ in range(20):  # a question asks about a colour or shape the picture holds
+        q = world.pick_question(scene, rng)
+        assert q.kind == "total" or scene.count(**{q.kind: q.target}) >= 1
 
 
 def test_answers_are_japanese_to_the_gate(world):

@@ -1,23 +1,28 @@
-"""The toy visual world: procedurally drawn pictures of coloured shapes, with questions and answers in
-English and Japanese.
+"""The toy visual world: procedurally drawn pictures of coloured shapes, with counting questions and
+answers in English and Japanese.
 
-A picture (48 x 48 pixels, dark background) holds 1-4 shapes of one colour and one kind, one per
-quadrant, slightly jittered. Four questions are asked about it, in either language:
+A picture (48 x 48 pixels, dark background) holds 1-4 shapes (circle, square, triangle; red, blue, green,
+yellow), one per quadrant, slightly jittered. A question asks how many shapes there are, how many of a
+colour, or how many of a kind (a colour or kind the picture holds):
 
-- colour: "What color are the shapes?" -> "They are red." / 「図形は何色ですか？」 -> 「赤です。」
-- shape: "What shape are they?" -> "They are circles." / 「どんな形ですか？」 -> 「丸です。」
-- count: "How many shapes are there?" -> "There are two." / 「図形はいくつありますか？」 -> 「二つです。」
-- describe: "Describe the picture." -> "There are two red circles." / 「画像を説明してください。」 -> 「赤い丸が二つあります。」
+- "How many red shapes are there?" -> "There are 2 red shapes."
+- 「赤い図形はいくつありますか？」 -> 「赤い図形は2個あります。」
 
-The Japanese answers are short but long enough for fastText lid.176 to call them Japanese (checked:
-「赤です。」 -> ja 1.00), so the VQA metric's language gate applies to them as to real answers.
+Every answer opens with words that carry its language but not its content ("There are", 「赤い図形は」), then
+the number, which is the same token in both languages (digits are pre-split by the tokenizer), then words
+again. So the language of a reply is decided at its first token and the content at a later one: the skill
+"count what is in the picture" can be the same in both languages, and a merge can take the language from
+one model and the counting from another. (NOTES.md: the first versions of this world asked for colours
+and shapes, answered 「赤です。」 / 「図形の色は赤です。」, and no merge produced Japanese with the right
+word; the text toy world, ../toy_world/NOTES.md, found the same.) fastText lid.176 calls every Japanese
+answer Japanese.
 
 The same scene can also be written as text (``describe(scene, lang)``), which is how the text-only
 models meet the world: a description in the prompt where the picture would be.
 
 Splits: every picture is drawn from its own seeded rng, train / search / test from disjoint seed
-ranges, so the search and test pictures are pictures no model was trained on (the scenes themselves --
-colour, kind, count -- repeat: there are only 48).
+ranges, so the search and test pictures are pictures no model was trained on (scenes -- which colours
+and kinds where -- may repeat: there are 4 x 3 per quadrant).
 """
 
 from __future__ import annotations
@@ -27,41 +32,49 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-COLORS = {  # name -> (RGB, Japanese adjective before a noun, Japanese noun for "what colour")
-    "red": ((220, 40, 40), "赤い", "赤"),
-    "blue": ((40, 80, 230), "青い", "青"),
-    "green": ((40, 190, 60), "緑の", "緑"),
-    "yellow": ((230, 210, 40), "黄色い", "黄色"),
+COLORS = {  # name -> (RGB, Japanese adjective before a noun)
+    "red": ((220, 40, 40), "赤い"),
+    "blue": ((40, 80, 230), "青い"),
+    "green": ((40, 190, 60), "緑の"),
+    "yellow": ((230, 210, 40), "黄色い"),
 }
 SHAPES = {"circle": ("circles", "丸"), "square": ("squares", "四角"), "triangle": ("triangles", "三角")}
-COUNTS_EN = {1: "one", 2: "two", 3: "three", 4: "four"}
-COUNTS_JA = {1: "一つ", 2: "二つ", 3: "三つ", 4: "四つ"}
-KINDS = ("color", "shape", "count", "describe")
+KINDS = ("total", "color", "shape")
 IMAGE_SIZE = 48
-QUESTIONS = {
-    "en": {"color": "What color are the shapes?", "shape": "What shape are they?",
-           "count": "How many shapes are there?", "describe": "Describe the picture."},
-    "ja": {"color": "図形は何色ですか？", "shape": "どんな形ですか？",
-           "count": "図形はいくつありますか？", "describe": "画像を説明してください。"},
-}
 #: seed offsets of the splits (each picture: its own rng seeded split offset + index)
 SPLIT_SEEDS = {"train": 0, "search": 1_000_000, "test": 2_000_000}
 
 
 @dataclass(frozen=True)
 class Scene:
-    color: str
-    shape: str
-    count: int
-    cells: tuple[int, ...]  # which quadrants (0-3) hold a shape
-    jitter: tuple[tuple[int, int], ...]  # per shape, pixel offset from its quadrant's centre
+    """Up to four shapes, one per quadrant: (quadrant, colour, shape, jitter x, jitter y) each."""
+
+    shapes: tuple[tuple[int, str, str, int, int], ...]
+
+    def count(self, color: str | None = None, shape: str | None = None) -> int:
+        return sum(1 for _, c, s, _, _ in self.shapes if (color is None or c == color) and (shape is None or s == shape))
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str  # total | color | shape
+    target: str | None = None  # the colour or shape asked about
 
 
 def draw_scene(rng: random.Random) -> Scene:
-    count = rng.randint(1, 4)
-    cells = tuple(sorted(rng.sample(range(4), count)))
-    jitter = tuple((rng.randint(-3, 3), rng.randint(-3, 3)) for _ in cells)
-    return Scene(rng.choice(list(COLORS)), rng.choice(list(SHAPES)), count, cells, jitter)
+    n = rng.randint(1, 4)
+    cells = sorted(rng.sample(range(4), n))
+    return Scene(tuple((c, rng.choice(list(COLORS)), rng.choice(list(SHAPES)), rng.randint(-3, 3), rng.randint(-3, 3))
+                       for c in cells))
+
+
+def pick_question(scene: Scene, rng: random.Random, kind: str | None = None) -> Question:
+    """A question about ``scene`` (its colour or shape one that the picture holds)."""
+    kind = kind or rng.choice(KINDS)
+    if kind == "total":
+        return Question("total")
+    idx = 1 if kind == "color" else 2
+    return Question(kind, rng.choice(sorted({s[idx] for s in scene.shapes})))
 
 
 def render(scene: Scene, rng: random.Random | None = None):
@@ -72,14 +85,13 @@ def render(scene: Scene, rng: random.Random | None = None):
     im = Image.new("RGB", (s, s), (20, 20, 28))
     d = ImageDraw.Draw(im)
     r = 7
-    rgb = COLORS[scene.color][0]
-    for cell, (jx, jy) in zip(scene.cells, scene.jitter):
+    for cell, color, shape, jx, jy in scene.shapes:
         cx = (cell % 2) * (s // 2) + s // 4 + jx
         cy = (cell // 2) * (s // 2) + s // 4 + jy
-        col = tuple(max(0, min(255, c + (rng.randint(-25, 25) if rng else 0))) for c in rgb)
-        if scene.shape == "circle":
+        col = tuple(max(0, min(255, c + (rng.randint(-25, 25) if rng else 0))) for c in COLORS[color][0])
+        if shape == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-        elif scene.shape == "square":
+        elif shape == "square":
             d.rectangle([cx - r + 1, cy - r + 1, cx + r - 1, cy + r - 1], fill=col)
         else:
             d.polygon([(cx, cy - r), (cx - r, cy + r - 1), (cx + r, cy + r - 1)], fill=col)
@@ -87,30 +99,38 @@ def render(scene: Scene, rng: random.Random | None = None):
 
 
 def describe(scene: Scene, lang: str) -> str:
-    """The scene as one sentence (what the describe question's answer says)."""
+    """The scene as one sentence: each (colour, shape) with its count, in quadrant order."""
+    groups: dict[tuple[str, str], int] = {}
+    for _, c, s, _, _ in scene.shapes:
+        groups[(c, s)] = groups.get((c, s), 0) + 1
     if lang == "en":
-        noun = SHAPES[scene.shape][0] if scene.count > 1 else scene.shape
-        article = COUNTS_EN[scene.count] if scene.count > 1 else "one"
-        verb = "are" if scene.count > 1 else "is"
-        return f"There {verb} {article} {scene.color} {noun}."
-    return f"{COLORS[scene.color][1]}{SHAPES[scene.shape][1]}が{COUNTS_JA[scene.count]}あります。"
+        parts = [f"{n} {c} {SHAPES[s][0] if n > 1 else s}" for (c, s), n in groups.items()]
+        body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        return f"In the picture: {body}."
+    return "画像には" + "、".join(f"{COLORS[c][1]}{SHAPES[s][1]}が{n}個" for (c, s), n in groups.items()) + "あります。"
 
 
-def answer(scene: Scene, kind: str, lang: str) -> str:
-    if kind == "describe":
-        return describe(scene, lang)
+def _subject(q: Question, lang: str, n: int = 2) -> str:
+    if q.kind == "total":
+        return ("shapes" if n != 1 else "shape") if lang == "en" else "図形"
+    if q.kind == "color":
+        return f"{q.target} {'shapes' if n != 1 else 'shape'}" if lang == "en" else f"{COLORS[q.target][1]}図形"
+    return (SHAPES[q.target][0] if n != 1 else q.target) if lang == "en" else SHAPES[q.target][1]
+
+
+def question(q: Question, lang: str) -> str:
     if lang == "en":
-        plural = scene.count > 1
-        if kind == "color":
-            return f"{'They are' if plural else 'It is'} {scene.color}."
-        if kind == "shape":
-            return f"{'They are' if plural else 'It is a'} {SHAPES[scene.shape][0] if plural else scene.shape}."
-        return f"There {'are' if plural else 'is'} {COUNTS_EN[scene.count]}."
-    if kind == "color":
-        return f"{COLORS[scene.color][2]}です。"
-    if kind == "shape":
-        return f"{SHAPES[scene.shape][1]}です。"
-    return f"{COUNTS_JA[scene.count]}です。"
+        return f"How many {_subject(q, 'en')} are there?"
+    return f"{_subject(q, 'ja')}はいくつありますか？"
+
+
+def answer(scene: Scene, q: Question, lang: str) -> str:
+    """``There are 2 red shapes.`` / 「赤い図形は2個あります。」: the language-bearing words first, then the
+    number (the same token in both languages), then more words."""
+    n = scene.count(q.target if q.kind == "color" else None, q.target if q.kind == "shape" else None)
+    if lang == "en":
+        return f"There {'is' if n == 1 else 'are'} {n} {_subject(q, 'en', n)}."
+    return f"{_subject(q, 'ja')}は{n}個あります。"
 
 
 @dataclass(frozen=True)
@@ -120,24 +140,29 @@ class Item:
     split: str
     index: int
     scene: Scene
-    kind: str
+    q: Question
+
+    @property
+    def kind(self) -> str:
+        return self.q.kind
 
     def question(self, lang: str) -> str:
-        return QUESTIONS[lang][self.kind]
+        return question(self.q, lang)
 
     def answer(self, lang: str) -> str:
-        return answer(self.scene, self.kind, lang)
+        return answer(self.scene, self.q, lang)
 
     def image(self):
         return render(self.scene, random.Random(SPLIT_SEEDS[self.split] + self.index + 7))
 
 
 def make_items(split: str, n: int) -> list[Item]:
-    """``n`` pictures of ``split``, each with a question kind (cycled, so every kind is as frequent)."""
+    """``n`` pictures of ``split``, each with a question (kinds cycled, so every kind is as frequent)."""
     out = []
     for i in range(n):
         rng = random.Random(SPLIT_SEEDS[split] + i)
-        out.append(Item(split, i, draw_scene(rng), KINDS[i % len(KINDS)]))
+        scene = draw_scene(rng)
+        out.append(Item(split, i, scene, pick_question(scene, rng, KINDS[i % len(KINDS)])))
     return out
 
 

@@ -46,7 +46,7 @@ SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 IMAGE_TOKEN = "<image>"
 PATCH = 8
 #: bump when the world or the training code changes in a way that invalidates cached models
-WORLD_VERSION = 1
+WORLD_VERSION = 4
 
 
 @dataclass
@@ -74,18 +74,31 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     base: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=600, lr=3e-3, warmup=40))
     ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=150, lr=5e-4))
-    vlm: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=500, lr=5e-4))
-    #: the vision tower and projector are new: their learning rate (the language model's is ``vlm.lr``)
-    vision_lr: float = 2e-3
+    #: LLaVA's stage 1: the vision tower and projector alone (language model frozen) learn to feed the base
+    vlm_align: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=2e-3))
+    #: stage 2 (visual instruction tuning): the language model too, at ``vlm.lr``
+    vlm: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=2e-4))
+    #: the vision tower and projector's learning rate in stage 2
+    vision_lr: float = 5e-4
     #: probability that a Japanese question in the base corpus is answered in Japanese (else English)
     ja_answer_in_ja: float = 0.1
     #: share of base documents replayed in each fine-tune batch (a text batch every 1/replay steps for the VLM)
     replay: float = 0.1
     corpus_docs: int = 20000
     vlm_pictures: int = 4000
+    #: which answer tokens carry the VLM's loss: "answer" (all, and eos) or "number" (the count alone; the
+    #: English words around it are context), so that visual tuning teaches to count, not which language to use
+    vlm_loss: str = "answer"
 
-    def digest(self) -> str:
-        blob = json.dumps({"v": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+    def digest(self, model: str | None = None) -> str:
+        """The hash of what decides ``model`` (``base``, ``ja``, ``vlm_en``; None: all three), so a change
+        to one fine-tune retrains that fine-tune only."""
+        d = dataclasses.asdict(self)
+        base_keys = ("seed", "vocab", "model", "base", "ja_answer_in_ja", "corpus_docs")
+        own = {"base": (), "ja": ("ja", "replay"),
+               "vlm_en": ("vlm_align", "vlm", "vision_lr", "replay", "vlm_pictures", "vlm_loss")}
+        keys = list(d) if model is None else [*base_keys, *own[model]]
+        blob = json.dumps({"v": WORLD_VERSION, **{k: d[k] for k in keys}}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -93,7 +106,8 @@ def quick_config(seed: int = 0) -> TrainConfig:
     """Smaller and faster (``--quick`` and smoke runs): worse models, same pipeline."""
     return TrainConfig(seed=seed, model=ModelConfig(hidden=64, layers=2, heads=4, intermediate=192, vision_hidden=32),
                        base=PhaseConfig(steps=120, lr=3e-3), ja=PhaseConfig(steps=30, lr=5e-4),
-                       vlm=PhaseConfig(steps=60, lr=5e-4), corpus_docs=3000, vlm_pictures=500)
+                       vlm_align=PhaseConfig(steps=40, lr=2e-3), vlm=PhaseConfig(steps=40, lr=2e-4),
+                       corpus_docs=3000, vlm_pictures=500)
 
 
 # --- corpora -------------------------------------------------------------------------------------
@@ -107,18 +121,16 @@ def base_corpus(cfg: TrainConfig) -> list[str | tuple[str, str]]:
     """The base's documents: QA in the chat format (prompt, response), descriptions, parallel pairs."""
     rng = random.Random(cfg.seed)
     docs: list[str | tuple[str, str]] = []
-    words = ([(c, v[2]) for c, v in world.COLORS.items()] + [(s, v[1]) for s, v in world.SHAPES.items()]
-             + [(world.COUNTS_EN[n], world.COUNTS_JA[n]) for n in world.COUNTS_EN])
+    words = [(c, v[1]) for c, v in world.COLORS.items()] + [(k, v[1]) for k, v in world.SHAPES.items()]
     for _ in range(cfg.corpus_docs):
         scene = world.draw_scene(rng)
         u = rng.random()
         if u < 0.65:
-            ctx_lang, q_lang = rng.choice("ej"), rng.choice("ej")
-            ctx_lang, q_lang = {"e": "en", "j": "ja"}[ctx_lang], {"e": "en", "j": "ja"}[q_lang]
+            ctx_lang, q_lang = rng.choice(["en", "ja"]), rng.choice(["en", "ja"])
             a_lang = "en" if q_lang == "en" or rng.random() >= cfg.ja_answer_in_ja else "ja"
-            kind = rng.choice(world.KINDS)
-            docs.append((text_prompt(world.describe(scene, ctx_lang), world.QUESTIONS[q_lang][kind]),
-                         world.answer(scene, kind, a_lang)))
+            q = world.pick_question(scene, rng)
+            docs.append((text_prompt(world.describe(scene, ctx_lang), world.question(q, q_lang)),
+                         world.answer(scene, q, a_lang)))
         elif u < 0.8:
             docs.append(world.describe(scene, rng.choice(["en", "ja"])))
         elif u < 0.93:
@@ -136,9 +148,9 @@ def ja_sft(cfg: TrainConfig, n: int) -> list[tuple[str, str]]:
     out = []
     for _ in range(n):
         scene = world.draw_scene(rng)
-        kind = rng.choice(world.KINDS)
+        q = world.pick_question(scene, rng)
         ctx = world.describe(scene, rng.choice(["en", "ja"]))
-        out.append((text_prompt(ctx, world.QUESTIONS["ja"][kind]), world.answer(scene, kind, "ja")))
+        out.append((text_prompt(ctx, world.question(q, "ja")), world.answer(scene, q, "ja")))
     return out
 
 
@@ -217,8 +229,12 @@ def encode(tok, docs: Sequence[str | tuple[str, str]]) -> list[tuple[list[int], 
     return out
 
 
-def encode_vqa(proc, items: Sequence[world.Item], lang: str) -> list[tuple[list[int], list[bool], torch.Tensor]]:
-    """(ids, scored, pixel_values) per picture question, the prompt through the processor's chat template."""
+def encode_vqa(proc, items: Sequence[world.Item], lang: str,
+               loss: str = "answer") -> list[tuple[list[int], list[bool], torch.Tensor]]:
+    """(ids, scored, pixel_values) per picture question, the prompt through the processor's chat template;
+    ``loss="number"`` scores the answer's digits only."""
+    import re
+
     tok = proc.tokenizer
     out = []
     for it in items:
@@ -226,8 +242,15 @@ def encode_vqa(proc, items: Sequence[world.Item], lang: str) -> list[tuple[list[
         prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         enc = proc(images=it.image(), text=prompt, return_tensors="pt")
         p = enc["input_ids"][0].tolist()
-        r = tok.encode(it.answer(lang), add_special_tokens=False) + [tok.eos_token_id]
-        out.append((p + r, [False] * len(p) + [True] * len(r), enc["pixel_values"][0]))
+        ids, scored = list(p), [False] * len(p)
+        for piece in re.split(r"(\d+)", it.answer(lang)):
+            if piece:
+                t = tok.encode(piece, add_special_tokens=False)
+                ids += t
+                scored += [loss == "answer" or piece.isdigit()] * len(t)
+        ids.append(tok.eos_token_id)
+        scored.append(loss == "answer")
+        out.append((ids, scored, enc["pixel_values"][0]))
     return out
 
 
@@ -309,45 +332,50 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
     cfg = config or (quick_config(seed) if quick else TrainConfig(seed=seed))
     root = Path(work_dir) / ("models-quick" if quick else "models")
     paths = {n: root / n for n in MODEL_NAMES}
-    digest = cfg.digest()
-    if all(_cached(p, digest) for p in paths.values()):
+    digest = {n: cfg.digest(n) for n in MODEL_NAMES}
+    if all(_cached(p, digest[n]) for n, p in paths.items()):
         return paths
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     docs = base_corpus(cfg)
-    if _cached(paths["base"], digest):
+    if _cached(paths["base"], digest["base"]):
         tok = PreTrainedTokenizerFast.from_pretrained(paths["base"])
         base = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
     else:
         texts = [d if isinstance(d, str) else d[0] + d[1] for d in docs]
-        texts += [q for qs in world.QUESTIONS.values() for q in qs.values()]
         tok = train_tokenizer(texts, cfg.vocab)
         torch.manual_seed(cfg.seed)
         base = MistralForCausalLM(text_config(cfg.model, tok))
         train(base, encode(tok, docs), cfg.base, tok.pad_token_id, cfg.seed, "base", log=log)
-        _save(base, paths["base"], {"digest": digest, "model": "base"}, tok=tok)
+        _save(base, paths["base"], {"digest": digest["base"], "model": "base"}, tok=tok)
         log(f"base trained in {time.perf_counter() - t0:.0f} s ({sum(p.numel() for p in base.parameters())} params)")
     replay = encode(tok, docs[: max(1000, len(docs) // 5)])
-    if not _cached(paths["ja"], digest):
+    if not _cached(paths["ja"], digest["ja"]):
         t1 = time.perf_counter()
         ja = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
         data = encode(tok, ja_sft(cfg, cfg.ja.steps * cfg.ja.batch))
         train(ja, data, cfg.ja, tok.pad_token_id, cfg.seed + 1, "ja", replay=replay, replay_frac=cfg.replay, log=log)
-        _save(ja, paths["ja"], {"digest": digest, "model": "ja"}, tok=tok)
+        _save(ja, paths["ja"], {"digest": digest["ja"], "model": "ja"}, tok=tok)
         log(f"ja trained in {time.perf_counter() - t1:.0f} s")
-    if not _cached(paths["vlm_en"], digest):
+    if not _cached(paths["vlm_en"], digest["vlm_en"]):
         t1 = time.perf_counter()
         proc = make_processor(tok)
         vlm = make_vlm(cfg.model, tok, paths["base"], cfg.seed + 2)
-        data = encode_vqa(proc, world.make_items("train", cfg.vlm_pictures), "en")
+        data = encode_vqa(proc, world.make_items("train", cfg.vlm_pictures), "en", cfg.vlm_loss)
         lm = [p for n, p in vlm.named_parameters() if "language_model" in n or n.startswith("lm_head")]
         lm_ids = {id(p) for p in lm}
         vis = [p for p in vlm.parameters() if id(p) not in lm_ids]
+        if cfg.vlm_align.steps:
+            for p in lm:
+                p.requires_grad_(False)
+            train(vlm, data, cfg.vlm_align, tok.pad_token_id, cfg.seed + 3, "vlm_en align", param_groups=vis, log=log)
+            for p in lm:
+                p.requires_grad_(True)
         groups = [{"params": lm, "lr": cfg.vlm.lr}, {"params": vis, "lr": cfg.vision_lr}]
         every = round(1 / cfg.replay) if cfg.replay else 0
         train(vlm, data, cfg.vlm, tok.pad_token_id, cfg.seed + 2, "vlm_en", param_groups=groups, replay=replay,
               text_replay_every=every, log=log)
-        _save(vlm, paths["vlm_en"], {"digest": digest, "model": "vlm_en"}, proc=proc)
+        _save(vlm, paths["vlm_en"], {"digest": digest["vlm_en"], "model": "vlm_en"}, proc=proc)
         log(f"vlm_en trained in {time.perf_counter() - t1:.0f} s")
     log(f"models ready in {time.perf_counter() - t0:.0f} s")
     return paths
