@@ -46,13 +46,13 @@ import train_vlm as train  # noqa: E402
 
 @dataclass(frozen=True)
 class DemoConfig:
-    search_size: int = 80
+    search_size: int = 120
     test_size: int = 200
-    popsize: int = 8
-    generations: int = 12
+    popsize: int = 10
+    generations: int = 15
     max_new_tokens: int = 16
     grid: tuple[float, ...] = (0.0, 0.5, 1.0)
-    search_seed: int = 0
+    search_seeds: tuple[int, ...] = (0, 1, 2)
 
 
 #: answers are one sentence: cut at the first Japanese full stop (every model alike; an English answer is
@@ -60,7 +60,7 @@ class DemoConfig:
 STOP = ["。"]
 
 FULL = DemoConfig()
-QUICK = DemoConfig(search_size=16, test_size=24, popsize=4, generations=1, grid=(1.0,))
+QUICK = DemoConfig(search_size=16, test_size=24, popsize=4, generations=1, grid=(1.0,), search_seeds=(0,))
 
 
 def write_data(work: Path, cfg: DemoConfig) -> dict[str, Path]:
@@ -107,6 +107,7 @@ def score(model_dir: Path, data: Path, lang: str, cfg: DemoConfig) -> dict:
     for k in world.KINDS:
         sel = [h for h, kk in zip(hits, kinds) if kk == k]
         m[f"exact_{k}"] = statistics.fmean(sel) if sel else 0.0
+    m["per_item"] = {"rouge_l": [o["rouge_l_gated"] for o in ev.last_outputs], "exact": [float(h) for h in hits]}
     m["samples"] = [{"q": o["question"], "ref": o["references"][0], "out": o["output"]} for o in ev.last_outputs[:4]]
     return m
 
@@ -123,18 +124,18 @@ def merge_ta(paths: dict, w_vlm: float, w_ja: float, out: Path) -> Path:
     return out
 
 
-def evolve_config(paths: dict, data: dict, work: Path, cfg: DemoConfig) -> dict:
+def evolve_config(paths: dict, data: dict, work: Path, cfg: DemoConfig, seed: int = 0) -> dict:
     return {
         "models": [str(paths["vlm_en"]), str(paths["ja"])], "base_model": str(paths["base"]),
         "merge_method": "dare_ties", "space": "ps",
         "ps": {"group_size": 1, "weight": [0.0, 1.5], "density": [0.0, 1.0],
-               "parameters": {"normalize": False, "rescale": True}, "random_seed": 42 + cfg.search_seed},
+               "parameters": {"normalize": False, "rescale": True}, "random_seed": 42 + seed},
         "evaluator": {"name": "vqa", "data": str(data["search_ja"]), "lang": "ja", "batch_size": 40,
                       "max_new_tokens": cfg.max_new_tokens, "stop": STOP},
         "metric": "score",
-        "cma": {"x0": 0.5, "sigma0": 1 / 6, "popsize": cfg.popsize, "seed": cfg.search_seed},
+        "cma": {"x0": 0.5, "sigma0": 1 / 6, "popsize": cfg.popsize, "seed": seed},
         "budget": {"generations": cfg.generations},
-        "out": str(work / f"evolve-{cfg.search_seed}"), "device": "cpu",
+        "out": str(work / f"evolve-{seed}"), "device": "cpu",
     }
 
 
@@ -157,6 +158,7 @@ def run(work: Path, quick: bool = False, log=print, results_dir: Path | None = H
         row = {"model": name, "kind": kind, "ja_rouge_l": ja["rouge_l"], "ja_acc_lang": ja["acc_lang"],
                "ja_exact": ja["exact"], **{f"ja_{k}": ja[k] for k in ja if k.startswith("exact_")},
                "en_exact": en["exact"], "en_rouge_l": en["rouge_l"], "n": ja["n"], "samples_ja": ja["samples"],
+               "per_item_ja": ja["per_item"],
                **(extra or {})}
         rows.append(row)
         log(f"{name}: JA rouge_l {row['ja_rouge_l']:.3f} acc_lang {row['ja_acc_lang']:.3f} exact "
@@ -169,17 +171,25 @@ def run(work: Path, quick: bool = False, log=print, results_dir: Path | None = H
             if (a, b) in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)):
                 continue  # the base / the sources themselves
             add(f"ta(vlm={a}, ja={b})", merge_ta(paths, a, b, mdir / f"ta_{a}_{b}"), "grid")
+    sources = [r for r in rows if r["kind"] == "source"]
+    best = max(sources, key=lambda r: r["ja_rouge_l"])
+    search_scores = {name: score(d, data["search_ja"], "ja", cfg)["rouge_l"] for name, d in models.items()}
     t1 = time.perf_counter()
-    ec = evolve_config(paths, data, work, cfg)
-    shutil.rmtree(ec["out"], ignore_errors=True)
-    res = evolve(ec, materialize=True).best
+    for seed in cfg.search_seeds:  # one search per seed (CMA-ES and DARE seeds), each scored on the test split
+        ec = evolve_config(paths, data, work, cfg, seed)
+        shutil.rmtree(ec["out"], ignore_errors=True)
+        res = evolve(ec, materialize=True).best
+        name = f"evolved PS merge (seed {seed})"
+        add(name, Path(res.model_dir), "evolved", {"search_rouge_l": res.best_fitness, "trials": res.trials,
+                                                  "search_seed": seed})
+        search_scores[name] = res.best_fitness
+        # against the best source, per test question (paired): margin and its standard error
+        evo = rows[-1]
+        for key in ("rouge_l", "exact"):
+            d = [a - b for a, b in zip(evo["per_item_ja"][key], best["per_item_ja"][key])]
+            se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+            evo[f"margin_{key}"] = {"vs": best["model"], "margin": statistics.fmean(d), "se": se}
     t_evolve = time.perf_counter() - t1
-    add("evolved PS merge", Path(res.model_dir), "evolved",
-        {"search_rouge_l": res.best_fitness, "trials": res.trials})
-    search_scores = {}
-    for name, d in models.items():
-        search_scores[name] = score(d, data["search_ja"], "ja", cfg)["rouge_l"]
-    search_scores["evolved PS merge"] = res.best_fitness
     summary = {"rows": rows, "search_rouge_l": search_scores, "config": cfg.__dict__,
                "train_config_digest": (train.quick_config() if quick else train.TrainConfig()).digest(),
                "seconds": {"train": round(t_train), "evolve": round(t_evolve), "total": round(time.perf_counter() - t0)}}
@@ -205,11 +215,19 @@ def write_results(s: dict, out: Path, quick: bool) -> None:
         lines.append(f"| {r['model']} | {r['kind']} | {'' if srch is None else f'{srch:.3f}'} | {r['ja_rouge_l']:.3f} | "
                      f"{r['ja_acc_lang']:.3f} | {r['ja_exact']:.3f} | "
                      + "".join(f"{r[f'ja_exact_{k}']:.3f} | " for k in world.KINDS) + f"{r['en_exact']:.3f} |")
+    lines += ["", "Each evolved merge minus the best source on the test questions (paired; standard error):", ""]
+    for evo in (r for r in s["rows"] if r["kind"] == "evolved"):
+        lines.append(f"- {evo['model']} minus {evo['margin_rouge_l']['vs']}: JA ROUGE-L "
+                     f"{evo['margin_rouge_l']['margin']:+.3f} ({evo['margin_rouge_l']['se']:.3f}), JA exact "
+                     f"{evo['margin_exact']['margin']:+.3f} ({evo['margin_exact']['se']:.3f}); "
+                     f"{evo['trials']} trials")
     lines += ["", f"Seconds: {s['seconds']}.", "", "Sample answers (Japanese test questions):", ""]
     for r in s["rows"]:
         if r["kind"] in ("source", "evolved"):
             lines.append(f"- {r['model']}: " + "; ".join(f"{x['q']} -> {x['out']!r} (ref {x['ref']})"
                                                          for x in r["samples_ja"][:3]))
+        if r["kind"] == "evolved":
+            break
     (out / f"RESULTS{suffix}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -76,18 +76,22 @@ class TrainConfig:
     ja: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=150, lr=5e-4))
     #: LLaVA's stage 1: the vision tower and projector alone (language model frozen) learn to feed the base
     vlm_align: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=2e-3))
-    #: stage 2 (visual instruction tuning): the language model too, at ``vlm.lr``
-    vlm: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=300, lr=2e-4))
-    #: the vision tower and projector's learning rate in stage 2
-    vision_lr: float = 5e-4
+    #: stage 2 (visual instruction tuning): the language model, at ``vlm.lr``
+    vlm: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=400, lr=3e-4))
+    #: the vision tower and projector's learning rate in stage 2 (0: frozen)
+    vision_lr: float = 0.0
     #: probability that a Japanese question in the base corpus is answered in Japanese (else English)
     ja_answer_in_ja: float = 0.1
+    #: share of the Japanese chat whose prompt has no description (the question alone, answered in Japanese):
+    #: Japanese answers to Japanese questions whatever comes before them (as a Japanese LLM gives them)
+    ja_no_context: float = 0.3
     #: share of base documents replayed in each fine-tune batch (a text batch every 1/replay steps for the VLM)
     replay: float = 0.1
     corpus_docs: int = 20000
     vlm_pictures: int = 4000
-    #: which answer tokens carry the VLM's loss: "answer" (all, and eos) or "number" (the count alone; the
-    #: English words around it are context), so that visual tuning teaches to count, not which language to use
+    #: which answer tokens carry the VLM's loss in stage 2: "answer" (all, and eos) or "number" (the count
+    #: alone; the English words around it are context), so that visual tuning teaches to count, not which
+    #: language to answer in (stage 1 always scores the whole answer)
     vlm_loss: str = "answer"
 
     def digest(self, model: str | None = None) -> str:
@@ -95,7 +99,7 @@ class TrainConfig:
         to one fine-tune retrains that fine-tune only."""
         d = dataclasses.asdict(self)
         base_keys = ("seed", "vocab", "model", "base", "ja_answer_in_ja", "corpus_docs")
-        own = {"base": (), "ja": ("ja", "replay"),
+        own = {"base": (), "ja": ("ja", "replay", "ja_no_context"),
                "vlm_en": ("vlm_align", "vlm", "vision_lr", "replay", "vlm_pictures", "vlm_loss")}
         keys = list(d) if model is None else [*base_keys, *own[model]]
         blob = json.dumps({"v": WORLD_VERSION, **{k: d[k] for k in keys}}, sort_keys=True)
@@ -149,8 +153,11 @@ def ja_sft(cfg: TrainConfig, n: int) -> list[tuple[str, str]]:
     for _ in range(n):
         scene = world.draw_scene(rng)
         q = world.pick_question(scene, rng)
-        ctx = world.describe(scene, rng.choice(["en", "ja"]))
-        out.append((text_prompt(ctx, world.question(q, "ja")), world.answer(scene, q, "ja")))
+        if rng.random() < cfg.ja_no_context:
+            prompt = f"USER: {world.question(q, 'ja')} ASSISTANT:"
+        else:
+            prompt = text_prompt(world.describe(scene, rng.choice(["en", "ja"])), world.question(q, "ja"))
+        out.append((prompt, world.answer(scene, q, "ja")))
     return out
 
 
@@ -361,7 +368,9 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
         t1 = time.perf_counter()
         proc = make_processor(tok)
         vlm = make_vlm(cfg.model, tok, paths["base"], cfg.seed + 2)
-        data = encode_vqa(proc, world.make_items("train", cfg.vlm_pictures), "en", cfg.vlm_loss)
+        items = world.make_items("train", cfg.vlm_pictures)
+        data = encode_vqa(proc, items, "en")
+        tuned = data if cfg.vlm_loss == "answer" else encode_vqa(proc, items, "en", cfg.vlm_loss)
         lm = [p for n, p in vlm.named_parameters() if "language_model" in n or n.startswith("lm_head")]
         lm_ids = {id(p) for p in lm}
         vis = [p for p in vlm.parameters() if id(p) not in lm_ids]
@@ -371,9 +380,14 @@ def build_models(work_dir: str | Path = HERE / "work", quick: bool = False, seed
             train(vlm, data, cfg.vlm_align, tok.pad_token_id, cfg.seed + 3, "vlm_en align", param_groups=vis, log=log)
             for p in lm:
                 p.requires_grad_(True)
-        groups = [{"params": lm, "lr": cfg.vlm.lr}, {"params": vis, "lr": cfg.vision_lr}]
+        groups = [{"params": lm, "lr": cfg.vlm.lr}]
+        if cfg.vision_lr:
+            groups.append({"params": vis, "lr": cfg.vision_lr})
+        else:  # stage 2 with the vision side frozen: the projector stays aligned to the base
+            for p in vis:
+                p.requires_grad_(False)
         every = round(1 / cfg.replay) if cfg.replay else 0
-        train(vlm, data, cfg.vlm, tok.pad_token_id, cfg.seed + 2, "vlm_en", param_groups=groups, replay=replay,
+        train(vlm, tuned, cfg.vlm, tok.pad_token_id, cfg.seed + 2, "vlm_en", param_groups=groups, replay=replay,
               text_replay_every=every, log=log)
         _save(vlm, paths["vlm_en"], {"digest": digest["vlm_en"], "model": "vlm_en"}, proc=proc)
         log(f"vlm_en trained in {time.perf_counter() - t1:.0f} s")
