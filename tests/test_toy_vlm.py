@@ -122,5 +122,5 @@ def test_demo_quick_end_to_end(tmp_path):
 
     run_dir = tmp_path / "work" / "evolve-0" / "ps" / "model"
     ev = VQAEvaluator(tmp_path / "work" / "data" / "search_ja.jsonl", lang="ja", batch_size=40,
-                      max_new_tokens=demo.QUICK.max_new_tokens)
+                      max_new_tokens=demo.QUICK.max_new_tokens, stop=demo.STOP)
     assert ev(load_vlm(run_dir))["score"] == pytest.approx(best["search_rouge_l"], abs=1e-9)
