@@ -21,15 +21,29 @@ mkdir -p "$dest"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 FASTMERGE_BENCH_OUT="$dest"
 unset TRITON_INTERPRET
 if [ -d .wheels ]; then python3 -m pip install -q --no-index --find-links .wheels -r .wheels/requirements.txt; fi
+# fastmerge.kernels is the top-level kernels/ folder (pyproject's package-dir mapping), so a source tree
+# without an install lacks it: a link in this copy of the tree makes PYTHONPATH=$PWD enough
+if ! python3 -c "import fastmerge.kernels" 2>/dev/null; then
+  ln -sn ../kernels fastmerge/kernels && trap 'rm -f fastmerge/kernels' EXIT
+fi
+python3 -c "import fastmerge.kernels, fastmerge.recipe" || { echo "gpu_check: fastmerge does not import"; exit 2; }
 { nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   > "$dest/env.txt" 2>&1
 status=0
-step() { echo "== $1 ($(date -u +%T))"; shift; timeout "$@" || { echo "   failed: rc $?"; status=1; }; }
-step "kernel tests" 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_kernels_grouped.py \
-  tests/test_kernels_select.py tests/test_ties_exact.py 2>&1 | tail -n 30 > "$dest/tests.log"
-step "kernel bandwidth + 7B in memory" 200 python3 -m pytest -q -s -p no:cacheprovider bench/test_triton_kernel.py \
-  --benchmark-disable 2>&1 | tail -n 60 > "$dest/bench.log"
-step "streaming merge, cuda vs cpu" 150 python3 bench/gpu_stream_merge.py --out "$dest" --reps 2 2>&1 | tail -n 30 \
-  > "$dest/stream.log"
-cat "$dest"/*.log
+# step NAME LOG SECONDS CMD...: CMD's whole output to $dest/LOG, its tail to the terminal; a failure (or
+# its timeout, rc 124) is reported and turns the script's exit status to 1, and the next step still runs
+step() {
+  local name=$1 log=$2; shift 2
+  echo "== $name ($(date -u +%T))"
+  timeout "$@" > "$dest/$log" 2>&1
+  local rc=$?
+  tail -n 40 "$dest/$log"
+  if [ $rc -ne 0 ]; then echo "   $name failed: rc $rc (whole log: $log)"; status=1; fi
+}
+step "kernel tests" tests.log 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+  tests/test_kernels_grouped.py tests/test_kernels_select.py tests/test_ties_exact.py
+step "kernel bandwidth + 7B in memory" bench.log 200 python3 -m pytest -q -s -p no:cacheprovider \
+  bench/test_triton_kernel.py --benchmark-disable
+step "streaming merge, cuda vs cpu" stream.log 170 python3 bench/gpu_stream_merge.py --out "$dest" --reps 2
+echo "gpu_check: results in $dest (exit $status)"
 exit $status

@@ -34,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", default="cuda,cpu")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fastmerge-gpu-bench"))
     args = ap.parse_args(argv)
+    if "cuda" in args.devices.split(","):
+        import torch
+
+        if not torch.cuda.is_available():
+            # `fastmerge merge --device cuda` falls back to the CPU with a warning: a "cuda" row would be a CPU time
+            print("gpu_stream_merge: no CUDA GPU here; pass --devices cpu", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = ensure_family(args.workdir, args.size)
