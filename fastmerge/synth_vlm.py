@@ -4,10 +4,11 @@ word-level tokenizer with an ``<image>`` token, a chat template), next to text-o
 the same Mistral base, as EvoVLM-JP's sources are (LLaVA-1.6-Mistral and Shisa Gamma, both
 fine-tunes of Mistral-7B-v0.1). No hub, no training.
 
-Two on-disk namings of a LLaVA checkpoint exist: the one transformers' ``save_pretrained`` writes
-(``language_model.model.layers.N...``, ``language_model.lm_head``, ``vision_tower...``, also found on
-the hub) and transformers 5's module names (``model.language_model.layers.N...``, ``lm_head``,
-``model.vision_tower...``). ``naming="v5"`` rewrites the saved keys to the second.
+A LLaVA checkpoint's tensors are named one of three ways on disk (``fastmerge.vlm``): ``legacy``
+(``language_model.model.layers.N...``, ``language_model.lm_head``, ``vision_tower...``: what the hub
+holds), ``v5`` (transformers 5's module names) or ``mixed`` (what transformers 5.4's
+``save_pretrained`` writes). Whatever the installed transformers writes, the saved keys are
+rewritten to the ``naming`` asked for, so a test sees the same layout on every release.
 """
 
 from __future__ import annotations
@@ -28,12 +29,6 @@ CHAT_TEMPLATE = (
     "{% if m['content'] is string %}{{ m['content'] }} {% else %}{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-_LEGACY_TO_V5 = (
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
 )
 
 
@@ -61,24 +56,23 @@ def processor(tok, image_size: int = 32, patch_size: int = 8):
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE)
 
 
-def rename_to_v5(path: str | Path) -> None:
-    """Rewrite a saved LLaVA checkpoint's tensor names to transformers 5's module names, in place."""
+def rename_to(path: str | Path, naming: str) -> None:
+    """Rewrite a saved LLaVA checkpoint's tensor names, in place, from the naming it has to
+    ``naming`` (``legacy``, ``v5`` or ``mixed``)."""
     from safetensors.torch import load_file, save_file
+
+    from .vlm import naming_of, rename
 
     path = Path(path)
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-
-    def rename(key: str) -> str:
-        for old, new in _LEGACY_TO_V5:
-            if key.startswith(old):
-                return new + key[len(old):]
-        return key
-
+    states = {f: load_file(path / f) for f in files}
+    src = naming_of([k for state in states.values() for k in state], path)
+    if src == naming:
+        return
     weight_map = {}
-    for f in files:
-        state = load_file(path / f)
-        state = {rename(k): v for k, v in state.items()}
+    for f, state in states.items():
+        state = {rename(k, src, naming): v for k, v in state.items()}
         save_file(state, path / f, metadata={"format": "pt"})
         weight_map.update({k: f for k in state})
     if index.exists():
@@ -103,8 +97,8 @@ def make_vlm_family(
     ``{"base": path, "vlm": path, "text": [paths]}``."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    if naming not in ("legacy", "v5"):
-        raise ValueError(f"naming must be 'legacy' or 'v5', not {naming!r}")
+    if naming not in ("legacy", "v5", "mixed"):
+        raise ValueError(f"naming must be 'legacy', 'v5' or 'mixed', not {naming!r}")
     root = Path(root)
     tok = tokenizer()
     spec = spec or ModelSpec(arch="mistral", vocab=len(tok))
@@ -137,8 +131,7 @@ def make_vlm_family(
     del lm
     vlm.save_pretrained(out["vlm"], max_shard_size=shard_size)
     processor(tok, image_size, patch_size).save_pretrained(out["vlm"])
-    if naming == "v5":
-        rename_to_v5(out["vlm"])
+    rename_to(out["vlm"], naming)
     import shutil
 
     shutil.rmtree(text[1])

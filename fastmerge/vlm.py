@@ -9,11 +9,13 @@ naming        language model                              its output head
 ============  ==========================================  ==============================
 ``legacy``    ``language_model.model.*`` (layers, embeds)  ``language_model.lm_head.*``
 ``v5``        ``model.language_model.*``                  ``lm_head.*``
+``mixed``     ``model.language_model.model.*``            ``language_model.lm_head.*``
 ``flat``      ``model.*`` (Qwen2-VL's older checkpoints)   ``lm_head.*``
 ============  ==========================================  ==============================
 
-(``legacy`` is what ``save_pretrained`` writes and what the hub holds; ``v5`` is transformers 5's
-module names.) ``LMView`` is a ``CheckpointReader`` of such a checkpoint that shows the language
+(``legacy`` is what ``save_pretrained`` writes (transformers 5.24) and what the hub holds; ``v5`` is
+transformers 5's module names; ``mixed`` is what transformers 5.4's ``save_pretrained`` writes, with
+the vision side under ``model.``: checkpoints saved with it are on disk too.) ``LMView`` is a ``CheckpointReader`` of such a checkpoint that shows the language
 model under a text model's names (``model.layers.N...``, ``model.embed_tokens``, ``model.norm``,
 ``lm_head``) and its ``text_config`` as its config, so the plan pairs its tensors with the text
 models' exactly as it pairs text models. The other tensors (``extra``) stay readable under their
@@ -37,11 +39,13 @@ from .io import CheckpointReader, TensorMeta
 NAMINGS: dict[str, tuple[tuple[str, str], ...]] = {
     "legacy": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
     "v5": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    "mixed": (("model.language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
     # Qwen2-VL's older checkpoints: the language model at the top, as a text model's (``visual.*`` beside)
     "flat": (("model.", "model."), ("lm_head.", "lm_head.")),
 }
 #: naming -> the tensor that shows a checkpoint uses it (tried in this order)
-_MARKS = {"legacy": "language_model.model.", "v5": "model.language_model.", "flat": "model.layers."}
+_MARKS = {"mixed": "model.language_model.model.", "legacy": "language_model.model.", "v5": "model.language_model.",
+          "flat": "model.layers."}
 #: the processor files a VLM output carries from its frame (the tokenizer files: engine.TOKENIZER_FILES)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
                    "chat_template.json", "chat_template.jinja", "special_tokens_map.json")
@@ -64,7 +68,7 @@ def read_config(file: Path) -> dict:
 
 
 def naming_of(names, where: Path | str) -> str:
-    """``legacy``, ``v5`` or ``flat``: how a VLM checkpoint names its language model's tensors."""
+    """``mixed``, ``legacy``, ``v5`` or ``flat``: how a VLM checkpoint names its language model's tensors."""
     names = list(names)
     for naming, mark in _MARKS.items():
         if any(n.startswith(mark) for n in names):
@@ -93,13 +97,25 @@ def to_disk(text_name: str, naming: str) -> str:
 def module_name(name: str, naming: str) -> str:
     """A VLM checkpoint's tensor name as transformers 5's module names it: ``v5`` names are module
     names already; otherwise the language model goes to ``model.language_model``, its head to the
-    top, everything else under ``model.``."""
+    top, everything else under ``model.`` (where ``mixed`` has it already)."""
     if naming == "v5":
         return name
     text = to_text(name, naming)
     if text is not None:
         return text if text.startswith("lm_head.") else "model.language_model." + text[len("model."):]
-    return "model." + name
+    return name if naming == "mixed" else "model." + name
+
+
+def rename(name: str, src: str, dst: str) -> str:
+    """A LLaVA-style checkpoint's tensor name in naming ``src`` as naming ``dst`` writes it (``legacy``,
+    ``v5``, ``mixed``: ``flat`` is another model family's layout)."""
+    if "flat" in (src, dst):
+        raise FastmergeError("rename: the flat naming is not a LLaVA layout")
+    text = to_text(name, src)
+    if text is not None:
+        return to_disk(text, dst)
+    module = module_name(name, src)
+    return module[len("model."):] if dst == "legacy" and module.startswith("model.") else module
 
 
 class LMView(CheckpointReader):

@@ -106,8 +106,10 @@ def load_processor(path: str | Path) -> Any:
                              "the VLM's directory)")
     try:
         proc = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise FastmergeError(f"cannot load the processor of {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as e:
+        # ImportError: e.g. LLaVA-NeXT's image processor wants torchvision under older transformers
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise FastmergeError(f"cannot load the processor of {path}: {first}") from None
     if not _is_processor(proc):
         raise FastmergeError(f"{path}: AutoProcessor gave {type(proc).__name__}, not a vision-language processor "
                              "(with an image processor and a tokenizer)")
@@ -262,6 +264,14 @@ class VQAEvaluator:
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         param = next(model.parameters())
         prompts = [self.prompt(processor, q) for q in self.questions]
+        image_token = getattr(processor, "image_token", None)
+        if isinstance(image_token, str) and image_token:
+            # every record has one image: a prompt without the image token cannot take it (newer
+            # processors say so; older ones pass it to the model, which fails in the middle of generate)
+            for i, p in enumerate(prompts):
+                if image_token not in p:
+                    raise FastmergeError(f"{self._where[i]}: the processor ({type(processor).__name__}) cannot "
+                                         f"encode this batch: the prompt has no image token {image_token!r}")
         # batches of similar prompt length pad less; the order does not change any answer
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         outputs: list[str] = [""] * len(prompts)

@@ -24,7 +24,8 @@ from .test_merge import load_dir
 #: on-disk prefix of the language model -> the text model's, per naming (written out here, apart
 #: from fastmerge.vlm's table, so the test checks the mapping rather than repeating it)
 LM_PREFIXES = {"legacy": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
-               "v5": (("model.language_model.", "model."), ("lm_head.", "lm_head."))}
+               "v5": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+               "mixed": (("model.language_model.model.", "model."), ("language_model.lm_head.", "lm_head."))}
 
 
 def split_vlm(state: dict, naming: str) -> tuple[dict, dict]:
@@ -40,7 +41,7 @@ def split_vlm(state: dict, naming: str) -> tuple[dict, dict]:
     return lm, rest
 
 
-@pytest.fixture(scope="module", params=["legacy", "v5"])
+@pytest.fixture(scope="module", params=["legacy", "v5", "mixed"])
 def fam(request, tmp_path_factory):
     """A tiny LLaVA (naming per param), the text base, a text fine-tune, and ``lm``: the VLM's
     language model extracted as a text checkpoint (the base's config and tokenizer)."""
@@ -371,7 +372,7 @@ def test_llava_next(fam, tmp_path):
         LlavaNextForConditionalGeneration,
     )
 
-    from fastmerge.synth_vlm import rename_to_v5
+    from fastmerge.synth_vlm import rename_to
 
     llava = LlavaForConditionalGeneration.from_pretrained(fam["vlm"])
     cfg = LlavaNextConfig(vision_config=llava.config.vision_config, text_config=llava.config.text_config,
@@ -381,12 +382,9 @@ def test_llava_next(fam, tmp_path):
     nxt.model.language_model.load_state_dict(llava.model.language_model.state_dict())
     nxt.lm_head.load_state_dict(llava.lm_head.state_dict())
     nxt.save_pretrained(tmp_path / "next")
-    if fam["naming"] == "v5":
-        rename_to_v5(tmp_path / "next")
-        state = {("model." + k if k == "image_newline" else k): v for k, v in load_dir(tmp_path / "next").items()}
-        save_file(state, tmp_path / "next" / "model.safetensors", metadata={"format": "pt"})
+    rename_to(tmp_path / "next", fam["naming"])
     source = load_dir(tmp_path / "next")
-    assert any(k.endswith("image_newline") for k in source)
+    assert ("image_newline" if fam["naming"] == "legacy" else "model.image_newline") in source
     r = recipes(fam, "dare_ties")
     r["models"][0]["model"] = str(tmp_path / "next")
     fastmerge.merge(r, tmp_path / "out")
@@ -578,3 +576,27 @@ def test_triton_streaming_merge_of_a_vlm_equals_the_cpu_merge(fam, tmp_path):
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_names_convert_between_the_llava_namings():
+    """``vlm.rename`` between the three LLaVA layouts, against names written out by hand as each
+    layout stores them (transformers 5.24's save, 5's modules, 5.4's save), and ``naming_of`` tells
+    them apart."""
+    from fastmerge import vlm
+
+    table = {
+        "legacy": ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.embed_tokens.weight",
+                   "language_model.lm_head.weight", "vision_tower.vision_model.post_layernorm.bias",
+                   "multi_modal_projector.linear_1.weight", "image_newline"],
+        "v5": ["model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.embed_tokens.weight",
+               "lm_head.weight", "model.vision_tower.vision_model.post_layernorm.bias",
+               "model.multi_modal_projector.linear_1.weight", "model.image_newline"],
+        "mixed": ["model.language_model.model.layers.0.self_attn.q_proj.weight",
+                  "model.language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+                  "model.vision_tower.vision_model.post_layernorm.bias", "model.multi_modal_projector.linear_1.weight",
+                  "model.image_newline"],
+    }
+    for src, names in table.items():
+        assert vlm.naming_of(names, "x") == src
+        for dst, want in table.items():
+            assert [vlm.rename(n, src, dst) for n in names] == want, (src, dst)
