@@ -54,6 +54,19 @@ def launch_config(k: int, dtype: torch.dtype) -> tuple[int, int]:
     return warps * 32 * per_thread, warps
 
 
+def l1_launch_config(k: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the l1 sums pass. Each thread keeps 2 K fp64 accumulators per element it
+    holds (2 registers each), so the merge kernel's block (8 bf16 per thread, up to 16 at 4 warps)
+    would need 256-512 registers at K = 8 and spill; here a thread holds at most 20 // K elements
+    (a power of two, at most one 16-byte vector), which keeps every variant under 128 registers
+    (tests/test_kernels_ptx.py). Loads stay coalesced across a warp. The sums' values do not depend on
+    it beyond fp64 rounding order."""
+    vector = ALIGN_BYTES // (torch.finfo(dtype).bits // 8)
+    per_thread = min(vector, 1 << max(0, (20 // k).bit_length() - 1))
+    warps = 4
+    return warps * 32 * per_thread, warps
+
+
 
 
 def thresholds(base: torch.Tensor | None, models: list[torch.Tensor], densities: tuple[float, ...]) -> list[float]:
@@ -98,11 +111,12 @@ def chunk_prm(prm: torch.Tensor, ends: torch.Tensor | None, start: int) -> torch
     return own
 
 
-def _l1_scales(b, xs, prm, ends, opts: FusedOptions, name: str, block: int) -> torch.Tensor:
+def _l1_scales(b, xs, prm, ends, opts: FusedOptions, name: str) -> torch.Tensor:
     """The l1 rescale factors (fp32 [K] on the device, no host synchronisation): per model
     sum|delta_k| / sum|keep_k * delta_k| in fp64, 1 where either sum is below ``L1_EPS``, as
     ``spec.l1_scale``. One launch per 2**31-element chunk for all models."""
     n, k = xs[0].numel(), opts.k
+    block, warps = l1_launch_config(k, xs[0].dtype)
     total = torch.zeros(k, dtype=torch.float64, device=xs[0].device)
     kept = torch.zeros_like(total)
     for c, (s, e) in enumerate(rng.chunks(n)):
@@ -119,7 +133,8 @@ def _l1_scales(b, xs, prm, ends, opts: FusedOptions, name: str, block: int) -> t
         ptrs = [x[s:e] for x in xs] + [pb] * (MAXK - k)
         _l1_sums_kernel[(grid,)](
             sums, pb, *ptrs, chunk_prm(prm, ends, s), seeds[0], seeds[1], cn, iters,
-            K=k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify], BLOCK=block, enable_fp_fusion=False,
+            K=k, HAS_BASE=b is not None, SPARSIFY=_SPARSIFY[opts.sparsify], BLOCK=block, num_warps=warps,
+            maxnreg=MAX_REGISTERS, enable_fp_fusion=False,
         )
         part = sums.sum(0)
         total += part[:, 0]
@@ -130,7 +145,7 @@ def _l1_scales(b, xs, prm, ends, opts: FusedOptions, name: str, block: int) -> t
 
 def _prepare(
     base: torch.Tensor | None, models: list[torch.Tensor], opts: FusedOptions, name: str, out_dtype: torch.dtype,
-    out: torch.Tensor | None, block: int,
+    out: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None,
            torch.Tensor | None]:
     """Checks one tensor's inputs; returns the flat base and models, ``out`` (allocated if None), the
@@ -174,7 +189,7 @@ def _prepare(
         prm[PRM_TAU:PRM_TAU + opts.k] = taus
         prm[PRM_TIE_LAST:PRM_TIE_LAST + opts.k] = _tie_lasts(ends, 0)
     if opts.sparsify != "none" and opts.rescale == "l1":
-        prm[PRM_SCALE:PRM_SCALE + opts.k] = _l1_scales(b, xs, prm, ends, opts, name, block)
+        prm[PRM_SCALE:PRM_SCALE + opts.k] = _l1_scales(b, xs, prm, ends, opts, name)
     return b, xs, out, store, prm, ends
 
 
@@ -193,7 +208,7 @@ def fused_merge(
     ``num_warps`` default to ``launch_config`` and do not change the result."""
     cfg = launch_config(opts.k, models[0].dtype if models and models[0].dtype in _DTYPES else torch.float32)
     block, num_warps = block or cfg[0], num_warps or cfg[1]
-    b, xs, out, store, prm, ends = _prepare(base, models, opts, name, out_dtype, out, block)
+    b, xs, out, store, prm, ends = _prepare(base, models, opts, name, out_dtype, out)
     if store is None:
         return out
     _launch(b, xs, store, prm, ends, opts, name, block, num_warps)

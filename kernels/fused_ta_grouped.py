@@ -62,7 +62,7 @@ def grouped_fused_merge(items: Sequence[Item], block: int | None = None, num_war
         x_dtype = models[0].dtype if models and models[0].dtype in _DTYPES else torch.float32
         cfg = launch_config(opts.k, x_dtype) if 1 <= opts.k <= MAXK else (1024, 4)
         b, xs, out_t, store, prm, ends = _prepare(base, list(models), opts, name, out_dtype,
-                                                  out if isinstance(out, torch.Tensor) else None, block or cfg[0])
+                                                  out if isinstance(out, torch.Tensor) else None)
         outs.append(out_t)
         if store is None:  # empty tensor: nothing to do
             continue

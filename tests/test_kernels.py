@@ -14,7 +14,7 @@ import torch
 
 from fastmerge import cpu, reference, rng
 from fastmerge.errors import FastmergeError
-from fastmerge.spec import FusedOptions
+from fastmerge.spec import FusedOptions, l1_scale
 
 from .conftest import TOLERANCES
 from .conftest import tensor_family as _family
@@ -216,3 +216,26 @@ def test_compiles_for_a_gpu_without_fma_contraction():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("programs", [3, 1024])
+@pytest.mark.parametrize("k, dtype", [(2, torch.float32), (6, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("sparsify", ["random", "magnitude"])
+def test_l1_scales_equal_a_torch_sum(device, monkeypatch, programs, k, dtype, sparsify):
+    """The l1 pass's rescale factors against fp64 sums in torch. With 3 programs each one loops over
+    several blocks: full blocks (no mask), then the tail block (ODD is no multiple of any block),
+    then blocks past the end; a tail counted as full, or dropped, moves a factor by ~1e-3."""
+    monkeypatch.setattr(fused_ta, "_SUM_PROGRAMS", programs)
+    base, models = _family(ODD, k, dtype, seed=5)
+    opts = _opts(k, (sparsify, "sum", "l1", False))
+    on = (lambda t: t.to(device)) if device != "cpu" else (lambda t: t)
+    prm = fused_ta._prepare(on(base), [on(m) for m in models], opts, NAME, dtype, None)[4]
+    got = prm[fused_ta.PRM_SCALE:fused_ta.PRM_SCALE + k].cpu()
+    b = base.reshape(-1).float()
+    deltas = [m.reshape(-1).float() - b for m in models]
+    if sparsify == "magnitude":
+        keep = [reference.magnitude_keep(d, r) for d, r in zip(deltas, opts.densities)]
+    else:
+        keep = reference._keep_masks(deltas, opts, rng.chunk_name(NAME, 0, ODD))
+    want = [l1_scale(d.abs().double().sum().item(), d.abs().double()[kp].sum().item()) for d, kp in zip(deltas, keep)]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32), rtol=1e-6, atol=0)

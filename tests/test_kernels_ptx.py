@@ -28,6 +28,9 @@ _SCRIPT = textwrap.dedent("""
                 for dt in (torch.bfloat16, torch.float16, torch.float32)]
     variants += [(kern, k, dt, 2) for kern in ("grouped", "per_tensor") for k in (1, 8)
                  for dt in (torch.bfloat16, torch.float32)]
+    # the l1 sums pass (dare_ties' default rescale): its own launch configuration
+    variants += [("l1", k, dt, 1) for k in (1, 2, 3, 5, 8) for dt in (torch.bfloat16, torch.float32)]
+    variants += [("l1", 8, torch.float16, 2)]
     for kern, k, dt, sp in variants:
         b = _ptx.build(kern, k, dt, sp)
         print(json.dumps(b.__dict__), flush=True)
@@ -49,14 +52,31 @@ def _count(b: dict, prefix: str) -> int:
 
 
 def test_every_variant_compiled(builds):
-    assert len(builds) == 2 * 8 * 3 + 2 * 2 * 2
+    assert len(builds) == 2 * 8 * 3 + 2 * 2 * 2 + 11
+
+
+def _merges(builds):
+    return [b for b in builds if b["kernel"] != "l1"]
 
 
 def test_full_blocks_load_and_store_16_byte_vectors(builds):
-    for b in builds:
+    for b in _merges(builds):
         name = f"{b['kernel']} K={b['k']} {b['dtype']} sparsify={b['sparsify']}"
         assert _count(b, "ld.global.v4") >= b["k"] + 1, (name, b["accesses"])  # base + K models
         assert _count(b, "st.global.v4") >= 1, (name, b["accesses"])
+
+
+def test_l1_full_blocks_load_vectors(builds):
+    """The l1 sums pass reads a full block without a mask: one vector per input and thread, as wide
+    as the elements a thread holds (l1_launch_config: 16 bytes at K <= 2, 8 bytes at K = 3..5 in
+    bf16; 4 bytes, a plain b32 that cannot be told from a scalar fp32 load, at K >= 6)."""
+    l1 = [b for b in builds if b["kernel"] == "l1"]
+    assert l1
+    for b in l1:
+        width = b["block"] // (32 * b["num_warps"]) * {"bfloat16": 2, "float16": 2, "float32": 4}[b["dtype"]]
+        name = f"l1 K={b['k']} {b['dtype']}"
+        if width >= 8:
+            assert _count(b, f"ld.global.v{width // 4}") >= b["k"] + 1, (name, width, b["accesses"])
 
 
 def test_register_ceiling_without_spills(builds):

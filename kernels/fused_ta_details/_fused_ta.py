@@ -264,6 +264,44 @@ def _l1_store(sums_ptr, pid, acc_total, acc_kept, k: tl.constexpr, K: tl.constex
     tl.store(sums_ptr + (pid * K + k) * 2 + 1, tl.sum(acc_kept, axis=0))
 
 
+@triton.jit
+def _l1_block(
+    base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, offs, mask,
+    t0, k0, t1, k1, t2, k2, t3, k3, t4, k4, t5, k5, t6, k6, t7, k7,
+    K: tl.constexpr, HAS_BASE: tl.constexpr, SPARSIFY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One block's |delta| and |keep * delta| added to the K models' accumulators (t_k, k_k)."""
+    j = offs.to(tl.int32)
+    if HAS_BASE:
+        b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    if SPARSIFY == 1:
+        r0, r1, r2, r3 = tl.randint4x(seed0, j)
+        if K > 4:
+            r4, r5, r6, r7 = tl.randint4x(seed1, j)
+        else:
+            r4, r5, r6, r7 = r0, r1, r2, r3
+    else:
+        r0, r1, r2, r3, r4, r5, r6, r7 = j, j, j, j, j, j, j, j
+    t0, k0 = _l1_step(x0, offs, mask, b, r0, prm_ptr, t0, k0, 0, SPARSIFY)
+    if K > 1:
+        t1, k1 = _l1_step(x1, offs, mask, b, r1, prm_ptr, t1, k1, 1, SPARSIFY)
+    if K > 2:
+        t2, k2 = _l1_step(x2, offs, mask, b, r2, prm_ptr, t2, k2, 2, SPARSIFY)
+    if K > 3:
+        t3, k3 = _l1_step(x3, offs, mask, b, r3, prm_ptr, t3, k3, 3, SPARSIFY)
+    if K > 4:
+        t4, k4 = _l1_step(x4, offs, mask, b, r4, prm_ptr, t4, k4, 4, SPARSIFY)
+    if K > 5:
+        t5, k5 = _l1_step(x5, offs, mask, b, r5, prm_ptr, t5, k5, 5, SPARSIFY)
+    if K > 6:
+        t6, k6 = _l1_step(x6, offs, mask, b, r6, prm_ptr, t6, k6, 6, SPARSIFY)
+    if K > 7:
+        t7, k7 = _l1_step(x7, offs, mask, b, r7, prm_ptr, t7, k7, 7, SPARSIFY)
+    return t0, k0, t1, k1, t2, k2, t3, k3, t4, k4, t5, k5, t6, k6, t7, k7
+
+
 @triton.jit(do_not_specialize=["seed0", "seed1", "n", "iters"])
 def _l1_sums_kernel(
     sums_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, n, iters,
@@ -271,42 +309,25 @@ def _l1_sums_kernel(
 ):
     """Per-program partial sum|delta_k| and sum|keep_k * delta_k| in fp64 (the l1 rescale) over
     ``iters`` consecutive blocks, for all K models in one launch (the base is read once):
-    sums[pid, k, 0] and sums[pid, k, 1]. The keep masks are the merge kernel's (``_keep``)."""
+    sums[pid, k, 0] and sums[pid, k, 1]. The keep masks are the merge kernel's (``_keep``). Full
+    blocks come first and go without a mask (vector loads); the tail block, if any, after: each
+    accumulator still adds the blocks in order."""
     pid = tl.program_id(0)
     zero = tl.zeros([BLOCK], dtype=tl.float64)
     t0, k0, t1, k1, t2, k2, t3, k3 = zero, zero, zero, zero, zero, zero, zero, zero
     t4, k4, t5, k5, t6, k6, t7, k7 = zero, zero, zero, zero, zero, zero, zero, zero
-    for it in range(0, iters):
-        offs = (pid.to(tl.int64) * iters + it) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        j = offs.to(tl.int32)
-        if HAS_BASE:
-            b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros([BLOCK], dtype=tl.float32)
-        if SPARSIFY == 1:
-            r0, r1, r2, r3 = tl.randint4x(seed0, j)
-            if K > 4:
-                r4, r5, r6, r7 = tl.randint4x(seed1, j)
-            else:
-                r4, r5, r6, r7 = r0, r1, r2, r3
-        else:
-            r0, r1, r2, r3, r4, r5, r6, r7 = j, j, j, j, j, j, j, j
-        t0, k0 = _l1_step(x0, offs, mask, b, r0, prm_ptr, t0, k0, 0, SPARSIFY)
-        if K > 1:
-            t1, k1 = _l1_step(x1, offs, mask, b, r1, prm_ptr, t1, k1, 1, SPARSIFY)
-        if K > 2:
-            t2, k2 = _l1_step(x2, offs, mask, b, r2, prm_ptr, t2, k2, 2, SPARSIFY)
-        if K > 3:
-            t3, k3 = _l1_step(x3, offs, mask, b, r3, prm_ptr, t3, k3, 3, SPARSIFY)
-        if K > 4:
-            t4, k4 = _l1_step(x4, offs, mask, b, r4, prm_ptr, t4, k4, 4, SPARSIFY)
-        if K > 5:
-            t5, k5 = _l1_step(x5, offs, mask, b, r5, prm_ptr, t5, k5, 5, SPARSIFY)
-        if K > 6:
-            t6, k6 = _l1_step(x6, offs, mask, b, r6, prm_ptr, t6, k6, 6, SPARSIFY)
-        if K > 7:
-            t7, k7 = _l1_step(x7, offs, mask, b, r7, prm_ptr, t7, k7, 7, SPARSIFY)
+    first = pid.to(tl.int64) * iters
+    full = tl.minimum(tl.maximum(n // BLOCK - first, 0), iters).to(tl.int32)
+    for it in range(0, full):
+        offs = (first + it) * BLOCK + tl.arange(0, BLOCK)
+        t0, k0, t1, k1, t2, k2, t3, k3, t4, k4, t5, k5, t6, k6, t7, k7 = _l1_block(
+            base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, offs, tl.full([BLOCK], 1, tl.int1),
+            t0, k0, t1, k1, t2, k2, t3, k3, t4, k4, t5, k5, t6, k6, t7, k7, K, HAS_BASE, SPARSIFY, BLOCK)
+    for it in range(full, iters):
+        offs = (first + it) * BLOCK + tl.arange(0, BLOCK)
+        t0, k0, t1, k1, t2, k2, t3, k3, t4, k4, t5, k5, t6, k6, t7, k7 = _l1_block(
+            base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, prm_ptr, seed0, seed1, offs, offs < n,
+            t0, k0, t1, k1, t2, k2, t3, k3, t4, k4, t5, k5, t6, k6, t7, k7, K, HAS_BASE, SPARSIFY, BLOCK)
     _l1_store(sums_ptr, pid, t0, k0, 0, K)
     if K > 1:
         _l1_store(sums_ptr, pid, t1, k1, 1, K)

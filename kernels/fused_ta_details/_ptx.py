@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused_ta import ALIGN_BYTES, MAX_REGISTERS, launch_config
-from ._fused_ta import _fused_ta_grouped_kernel, _fused_ta_kernel
+from ..fused_ta import ALIGN_BYTES, MAX_REGISTERS, l1_launch_config, launch_config
+from ._fused_ta import _fused_ta_grouped_kernel, _fused_ta_kernel, _l1_sums_kernel
 
 _TY = {torch.bfloat16: ("bf16", "i16"), torch.float16: ("fp16", "fp16"), torch.float32: ("fp32", "fp32")}
 
@@ -68,6 +68,12 @@ def build(kernel: str, k: int, dtype: torch.dtype, sparsify: int, arch: int = 90
         sig = {"block_entry_ptr": "*i32", "starts_ptr": "*i64", "numel_ptr": "*i64", "ptrs_ptr": "*i64",
                "prm_ptr": "*fp32", "seeds_ptr": "*i64", "out_anchor": f"*{out}", "base_anchor": f"*{x}",
                "x_anchor": f"*{x}"}
+    elif kernel == "l1":
+        fn = _l1_sums_kernel
+        block, warps = l1_launch_config(k, dtype)
+        const = dict(K=k, HAS_BASE=True, SPARSIFY=sparsify, BLOCK=block)
+        sig = {"sums_ptr": "*fp64", "base_ptr": f"*{x}", **{f"x{i}": f"*{x}" for i in range(8)},
+               "prm_ptr": "*fp32", "seed0": "i64", "seed1": "i64", "n": "i64", "iters": "i32"}
     else:
         fn = _fused_ta_kernel
         sig = {"out_ptr": f"*{out}", "base_ptr": f"*{x}", **{f"x{i}": f"*{x}" for i in range(8)},
