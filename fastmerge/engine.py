@@ -318,8 +318,9 @@ def _recipe_source(recipe: Recipe, text: str | None) -> str:
     return text if text is not None else dump_recipe(recipe)
 
 
-def _on_runner(task: TensorPlan) -> bool:
-    """Whether the device runner (Triton) takes the tensor: the fused route within its limits."""
+def on_device_runner(task: TensorPlan) -> bool:
+    """Whether the Triton kernels take the tensor: the fused route within their limits (K models,
+    output dtypes); the streaming engine and the in-memory ``Merger`` ask the same question."""
     return (task.route == "fused" and task.whole and task.fused.k <= KERNEL_MAX_K
             and task.code in KERNEL_CODES and "triton" in methods.get(task.method).executors)
 
@@ -352,7 +353,7 @@ class _Pipeline:
 
     def _executor(self, task: TensorPlan) -> str:
         if self.runner is not None:
-            return "device" if _on_runner(task) else "tensor"
+            return "device" if on_device_runner(task) else "tensor"
         return "raw" if _raw_ok(task, self.readers) else "tensor"
 
     # -- threads

@@ -389,7 +389,7 @@ class _Runner:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # this worker's GPU, not the current one
 
 
 def _jsonable(metrics: dict) -> dict:

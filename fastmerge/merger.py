@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from . import methods, vlm
+from . import vlm
 from ._optional import require
-from .engine import compute, open_models
+from .engine import compute, on_device_runner, open_models
 from .errors import FastmergeError
 from .plan import Plan, TensorPlan, build_plan, layer_group
 from .recipe import Recipe, load_recipe
@@ -177,6 +178,12 @@ class Merger:
         YAML or ``Recipe``), or a function ``TensorPlan -> FusedOptions``.
         """
         task_for = self._options(candidate)
+        # Triton launches on the current CUDA device: make it the module's (a worker on cuda:1)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
+            self._merge(task_for)
+        return self.module
+
+    def _merge(self, task_for: Callable[[TensorPlan], TensorPlan]) -> None:
         grouped = []  # triton backend: all fused tensors go to one grouped launch per option group
         for base_task in self.plan.tensors:
             if base_task.carried:  # a VLM's vision side: the same for every candidate, written once
@@ -187,16 +194,16 @@ class Merger:
             fused = task.route == "fused" and task.whole
             if fused and self.backend == "cpu":  # the engine's fused executor, in place into the parameter
                 compute(task, tensors, self.threads, out=out)
-            elif fused and "triton" in methods.get(task.method).executors:
+            elif on_device_runner(task):
                 base, models = task.split(tensors)
                 grouped.append((base, models, task.fused, task.key, out))
-            else:  # copy and torch routes (and vocabulary mismatches): the engine's executor on CPU tensors
+            else:  # copy and torch routes, vocabulary mismatches, fused beyond the kernels' limits (K > 8,
+                # other output dtypes): the engine's executor on CPU tensors
                 out.copy_(compute(task, [t.cpu() for t in tensors], self.threads))
         if grouped:
             from .kernels.fused_ta_grouped import grouped_fused_merge
 
             grouped_fused_merge(grouped)
-        return self.module
 
     def storage(self) -> dict[str, int]:
         """name -> data_ptr of every merged tensor (constant across candidates)."""

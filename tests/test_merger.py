@@ -110,3 +110,19 @@ def test_triton_backend_equals_cpu_backend(families):
     got = state(Merger(r, backend="triton").module)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.interpreter
+def test_triton_backend_beyond_the_kernels_limits(families):
+    """Nine models (the kernels take 1..8): the Triton Merger gives those tensors to the engine's CPU
+    executor instead of failing in the grouped launch, and equals the CPU Merger bit for bit."""
+    pytest.importorskip("triton")
+    base, *fts = families("llama", finetunes=9, hidden=16, layers=1)
+    r = {"merge_method": "ties", "base_model": str(base), "dtype": "float32",
+         "parameters": {"normalize": True},
+         "models": [{"model": str(f), "parameters": {"weight": 0.1 * (i + 1), "density": 0.5}} for i, f in enumerate(fts)]}
+    want = state(Merger(r).module)
+    got = state(Merger(r, backend="triton").module)
+    assert want and set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)

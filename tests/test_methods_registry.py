@@ -220,7 +220,7 @@ def test_struct_size_mismatch_refuses_the_c_loop(monkeypatch):
 
 
 def test_executors_decide_the_device_route(register):
-    from fastmerge.engine import _on_runner
+    from fastmerge.engine import on_device_runner
     from fastmerge.plan import Source, TensorPlan
     from fastmerge.spec import FusedOptions
 
@@ -228,5 +228,5 @@ def test_executors_decide_the_device_route(register):
                          fused=Fused(), executors=("c",)))
     task = TensorPlan("x", (4,), "F32", "fused", [Source("a", "x")], base=Source("b", "x"),
                       fused=FusedOptions(weights=(1.0,)), method="ties")
-    assert _on_runner(task)
-    assert not _on_runner(TensorPlan(**{**task.__dict__, "method": "toy_c_only"}))
+    assert on_device_runner(task)
+    assert not on_device_runner(TensorPlan(**{**task.__dict__, "method": "toy_c_only"}))
