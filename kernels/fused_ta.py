@@ -28,6 +28,7 @@ from .fused_ta_details._fused_ta import (
     _fused_ta_kernel,
     _l1_sums_kernel,
 )
+from .fused_ta_details._host import device_guard
 from .fused_ta_details._select import cut_tensors as device_cut_tensors
 
 MAXK = 8
@@ -208,10 +209,10 @@ def fused_merge(
     ``num_warps`` default to ``launch_config`` and do not change the result."""
     cfg = launch_config(opts.k, models[0].dtype if models and models[0].dtype in _DTYPES else torch.float32)
     block, num_warps = block or cfg[0], num_warps or cfg[1]
-    b, xs, out, store, prm, ends = _prepare(base, models, opts, name, out_dtype, out)
-    if store is None:
-        return out
-    _launch(b, xs, store, prm, ends, opts, name, block, num_warps)
+    with device_guard(models):
+        b, xs, out, store, prm, ends = _prepare(base, models, opts, name, out_dtype, out)
+        if store is not None:
+            _launch(b, xs, store, prm, ends, opts, name, block, num_warps)
     return out
 
 

@@ -40,7 +40,7 @@ from .fused_ta import (
     launch_config,
 )
 from .fused_ta_details._fused_ta import PRM_SIZE, _fused_ta_grouped_kernel
-from .fused_ta_details._host import to_device
+from .fused_ta_details._host import device_guard, to_device
 
 #: one item: (base or None, models, options, tensor name, out tensor or output dtype)
 Item = tuple[torch.Tensor | None, Sequence[torch.Tensor], FusedOptions, str, "torch.Tensor | torch.dtype"]
@@ -53,6 +53,11 @@ def grouped_fused_merge(items: Sequence[Item], block: int | None = None, num_war
     one launch per group of compatible items; returns the outputs in item order (``out`` itself
     when a tensor was given, else a new tensor of that dtype and the models' shape). ``block`` and
     ``num_warps`` default to ``fused_ta.launch_config`` and do not change the result."""
+    with device_guard(m for item in items[:1] for m in item[1]):
+        return _grouped_fused_merge(items, block, num_warps)
+
+
+def _grouped_fused_merge(items: Sequence[Item], block: int | None, num_warps: int | None) -> list[torch.Tensor]:
     outs: list[torch.Tensor] = []
     groups: dict[tuple, list] = {}
     for base, models, opts, name, out in items:
