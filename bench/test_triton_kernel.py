@@ -42,10 +42,31 @@ METHODS = {  # mergekit's defaults, as fastmerge's method declarations give them
 }
 SIZES = (1 << 20, 1 << 24, 1 << 27, 500_000_000)
 ROWS: list[dict] = []
+FIELDS = ["gpu", "what", "method", "k", "elements", "median_ms", "p20_ms", "p80_ms", "gb_per_s", "fraction_of_copy",
+          "copy_gb_per_s"]
 
 
 def gpu_name() -> str:
     return torch.cuda.get_device_name()
+
+
+def _csv_path() -> Path:
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu_name()).strip("_").lower()
+    return RESULTS / f"triton_kernel_{tag}.csv"
+
+
+def record(row: dict) -> None:
+    """Keep a measured row, and append it to the CSV at once: a run stopped at its time limit keeps
+    what it measured."""
+    ROWS.append(row)
+    path = _csv_path()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    new = len(ROWS) == 1
+    with open(path, "w" if new else "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +81,37 @@ def copy_gbps() -> float:
 def _opts(k: int, method: str) -> FusedOptions:
     return FusedOptions(weights=tuple(0.3 + 0.1 * i for i in range(k)), densities=tuple(0.5 for _ in range(k)),
                         seed=0, **METHODS[method])
+
+
+def _llama7b_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    h, inter, vocab = 4096, 11008, 32000
+    shapes = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(32):
+        p = f"model.layers.{i}."
+        shapes += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
+        shapes += [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
+                   (p + "mlp.down_proj.weight", (h, inter))]
+        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+    return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
+def test_grouped_7b_in_memory(method, copy_gbps):
+    shapes = _llama7b_shapes()
+    numel = sum(int(torch.Size(s).numel()) for _, s in shapes)
+    if 5 * numel * 2 > 0.9 * torch.cuda.get_device_properties(0).total_memory:
+        pytest.skip("a 3-source 7B-shaped merge does not fit")
+    items = []
+    for name, shape in shapes:
+        base = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        xs = [base + 0.01 * torch.randn_like(base) for _ in range(3)]
+        items.append((base, xs, _opts(3, method), name, torch.empty_like(base)))
+    ms, lo, hi = triton.testing.do_bench(lambda: grouped_fused_merge(items), quantiles=[0.5, 0.2, 0.8])
+    gbps = 5 * numel * 2 / (ms * 1e-3) / 1e9
+    record({"gpu": gpu_name(), "what": "grouped_7b", "method": method, "k": 3, "elements": numel,
+                 "median_ms": round(ms, 2), "p20_ms": round(lo, 2), "p80_ms": round(hi, 2),
+                 "gb_per_s": round(gbps, 1), "fraction_of_copy": round(gbps / copy_gbps, 3),
+                 "copy_gb_per_s": round(copy_gbps, 1)})
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -77,22 +129,10 @@ def test_kernel_bandwidth(method, k, n, copy_gbps):
     ms, lo, hi = triton.testing.do_bench(lambda: fused_ta.fused_merge(base, xs, opts, "w", torch.bfloat16, out=out),
                                          quantiles=[0.5, 0.2, 0.8])
     gbps = (k + 2) * n * 2 / (ms * 1e-3) / 1e9
-    ROWS.append({"gpu": gpu_name(), "what": "kernel", "method": method, "k": k, "elements": n,
+    record({"gpu": gpu_name(), "what": "kernel", "method": method, "k": k, "elements": n,
                  "median_ms": round(ms, 4), "p20_ms": round(lo, 4), "p80_ms": round(hi, 4),
                  "gb_per_s": round(gbps, 1), "fraction_of_copy": round(gbps / copy_gbps, 3),
                  "copy_gb_per_s": round(copy_gbps, 1)})
-
-
-def _llama7b_shapes() -> list[tuple[str, tuple[int, ...]]]:
-    h, inter, vocab = 4096, 11008, 32000
-    shapes = [("model.embed_tokens.weight", (vocab, h))]
-    for i in range(32):
-        p = f"model.layers.{i}."
-        shapes += [(p + f"self_attn.{x}_proj.weight", (h, h)) for x in "qkvo"]
-        shapes += [(p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
-                   (p + "mlp.down_proj.weight", (h, inter))]
-        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
-    return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -112,43 +152,19 @@ def test_launch_config_sweep(k, dtype, copy_gbps):
             lambda b=block, w=warps: fused_ta.fused_merge(base, xs, opts, "w", dtype, out=out, block=b, num_warps=w),
             quantiles=[0.5, 0.2, 0.8])
         gbps = (k + 2) * n * size / (ms * 1e-3) / 1e9
-        ROWS.append({"gpu": gpu_name(), "what": f"config{'*' if (block, warps) == default else ''}",
+        record({"gpu": gpu_name(), "what": f"config{'*' if (block, warps) == default else ''}",
                      "method": f"dare_ties_inverse {str(dtype)[6:]} block={block} warps={warps}", "k": k,
                      "elements": n, "median_ms": round(ms, 4), "p20_ms": round(lo, 4), "p80_ms": round(hi, 4),
                      "gb_per_s": round(gbps, 1), "fraction_of_copy": round(gbps / copy_gbps, 3),
                      "copy_gb_per_s": round(copy_gbps, 1)})
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "ties", "task_arithmetic"])
-def test_grouped_7b_in_memory(method, copy_gbps):
-    shapes = _llama7b_shapes()
-    numel = sum(int(torch.Size(s).numel()) for _, s in shapes)
-    if 5 * numel * 2 > 0.9 * torch.cuda.get_device_properties(0).total_memory:
-        pytest.skip("a 3-source 7B-shaped merge does not fit")
-    items = []
-    for name, shape in shapes:
-        base = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-        xs = [base + 0.01 * torch.randn_like(base) for _ in range(3)]
-        items.append((base, xs, _opts(3, method), name, torch.empty_like(base)))
-    ms, lo, hi = triton.testing.do_bench(lambda: grouped_fused_merge(items), quantiles=[0.5, 0.2, 0.8])
-    gbps = 5 * numel * 2 / (ms * 1e-3) / 1e9
-    ROWS.append({"gpu": gpu_name(), "what": "grouped_7b", "method": method, "k": 3, "elements": numel,
-                 "median_ms": round(ms, 2), "p20_ms": round(lo, 2), "p80_ms": round(hi, 2),
-                 "gb_per_s": round(gbps, 1), "fraction_of_copy": round(gbps / copy_gbps, 3),
-                 "copy_gb_per_s": round(copy_gbps, 1)})
-
-
-def test_zz_write_results():
+def test_zz_plot():
+    """The PNG beside the CSV (the rows are written as they are measured)."""
     if not ROWS:
         pytest.skip("nothing measured")
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", gpu_name()).strip("_").lower()
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"triton_kernel_{tag}.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
-        w.writeheader()
-        w.writerows(ROWS)
-    import matplotlib
+    path = _csv_path()
+    matplotlib = pytest.importorskip("matplotlib")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
