@@ -20,7 +20,11 @@ dest="${1:-${OUT:-bench/results}}/gpu_${gpu:-unknown}"
 mkdir -p "$dest"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 FASTMERGE_BENCH_OUT="$dest"
 unset TRITON_INTERPRET
-if [ -d .wheels ]; then python3 -m pip install -q --no-index --find-links .wheels -r .wheels/requirements.txt; fi
+if [ -d .wheels ]; then
+  # beside the image's packages, not into its environment (the device notes' way)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastmerge-site .wheels/*.whl \
+    && export PYTHONPATH="$PWD:/tmp/fastmerge-site"
+fi
 # fastmerge.kernels is the top-level kernels/ folder (pyproject's package-dir mapping), so a source tree
 # without an install lacks it: a link in this copy of the tree makes PYTHONPATH=$PWD enough
 if ! python3 -c "import fastmerge.kernels" 2>/dev/null; then
