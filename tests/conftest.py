@@ -12,6 +12,11 @@ import torch
 from fastmerge.synth import ModelSpec, make_family
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on two cores: one thread each (torch with 2 threads
+    # beside a busy core runs many times slower), inherited by the subprocesses tests start
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 # Kernel tests run under Triton's interpreter on a machine without a GPU; it must be set before
 # triton is first imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
