@@ -68,7 +68,7 @@ test-latest:
 	echo "$(TORCH)" > .venv-latest/torch.txt  # an eager upgrade would otherwise pull a CUDA torch
 	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch.txt -e ".[test]"
 	.venv-latest/bin/python .ci/drift.py $(CONSTRAINTS)
-	.venv-latest/bin/python -m pytest -q -p no:cacheprovider \
+	.venv-latest/bin/python -m pytest -q -n $(TEST_WORKERS) -p no:cacheprovider \
 	  || { echo "make test-latest: the newest releases fail where $(CONSTRAINTS) passes; the drift above says what moved"; exit 1; }
 
 # The oldest transformers supported, on the tests that use transformers' model and cache API, and
