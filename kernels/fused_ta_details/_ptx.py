@@ -57,27 +57,28 @@ def build(kernel: str, k: int, dtype: torch.dtype, sparsify: int, arch: int = 90
     """Compile one variant for sm_{arch} with the launch configuration the launchers use."""
     from triton.compiler import ASTSource
 
-    block, warps = launch_config(k, dtype)
+    block, warps = (l1_launch_config if kernel == "l1" else launch_config)(k, dtype)
     x, out = _TY[dtype]
-    const = dict(K=k, HAS_BASE=True, SPARSIFY=sparsify, CONSENSUS=1, NORMALIZE=True, APPLY_LAMBDA=True,
-                 OUT_BF16_BITS=dtype == torch.bfloat16, BLOCK=block)
-    if kernel == "grouped":
-        fn = _fused_ta_grouped_kernel
-        size = ALIGN_BYTES // (torch.finfo(dtype).bits // 8)
-        const.update(OUT_ALIGN=size, BASE_ALIGN=size, X_ALIGN=size)
-        sig = {"block_entry_ptr": "*i32", "starts_ptr": "*i64", "numel_ptr": "*i64", "ptrs_ptr": "*i64",
-               "prm_ptr": "*fp32", "seeds_ptr": "*i64", "out_anchor": f"*{out}", "base_anchor": f"*{x}",
-               "x_anchor": f"*{x}"}
-    elif kernel == "l1":
+    # the per-tensor kernels' arguments after their output (the merge's out_ptr, the l1 pass's sums_ptr)
+    inputs = {"base_ptr": f"*{x}", **{f"x{i}": f"*{x}" for i in range(8)}, "prm_ptr": "*fp32", "seed0": "i64",
+              "seed1": "i64", "n": "i64"}
+    if kernel == "l1":
         fn = _l1_sums_kernel
-        block, warps = l1_launch_config(k, dtype)
         const = dict(K=k, HAS_BASE=True, SPARSIFY=sparsify, BLOCK=block)
-        sig = {"sums_ptr": "*fp64", "base_ptr": f"*{x}", **{f"x{i}": f"*{x}" for i in range(8)},
-               "prm_ptr": "*fp32", "seed0": "i64", "seed1": "i64", "n": "i64", "iters": "i32"}
+        sig = {"sums_ptr": "*fp64", **inputs, "iters": "i32"}
     else:
-        fn = _fused_ta_kernel
-        sig = {"out_ptr": f"*{out}", "base_ptr": f"*{x}", **{f"x{i}": f"*{x}" for i in range(8)},
-               "prm_ptr": "*fp32", "seed0": "i64", "seed1": "i64", "n": "i64"}
+        const = dict(K=k, HAS_BASE=True, SPARSIFY=sparsify, CONSENSUS=1, NORMALIZE=True, APPLY_LAMBDA=True,
+                     OUT_BF16_BITS=dtype == torch.bfloat16, BLOCK=block)
+        if kernel == "grouped":
+            fn = _fused_ta_grouped_kernel
+            size = ALIGN_BYTES // (torch.finfo(dtype).bits // 8)
+            const.update(OUT_ALIGN=size, BASE_ALIGN=size, X_ALIGN=size)
+            sig = {"block_entry_ptr": "*i32", "starts_ptr": "*i64", "numel_ptr": "*i64", "ptrs_ptr": "*i64",
+                   "prm_ptr": "*fp32", "seeds_ptr": "*i64", "out_anchor": f"*{out}", "base_anchor": f"*{x}",
+                   "x_anchor": f"*{x}"}
+        else:
+            fn = _fused_ta_kernel
+            sig = {"out_ptr": f"*{out}", **inputs}
     pointers = [i for i, t in enumerate(sig.values()) if t.startswith("*")]
     sig.update({c: "constexpr" for c in const})
     # what the launcher's tensors give Triton's specialisation: 16-byte aligned pointers
