@@ -39,6 +39,16 @@ def tensor_family(n, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.T
     return base.to(dtype), models
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (restored after): the reference functions' timing and the
+    C loop's comparisons do not depend on what else runs on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

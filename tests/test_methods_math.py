@@ -17,20 +17,12 @@ from fastmerge import methods_math as mm
 mergekit_methods = pytest.importorskip("mergekit.merge_methods")
 from mergekit.merge_methods.base import MISSING, TensorGroup  # noqa: E402
 
-pytestmark = pytest.mark.mergekit
+pytestmark = [pytest.mark.mergekit, pytest.mark.usefixtures("one_thread")]
 
 #: fp32 agreement of the deterministic methods (values are O(1))
 ATOL = 1e-6
 SHAPES = [(7, 13), (37,), (3, 5, 4)]
 MIXED = [0.7, -0.3, 1.2, 0.4, 0.9]  # per-model weights, one of them negative
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def family(shape, k: int, seed: int = 0, scale: float = 0.05, sparsity: float = 0.0):

@@ -22,12 +22,7 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 WEIGHTS = [0.5, -0.3, 0.4, 1.0, 0.2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["c", "no_c"])

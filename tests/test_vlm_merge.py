@@ -57,6 +57,13 @@ def fam(request, tmp_path_factory):
     return {"naming": request.param, "base": out["base"], "vlm": out["vlm"], "text": out["text"][0], "lm": lm_dir}
 
 
+def copy_with_tensors(src: Path, dst: Path, state: dict) -> Path:
+    """A copy of checkpoint ``src`` (config, processor, tokenizer) whose tensors are ``state``, in one file."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
 def recipes(fam, method: str, vlm_key: str = "vlm") -> dict:
     """A recipe of ``method`` over the VLM (or, with ``vlm_key="lm"``, its extracted language model)
     and the text fine-tune, over the text base where the method takes one."""
@@ -310,17 +317,12 @@ def test_larger_vlm_vocabulary_merges_the_common_rows(fam, tmp_path):
     merge merges them, the VLM's extra rows (its image token) carried, its vocab_size kept."""
     from transformers import AutoModelForImageTextToText
 
-    big = tmp_path / "big"
-    shutil.copytree(fam["vlm"], big)
-    for f in big.glob("*.safetensors"):
-        f.unlink()
-    (big / "model.safetensors.index.json").unlink(missing_ok=True)
     state = load_dir(fam["vlm"])
     g = torch.Generator().manual_seed(0)
     for k in list(state):
         if k.endswith(("embed_tokens.weight", "lm_head.weight")):
             state[k] = torch.cat([state[k], 0.02 * torch.randn(3, state[k].shape[1], generator=g)])
-    save_file(state, big / "model.safetensors", metadata={"format": "pt"})
+    big = copy_with_tensors(fam["vlm"], tmp_path / "big", state)
     cfg = json.loads((big / "config.json").read_text())
     cfg["text_config"]["vocab_size"] += 3
     (big / "config.json").write_text(json.dumps(cfg))
@@ -344,15 +346,10 @@ def test_larger_vlm_vocabulary_merges_the_common_rows(fam, tmp_path):
 def test_two_vlms_merge_their_vision_side_too(fam, tmp_path):
     """Every model a VLM (two LLaVAs): the vision tower and projector are merged like the rest, as
     mergekit merges every tensor; with a text model among them they are the frame's."""
-    other = tmp_path / "other"
-    shutil.copytree(fam["vlm"], other)
-    for f in other.glob("*.safetensors"):
-        f.unlink()
-    (other / "model.safetensors.index.json").unlink(missing_ok=True)
     a = load_dir(fam["vlm"])
     g = torch.Generator().manual_seed(1)
     b = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in a.items()}
-    save_file(b, other / "model.safetensors", metadata={"format": "pt"})
+    other = copy_with_tensors(fam["vlm"], tmp_path / "other", b)
     r = {"merge_method": "linear", "models": [{"model": str(fam["vlm"]), "parameters": {"weight": 0.5}},
                                               {"model": str(other), "parameters": {"weight": 0.5}}]}
     fastmerge.merge(r, tmp_path / "out")
