@@ -72,6 +72,7 @@ def test_fused_merge(benchmark, method: str, size: str, k: int) -> None:
             "elements": n,
             "bytes": moved,
             "threads": cpu.default_threads(),
+            "isa": cpu.isa(),  # the C loop's vector path: avx512 / avx2 / generic
             "gb_per_s": round(moved / median / 1e9, 3),
             "ns_per_element": round(median / n * 1e9, 3),
         }

@@ -57,6 +57,18 @@ typedef struct {
  * when it loads the library (a one-sided edit would otherwise corrupt memory silently). */
 size_t fm_params_size(void) { return sizeof(fm_params); }
 
+/* Which vector path this build took (fastmerge.cpu.isa(): benchmarks name it; tests check that a
+ * build told to leave AVX-512 or AVX2 out took the narrower path). */
+const char *fm_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
 /* dst[i] = p[s + i] for i < cnt, upcast to fp32; one loop per dtype so each vectorizes. */
 static void load_block(const void *p, int dt, int64_t s, int cnt, float *restrict dst) {
     if (dt == DT_F32) {
@@ -97,54 +109,74 @@ static inline float to_uniform(uint32_t u) {
     return (float)x * 4.6566127342e-10f;
 }
 
-typedef uint32_t fm_u32x16 __attribute__((vector_size(64)));
-typedef uint64_t fm_u64x8 __attribute__((vector_size(64)));
-typedef int32_t fm_i32x16 __attribute__((vector_size(64)));
-typedef float fm_f32x16 __attribute__((vector_size(64)));
+/* Philox runs in FM_LANES uint32 vector lanes: 16 (one zmm) with AVX-512, 8 (one ymm) with AVX2,
+ * 8 in GCC's generic vectors elsewhere (two 128-bit registers on SSE2 / NEON). A 16-lane vector
+ * without AVX-512 is two ymm halves, and the Philox state (4 of them) plus products spilled to the
+ * stack on every round: 5x slower on an AVX2-only Zen 3 than 8 lanes. */
+#if defined(__AVX512F__)
+#define FM_LANES 16
+#else
+#define FM_LANES 8
+#endif
+typedef uint32_t fm_u32v __attribute__((vector_size(4 * FM_LANES)));
+typedef uint64_t fm_u64v __attribute__((vector_size(4 * FM_LANES)));
+typedef int32_t fm_i32v __attribute__((vector_size(4 * FM_LANES)));
+typedef float fm_f32v __attribute__((vector_size(4 * FM_LANES)));
 
-/* (hi, lo) of a * x for sixteen uint32 lanes: even and odd lanes as 32x32->64 products, so
- * one vector multiply serves eight lanes with no widening shuffles. With AVX-512 the products are
- * spelled as vpmuludq: from the generic form GCC emits the 64x64 vpmullq for half of them. */
-#ifdef __AVX512F__
+/* (hi, lo) of a * x for every uint32 lane: even and odd lanes as 32x32->64 products, so one
+ * vector multiply serves half the lanes with no widening shuffles. With AVX-512 and AVX2 the
+ * products are spelled as vpmuludq: from the generic form GCC emits the 64x64 vpmullq (AVX-512) or a
+ * three-multiply emulation of it (AVX2). */
+#if defined(__AVX512F__)
 #include <immintrin.h>
-static inline void mulhilo16(uint64_t a, fm_u32x16 x, fm_u32x16 *hi, fm_u32x16 *lo) {
+static inline void mulhilo(uint64_t a, fm_u32v x, fm_u32v *hi, fm_u32v *lo) {
     const __m512i xv = (__m512i)x, av = _mm512_set1_epi64((long long)a);
     const __m512i pe = _mm512_mul_epu32(xv, av);
     const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(xv, 32), av);
-    *lo = (fm_u32x16)_mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-    *hi = (fm_u32x16)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+    *lo = (fm_u32v)_mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+    *hi = (fm_u32v)_mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline void mulhilo(uint64_t a, fm_u32v x, fm_u32v *hi, fm_u32v *lo) {
+    const __m256i xv = (__m256i)x, av = _mm256_set1_epi64x((long long)a);
+    const __m256i pe = _mm256_mul_epu32(xv, av);
+    const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(xv, 32), av);
+    *lo = (fm_u32v)_mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+    *hi = (fm_u32v)_mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
 }
 #else
-static inline void mulhilo16(uint64_t a, fm_u32x16 x, fm_u32x16 *hi, fm_u32x16 *lo) {
-    const fm_u64x8 w = (fm_u64x8)x;
-    const fm_u64x8 pe = (w & 0xFFFFFFFFull) * a;
-    const fm_u64x8 po = (w >> 32) * a;
-    *lo = (fm_u32x16)((pe & 0xFFFFFFFFull) | (po << 32));
-    *hi = (fm_u32x16)((pe >> 32) | (po & 0xFFFFFFFF00000000ull));
+static inline void mulhilo(uint64_t a, fm_u32v x, fm_u32v *hi, fm_u32v *lo) {
+    const fm_u64v w = (fm_u64v)x;
+    const fm_u64v pe = (w & 0xFFFFFFFFull) * a;
+    const fm_u64v po = (w >> 32) * a;
+    *lo = (fm_u32v)((pe & 0xFFFFFFFFull) | (po << 32));
+    *hi = (fm_u32v)((pe >> 32) | (po & 0xFFFFFFFF00000000ull));
 }
 #endif
 
-static inline fm_f32x16 to_uniform16(fm_u32x16 u) {
-    fm_i32x16 x = (fm_i32x16)u;
+static inline fm_f32v to_uniform_v(fm_u32v u) {
+    fm_i32v x = (fm_i32v)u;
     x = x ^ (x >> 31); /* x < 0 ? ~x : x (arithmetic shift: all ones when negative) */
-    return __builtin_convertvector(x, fm_f32x16) * 4.6566127342e-10f;
+    return __builtin_convertvector(x, fm_f32v) * 4.6566127342e-10f;
 }
 
 /* Philox4x32-10 with counter (j, 0, 0, 0), key (seed lo, seed hi): exactly
- * triton.language.randint4x(seed, j); four uniforms per index. Sixteen indices at a time in
- * uint32 vector lanes (GCC vector extensions: AVX-512 where the machine has it), scalar tail. */
+ * triton.language.randint4x(seed, j); four uniforms per index. FM_LANES indices at a time in
+ * uint32 vector lanes, scalar tail. */
 static void philox_block(uint64_t seed, int64_t j, int cnt, float *restrict u0, float *restrict u1,
                          float *restrict u2, float *restrict u3) {
     const uint32_t key0 = (uint32_t)seed, key1 = (uint32_t)(seed >> 32);
-    const fm_u32x16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    fm_u32v iota;
+    for (int l = 0; l < FM_LANES; l++) iota[l] = (uint32_t)l;
     int i = 0;
-    for (; i + 16 <= cnt; i += 16) {
-        fm_u32x16 c0 = iota + (uint32_t)(j + i), c1 = {0}, c2 = {0}, c3 = {0};
+    for (; i + FM_LANES <= cnt; i += FM_LANES) {
+        fm_u32v c0 = iota + (uint32_t)(j + i), c1 = {0}, c2 = {0}, c3 = {0};
         uint32_t k0 = key0, k1 = key1;
         for (int r = 0; r < 10; r++) {
-            fm_u32x16 hb, lb, ha, la;
-            mulhilo16(0xCD9E8D57u, c2, &hb, &lb);
-            mulhilo16(0xD2511F53u, c0, &ha, &la);
+            fm_u32v hb, lb, ha, la;
+            mulhilo(0xCD9E8D57u, c2, &hb, &lb);
+            mulhilo(0xD2511F53u, c0, &ha, &la);
             c0 = hb ^ c1 ^ k0;
             c2 = ha ^ c3 ^ k1;
             c1 = lb;
@@ -152,11 +184,11 @@ static void philox_block(uint64_t seed, int64_t j, int cnt, float *restrict u0, 
             k0 += 0x9E3779B9u;
             k1 += 0xBB67AE85u;
         }
-        const fm_f32x16 f0 = to_uniform16(c0), f1 = to_uniform16(c1), f2 = to_uniform16(c2), f3 = to_uniform16(c3);
-        memcpy(u0 + i, &f0, 64);
-        memcpy(u1 + i, &f1, 64);
-        memcpy(u2 + i, &f2, 64);
-        memcpy(u3 + i, &f3, 64);
+        const fm_f32v f0 = to_uniform_v(c0), f1 = to_uniform_v(c1), f2 = to_uniform_v(c2), f3 = to_uniform_v(c3);
+        memcpy(u0 + i, &f0, sizeof f0);
+        memcpy(u1 + i, &f1, sizeof f1);
+        memcpy(u2 + i, &f2, sizeof f2);
+        memcpy(u3 + i, &f3, sizeof f3);
     }
     for (; i < cnt; i++) {
         uint32_t c0 = (uint32_t)(j + i), c1 = 0, c2 = 0, c3 = 0, k0 = key0, k1 = key1;
@@ -530,7 +562,10 @@ void fm_merge(const fm_params *p) {
                 const float *restrict d = w->d[m];
                 const float *restrict kp = w->keep[m];
                 float *restrict vm = w->v[m];
-                for (int i = 0; i < cnt; i++) vm[i] = kp[i] != 0.0f ? (d[i] * sc) * wt : 0.0f;
+                for (int i = 0; i < cnt; i++) {
+                    const float t = (d[i] * sc) * wt; /* always computed: a select, not a branch */
+                    vm[i] = kp[i] != 0.0f ? t : 0.0f;
+                }
                 if (p->consensus == CS_SUM)
                     for (int i = 0; i < cnt; i++) sgn[i] = sgn[i] + vm[i];
                 else if (p->consensus == CS_COUNT)
