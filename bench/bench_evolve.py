@@ -248,8 +248,11 @@ def main() -> int:
                     row = run_space(space, models, data, out, questions, tokens, args, extra, backend, workers)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+    from fastmerge import cpu as fm_cpu
+
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "python": platform.python_version(), "engines": engine_versions(),
+               "c_loop": fm_cpu.isa(),  # the merge's vector path (avx512 / avx2 / generic)
                "loadavg_before": [round(x, 2) for x in load_before],
                "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     made = not (args.models or args.toy_world)

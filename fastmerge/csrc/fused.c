@@ -112,7 +112,7 @@ static inline float to_uniform(uint32_t u) {
 /* Philox runs in FM_LANES uint32 vector lanes: 16 (one zmm) with AVX-512, 8 (one ymm) with AVX2,
  * 8 in GCC's generic vectors elsewhere (two 128-bit registers on SSE2 / NEON). A 16-lane vector
  * without AVX-512 is two ymm halves, and the Philox state (4 of them) plus products spilled to the
- * stack on every round: 5x slower on an AVX2-only Zen 3 than 8 lanes. */
+ * stack on every round: 8x slower on an AVX2-only Zen 3 than 8 lanes (perf samples). */
 #if defined(__AVX512F__)
 #define FM_LANES 16
 #else
