@@ -168,7 +168,7 @@ def _build() -> ctypes.CDLL:
                 # -march=native where the compiler takes it (the loop is written for AVX-512, AVX2
                 # and plain vectors alike); some (older clang, other architectures) do not: then without
                 for arch in (["-march=native"], []):
-                    cmd = [*cc, *CFLAGS[:1], *arch, *CFLAGS[1:], str(_SOURCE), "-o", str(built), "-lm"]
+                    cmd = [*cc, *CFLAGS, *arch, str(_SOURCE), "-o", str(built), "-lm"]
                     try:
                         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
                     except subprocess.TimeoutExpired:

@@ -60,15 +60,19 @@ def c_and_numpy(monkeypatch, fn):
         monkeypatch.delenv(cpu.NO_C_ENV)
 
 
-@pytest.fixture
-def fresh(monkeypatch, tmp_path):
+def forget_c_loop(mp: pytest.MonkeyPatch, cache: Path) -> None:
     """This process as if the C loop had never been built: nothing loaded, no failure known, no
     notice given, an empty build cache (so a build would have to run the compiler)."""
-    monkeypatch.setattr(cpu, "_lib", None)
-    monkeypatch.setattr(cpu, "_failure", None)
-    monkeypatch.setattr(cpu, "_noticed", False)
-    monkeypatch.setenv("FASTMERGE_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.delenv(cpu.NO_C_ENV, raising=False)
+    mp.setattr(cpu, "_lib", None)
+    mp.setattr(cpu, "_failure", None)
+    mp.setattr(cpu, "_noticed", False)
+    mp.setenv("FASTMERGE_CACHE", str(cache))
+    mp.delenv(cpu.NO_C_ENV, raising=False)
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    forget_c_loop(monkeypatch, tmp_path / "empty-cache")
 
 
 def fake_cc(path: Path, body: str) -> Path:

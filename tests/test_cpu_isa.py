@@ -16,7 +16,6 @@ from __future__ import annotations
 import platform
 import shutil
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import torch
 from fastmerge import cpu, methods_math
 
 from .conftest import tensor_family as _family
-from .test_cpu_fallback import NAME, bits
+from .test_cpu_fallback import NAME, bits, forget_c_loop
 from .test_math import COMBOS, ODD, _opts
 from .test_sparsify_cpu import _bits, cases, family
 
@@ -36,15 +35,6 @@ PATHS = {  # path -> the flags that leave the wider ISAs out, and the CPU flag t
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 @pytest.fixture(scope="module", params=list(PATHS))
 def vector_path(request, tmp_path_factory):
     """The C loop of one vector path, loaded in place of the native one for this module's tests."""
@@ -52,15 +42,11 @@ def vector_path(request, tmp_path_factory):
     gcc = shutil.which("gcc")
     if platform.machine() not in ("x86_64", "AMD64") or gcc is None:
         pytest.skip("the ISA paths are x86-64 builds with gcc")
-    if needs and needs not in _cpu_flags():
+    if needs and needs not in cpu._cpu_fingerprint().split(":", 1)[-1].split():  # /proc/cpuinfo's flags
         pytest.skip(f"this CPU cannot run the {request.param} path (no {needs})")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_lib", None)
-        mp.setattr(cpu, "_failure", None)
-        mp.setattr(cpu, "_noticed", False)
-        mp.setenv("FASTMERGE_CACHE", str(tmp_path_factory.mktemp(f"cache-{request.param}")))
+        forget_c_loop(mp, tmp_path_factory.mktemp(f"cache-{request.param}"))
         mp.setenv("CC", " ".join([gcc, *flags]))
-        mp.delenv(cpu.NO_C_ENV, raising=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if not cpu.available():
