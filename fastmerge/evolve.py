@@ -329,6 +329,7 @@ class _Runner:
         if self.tokenizer is None and not (isinstance(spec.evaluator, str) or ":" in str(spec.evaluator.get("name"))):
             raise FastmergeError(f"no tokenizer in {', '.join(spec.tokenizer_dirs)}; set tokenizer: in the config")
         self.backend = None
+        self.bound = False  # the merge writes into the engine's own weights (Backend.weight_targets)
         if spec.stage == "ps":
             from .merger import Merger
 
@@ -347,6 +348,13 @@ class _Runner:
                 # every candidate then replaces all of its weights
                 self.backend = VLLMBackend(spec.engine_model, self.tokenizer, device=spec.device,
                                            threads=spec.threads, **spec.vllm)
+                if frame is None:
+                    # where the engine lets the merge write into its own weights, a candidate's upload
+                    # is only the engine's repacking (no copy, no reload), and the module shares them
+                    targets = self.backend.weight_targets(dict(self.model.named_parameters()))
+                    if targets is not None:
+                        self.merger.bind(targets)
+                        self.bound = True
         else:
             from .dfs import PathModel, load_sources
 
@@ -369,8 +377,11 @@ class _Runner:
         _sync(self.spec.device)
         t1 = t_up = time.perf_counter()
         if self.backend is not None:
-            # parameters only: buffers (rotary inv_freq) are derived, and the engine derives its own
-            self.backend.load_weights(self.model.named_parameters())
+            if self.bound:
+                self.backend.weights_written()
+            else:
+                # parameters only: buffers (rotary inv_freq) are derived, and the engine derives its own
+                self.backend.load_weights(self.model.named_parameters())
             t_up = time.perf_counter()
         with torch.no_grad():
             # a user evaluator gets the live module on hf, the backend (generate / loglikelihood / llm) on vllm

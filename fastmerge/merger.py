@@ -10,7 +10,7 @@ candidate's parameters into the existing parameter storage: no disk, no re-alloc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -204,6 +204,28 @@ class Merger:
             from .kernels.fused_ta_grouped import grouped_fused_merge
 
             grouped_fused_merge(grouped)
+
+    def bind(self, targets: Mapping[str, torch.Tensor]) -> None:
+        """Merge into ``targets`` (module parameter names -> tensors of the same shape, dtype and
+        device) from now on: an evaluation engine's own weights (``Backend.weight_targets``), so a
+        candidate reaches the engine without a copy. The current merge is copied in, and the
+        module's parameters become those tensors, so the module keeps showing the candidate."""
+        if self.plan.frame is not None:
+            raise FastmergeError("Merger.bind: not for vision-language models")
+        params = dict(self.module.named_parameters())
+        for name, t in targets.items():
+            cur = self._params.get(name)
+            if cur is None or name not in params:
+                raise FastmergeError(f"Merger.bind: {name} is not a merged parameter of the module")
+            if t.shape != cur.shape or t.dtype != cur.dtype or t.device != cur.device or not t.is_contiguous():
+                raise FastmergeError(f"Merger.bind: {name}: the target is {list(t.shape)} {t.dtype} on {t.device}"
+                                     f"{'' if t.is_contiguous() else ' (not contiguous)'}, the merge gives "
+                                     f"{list(cur.shape)} {cur.dtype} on {cur.device}")
+        with torch.no_grad():
+            for name, t in targets.items():
+                t.copy_(self._params[name])
+                self._params[name] = t
+                params[name].data = t
 
     def storage(self) -> dict[str, int]:
         """name -> data_ptr of every merged tensor (constant across candidates)."""

@@ -64,6 +64,46 @@ def test_candidates_reuse_storage_and_are_deterministic(families):
     assert not torch.equal(out_a, out_b)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_bound_merger_writes_into_the_given_tensors(families, tied):
+    """Merger.bind: candidates land in the caller's tensors (an engine's; here row ranges of one fused
+    buffer, as vLLM's qkv is), bit-identical to an unbound Merger's, and the module shows them."""
+    base, ft0, ft1 = families("llama", tie_embeddings=True) if tied else families("llama")
+    ref, merger = Merger(recipe(base, ft0, ft1)), Merger(recipe(base, ft0, ft1))
+    params = dict(merger.module.named_parameters())
+    fused = torch.empty(sum(t.numel() for t in params.values()) + 5)  # odd offsets: views of one buffer
+    targets, at = {}, 3
+    for name, t in params.items():
+        targets[name] = fused[at:at + t.numel()].view(t.shape)
+        at += t.numel()
+    merger.bind(targets)
+    assert all(torch.equal(targets[n], t) for n, t in state(ref.module).items() if n in targets)  # copied in
+    ids = torch.tensor([[1, 2, 3]])
+    for g in (Genome(weights=[0.3, 1.2], densities=[0.4, 0.9]), Genome(weights=[1.0, 0.1])):
+        want = state(ref.merge(g))
+        merger.merge(g)
+        for name, t in targets.items():
+            assert torch.equal(t, want[name]), name
+        assert {p.data_ptr() for p in merger.module.parameters()} == {t.data_ptr() for t in targets.values()}
+        with torch.no_grad():
+            assert torch.equal(merger.module(ids).logits, ref.module(ids).logits)
+
+
+def test_bind_refuses_a_target_it_cannot_merge_into(families):
+    base, ft0, ft1 = families("llama")
+    merger = Merger(recipe(base, ft0, ft1))
+    name, t = next(iter(merger.module.named_parameters()))
+    before = state(merger.module)
+    for bad, why in ((torch.empty(t.shape[0] + 1, *t.shape[1:]), f"{name}: the target is"),
+                     (torch.empty(t.shape, dtype=torch.float64), "float64"),
+                     (torch.empty(t.shape[::-1]).t(), "not contiguous")):
+        with pytest.raises(fastmerge.FastmergeError, match=why):
+            merger.bind({name: bad})
+    with pytest.raises(fastmerge.FastmergeError, match="model.nope.weight is not a merged parameter"):
+        merger.bind({"model.nope.weight": t})
+    assert all(torch.equal(v, before[k]) for k, v in state(merger.module).items())  # nothing was bound
+
+
 def test_layer_group_genome(families):
     base, ft0, ft1 = families("llama", layers=4)
     merger = Merger(recipe(base, ft0, ft1, method="ties"))

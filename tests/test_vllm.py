@@ -121,10 +121,119 @@ def test_a_fresh_engine_gives_the_updated_engines_outputs(world, engine, tmp_pat
             assert gf == gu and lf == pytest.approx(lu, rel=1e-5, abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def tied_world(tmp_path_factory):
+    """The world's shapes with tied embeddings (no lm_head in the checkpoint: vLLM's lm_head is the
+    embedding's weight), base + 2 fine-tunes."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("vllm-tied")
+    tok = word_tokenizer(WORDS)
+    spec = ModelSpec(hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(tok) + 4, tie_embeddings=True)
+    paths = make_family(root / "models", spec, finetunes=2, delta_scale=0.2)
+    for p in paths:
+        tok.save_pretrained(p)
+    prompts = [" ".join(WORDS[(i * 7 + j * 13) % 120] for j in range(3 + i % 6)) for i in range(12)]
+    return {"models": paths, "tok": AutoTokenizer.from_pretrained(paths[0]), "prompts": prompts}
+
+
+@pytest.fixture(scope="module")
+def tied_engine(tied_world):
+    from fastmerge.backends.vllm_engine import VLLMBackend
+
+    with VLLMBackend(tied_world["models"][0], tied_world["tok"], threads=1, max_model_len=128, kv_cache_gib=1) as e:
+        yield e
+
+
+def _checkpoint(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _hf(path, tok) -> HFBackend:
+    from transformers import AutoModelForCausalLM
+
+    return HFBackend(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tok)
+
+
+def test_in_place_updates_of_a_tied_model_reach_its_lm_head(tied_world, tied_engine):
+    """vLLM 0.32's reload_weights left a tied lm_head packed with the first weights on a CPU (logits
+    from the base's embedding, inputs from the candidate's); the backend repacks it."""
+    hf = _hf(tied_world["models"][0], tied_world["tok"])
+    a, b = _checkpoint(tied_world["models"][1]), _checkpoint(tied_world["models"][2])
+    assert "lm_head.weight" not in a  # tied: the checkpoint holds the embedding only
+    for state in (a, b):
+        tied_engine.load_weights(state.items())
+        hf.load_weights(state.items())
+        _same_scores(hf, tied_engine, tied_world)
+
+
+def _merger(models, weights):
+    from fastmerge.merger import Merger
+
+    base, ft0, ft1 = models
+    return Merger({"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+                   "models": [{"model": str(ft0), "parameters": {"weight": weights[0]}},
+                              {"model": str(ft1), "parameters": {"weight": weights[1]}}]}, threads=1)
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_a_merge_written_into_the_engine_equals_hf_and_a_reload(request, which):
+    """The Merger bound to the engine's own tensors (weight_targets): every candidate reaches vLLM by
+    its repacking alone, and scores as the hf backend over the same module and as a reload does."""
+    from fastmerge.merger import Genome
+
+    w = request.getfixturevalue("world" if which == "untied" else "tied_world")
+    engine = request.getfixturevalue("engine" if which == "untied" else "tied_engine")
+    merger = _merger(w["models"], (1.0, 0.0))
+    targets = engine.weight_targets(dict(merger.module.named_parameters()))
+    assert targets is not None and set(targets) == {n for n, _ in merger.module.named_parameters()}
+    engine_ptrs = {t.data_ptr() for t in targets.values()}
+    merger.bind(targets)
+    assert {p.data_ptr() for _, p in merger.module.named_parameters()} == engine_ptrs  # no copy of its own
+    hf = HFBackend(merger.module, w["tok"])
+    rows = hf.encode(w["prompts"])
+    outputs = []
+    for weights in ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (1.0, 0.0)):
+        merger.merge(Genome(weights=list(weights)))
+        engine.weights_written()
+        _same_scores(hf, engine, w)
+        direct = engine.generate_ids(rows, MAX_NEW), engine.loglikelihood(_requests(w))
+        engine.load_weights((n, p.detach().clone()) for n, p in merger.module.named_parameters())
+        assert engine.generate_ids(rows, MAX_NEW) == direct[0]
+        assert engine.loglikelihood(_requests(w)) == direct[1]  # the same packing of the same weights
+        outputs.append(direct[0])
+    assert outputs[0] == outputs[3] and outputs[0] != outputs[1]
+
+
+def test_weight_targets_refuse_what_they_do_not_cover(world, engine):
+    """Any name, shape or dtype the engine's layout does not account for: None, and the caller
+    reloads instead."""
+    state = _state(world["models"][0])
+    params = {n: t for n, t in state.items() if "rotary" not in n}
+    assert engine.weight_targets(params) is not None
+    assert engine.weight_targets({**params, "model.extra.weight": torch.zeros(3)}) is None
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert engine.weight_targets({**params, name: params[name][:-1]}) is None
+    assert engine.weight_targets({**params, name: params[name].double()}) is None
+    del params["model.norm.weight"]
+    assert engine.weight_targets(params) is None
+
+
 @pytest.mark.parametrize("evaluator,workers,scale", [("math", 1, "local"), ("loglik", 1, "local"),
                                                      ("loglik", 2, "local"), ("loglik", 2, "ray")])
-def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator, workers, scale):
-    """workers 2: a spawned pool or two Ray actors (a local cluster the run starts), one engine each."""
+def test_evolve_on_vllm_gives_the_hf_trial_log(world, tmp_path, evaluator, workers, scale, monkeypatch):
+    """workers 2: a spawned pool or two Ray actors (a local cluster the run starts), one engine each.
+    Candidates reach the engine by the merge writing into its weights: in this process (workers 1)
+    a reload would fail the run."""
+    if workers == 1:
+        from fastmerge.backends.vllm_engine import VLLMBackend
+
+        def no_reload(self, weights):
+            raise AssertionError("a candidate was reloaded, not written into the engine")
+
+        monkeypatch.setattr(VLLMBackend, "load_weights", no_reload)
     if scale == "ray" and os.environ.get("FASTMERGE_REQUIRE_ENGINES") != "1":
         pytest.importorskip("ray")
     base, ft0, ft1 = world["models"]

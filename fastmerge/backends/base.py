@@ -12,7 +12,7 @@ so every backend sees the same ids and its outputs can be compared token for tok
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +69,16 @@ class Backend(ABC):
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the live model's weights with these (HF checkpoint names), in place, no disk."""
+
+    def weight_targets(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Tensors inside the engine, one per name of ``params`` (same shape and dtype), that a merge
+        can write straight into, so that an update costs no copy (then :meth:`weights_written`);
+        None where the engine has none, and :meth:`load_weights` copies instead."""
+        return None
+
+    def weights_written(self) -> None:
+        """The tensors :meth:`weight_targets` returned hold new weights: make the engine use them."""
+        raise NotImplementedError(f"the {self.name} backend has no weight targets")
 
     def close(self) -> None:  # noqa: B027 -- a no-op where the caller owns the model
         """Free the engine."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,8 @@ class VLLMBackend(Backend):
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FastmergeError(f"vllm backend: cannot start an engine on {model}: {first}") from None
         self.model_dir = model
+        self.cpu = cpu
+        self._repack: list[tuple[torch.nn.Module, torch.Tensor | None]] | None = None
         self._generation_config = _generation_config(model)
         self.updates = 0
 
@@ -168,6 +170,40 @@ class VLLMBackend(Backend):
         q/k/v and gate/up itself), then reset the prefix cache."""
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+            # vLLM 0.32's reload does not repack a tied lm_head (no weight of its own is loaded): on a
+            # CPU its logits kept the first weights' packed embedding (measured; fixed here)
+            self.llm.apply_model(lambda model: _repack(_tied_heads(model)))
+        except Exception as e:  # noqa: BLE001
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FastmergeError(f"vllm backend: weight update failed ({first}); tested with vllm {TESTED}") from None
+        self.llm.reset_prefix_cache()
+        self.updates += 1
+
+    def weight_targets(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """On a CPU engine: for each of ``params`` (HF names), the engine-side tensor a merge can write
+        it into -- a row range of a fused qkv / gate_up weight kept here, or the engine's own
+        embedding, norm and bias tensors -- so that an update is only vLLM's own repacking
+        (:meth:`weights_written`), with no copy and no reload. None where the engine's layout is not
+        the one recognized here (tensor parallelism, quantization, names the checkpoint does not
+        share, a GPU engine: untested there), and the caller keeps :meth:`load_weights`."""
+        if not self.cpu:
+            return None
+        shapes = {n: (tuple(t.shape), t.dtype) for n, t in params.items()}
+        found = self.llm.apply_model(lambda model: _engine_targets(model, shapes))
+        if len(found) != 1 or found[0] is None:
+            return None
+        targets, self._repack = found[0]
+        return targets
+
+    def weights_written(self) -> None:
+        """The tensors :meth:`weight_targets` returned hold a new candidate: each layer is put
+        through vLLM's own post-load processing again (on a CPU, its oneDNN packing), as a reload
+        would, and the prefix cache is reset."""
+        if self._repack is None:
+            raise FastmergeError("vllm backend: weights_written() before weight_targets()")
+        layers = self._repack
+        try:
+            self.llm.apply_model(lambda model: _repack(layers))
         except Exception as e:  # noqa: BLE001
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FastmergeError(f"vllm backend: weight update failed ({first}); tested with vllm {TESTED}") from None
@@ -175,6 +211,7 @@ class VLLMBackend(Backend):
         self.updates += 1
 
     def close(self) -> None:
+        self._repack = None
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             del llm
@@ -193,3 +230,97 @@ def _generation_config(model: Path) -> Any:
         return GenerationConfig.from_pretrained(model)
     except (OSError, ValueError):
         return None
+
+
+def _engine_targets(model: torch.nn.Module, shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]):
+    """(HF name -> engine tensor, the layers to repack after a write) for a vLLM model on one CPU
+    worker, or None unless every HF tensor and every engine parameter is accounted for.
+
+    A linear layer's HF parts are the model's ``packed_modules_mapping`` entry (``qkv_proj``: q, k, v)
+    stacked along the rows in that order with the layer's ``output_sizes``, as vLLM's own weight
+    loaders stack them at tensor-parallel size 1. vLLM drops a CPU linear layer's weight once it is
+    packed, so its fused weight lives here, allocated once, and goes back in before each repack."""
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
+
+    packed = getattr(model, "packed_modules_mapping", None) or {}
+    targets: dict[str, torch.Tensor] = {}
+    layers: list[tuple[torch.nn.Module, torch.Tensor | None]] = []
+    covered: set[str] = set()
+
+    def fits(name: str, t: torch.Tensor) -> bool:
+        return name in shapes and shapes[name] == (tuple(t.shape), t.dtype) and name not in targets
+
+    for mname, mod in model.named_modules():
+        if isinstance(mod, LinearBase):
+            if type(mod.quant_method) is not UnquantizedLinearMethod or mod.tp_size != 1:
+                return None
+            leaf = mname.rpartition(".")[2]
+            stem = mname[: len(mname) - len(leaf)]
+            parts = packed.get(leaf, [leaf])
+            rows = mod.output_size_per_partition
+            sizes = list(mod.output_sizes) if len(parts) > 1 else [rows]
+            if len(sizes) != len(parts) or sum(sizes) != rows:
+                return None
+            weight = torch.empty(rows, mod.input_size_per_partition, dtype=mod.params_dtype)
+            bias = mod.bias.data if getattr(mod, "bias", None) is not None else None
+            start = 0
+            for part, size in zip(parts, sizes):
+                for kind, full in (("weight", weight), ("bias", bias)):
+                    if full is None:
+                        continue
+                    view = full[start:start + size]
+                    if not fits(f"{stem}{part}.{kind}", view):
+                        return None
+                    targets[f"{stem}{part}.{kind}"] = view
+                start += size
+            covered.add(f"{mname}.weight")
+            if bias is not None:
+                covered.add(f"{mname}.bias")
+            layers.append((mod, weight))
+        elif isinstance(mod, VocabParallelEmbedding):
+            if type(mod.quant_method) is not UnquantizedEmbeddingMethod or mod.tp_size != 1:
+                return None
+            if any(mod.weight is other.weight for other, _ in layers):  # a tied lm_head: repacked too
+                layers.append((mod, None))
+                continue
+            view = mod.weight.data[: mod.org_vocab_size]
+            if not fits(f"{mname}.weight", view):
+                return None
+            targets[f"{mname}.weight"] = view
+            covered.add(f"{mname}.weight")
+            layers.append((mod, None))
+    for pname, p in model.named_parameters():
+        if pname in covered:
+            continue
+        if not fits(pname, p.data):  # a parameter this scheme does not know how to fill
+            return None
+        targets[pname] = p.data
+    if set(targets) != set(shapes):
+        return None
+    return targets, layers
+
+
+def _tied_heads(model: torch.nn.Module) -> list[tuple[torch.nn.Module, None]]:
+    """Embedding layers (a tied lm_head) whose weight is another embedding layer's."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    seen: list[torch.nn.Module] = []
+    tied: list[tuple[torch.nn.Module, None]] = []
+    for mod in model.modules():
+        if isinstance(mod, VocabParallelEmbedding):
+            if any(mod.weight is other.weight for other in seen):
+                tied.append((mod, None))
+            seen.append(mod)
+    return tied
+
+
+def _repack(layers: list[tuple[torch.nn.Module, torch.Tensor | None]]) -> None:
+    """vLLM's post-load step for each layer again, over the weights written into it."""
+    for mod, weight in layers:
+        if weight is not None:  # the packed weight vLLM dropped: ours goes back in for the packing
+            mod.weight = torch.nn.Parameter(weight, requires_grad=False)
+        mod.quant_method.process_weights_after_loading(mod)
