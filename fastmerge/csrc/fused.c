@@ -326,14 +326,23 @@ static uint32_t *thread_hist(size_t n) {
     return tl_hist;
 }
 
-/* Per-model sum|delta| and sum|keep*delta| (the "l1" rescale), accumulated in double. */
+/* Per-model sum|delta| and sum|keep*delta| (the "l1" rescale), accumulated in double. Each thread
+ * sums its static share of blocks; the shares are added in thread order after the loop, not as the
+ * threads finish, so the totals' last bits do not depend on timing (the same thread count gives the
+ * same scale in every run). */
 void fm_sums(const fm_params *p, double *total, double *kept) {
     const int K = p->k;
     const int64_t nblk = (p->n + FM_BLOCK - 1) / FM_BLOCK;
     for (int m = 0; m < K; m++) total[m] = kept[m] = 0.0;
-#pragma omp parallel num_threads(p->threads)
+    const int nt = p->threads > 0 ? p->threads : 1;
+    double part[nt][2][FM_MAXK];
+    int team = 1;
+    memset(part, 0, sizeof part);
+#pragma omp parallel num_threads(nt)
     {
-        double lt[FM_MAXK] = {0}, lk[FM_MAXK] = {0};
+        double *lt = part[omp_get_thread_num()][0], *lk = part[omp_get_thread_num()][1];
+#pragma omp single
+        team = omp_get_num_threads();
         fm_scratch *w = thread_scratch();
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblk; blk++) {
@@ -363,9 +372,9 @@ void fm_sums(const fm_params *p, double *total, double *kept) {
                 }
             }
         }
-#pragma omp critical
-        for (int m = 0; m < K; m++) { total[m] += lt[m]; kept[m] += lk[m]; }
     }
+    for (int t = 0; t < team; t++)
+        for (int m = 0; m < K; m++) { total[m] += part[t][0][m]; kept[m] += part[t][1][m]; }
 }
 
 /* keys[m * n + i] = bits of |x_m[i] - base[i]| as fp32, for tensors too small for a histogram
@@ -752,6 +761,13 @@ void fm_della_bits(fm_sp_params *p) {
     const int64_t cols = p->cols, rows = p->rows;
     int failed = 0;
     for (int m = 0; m < K; m++) p->total[m] = p->kept[m] = 0.0;
+    /* per row and model (all, kept): rows go to threads dynamically, so the sums are added in row
+     * order after the loop, never in the order threads reach them */
+    double *rs = calloc((size_t)rows * (size_t)K * 2, sizeof(double));
+    if (!rs) {
+        p->rows = -1;
+        return;
+    }
 #pragma omp parallel num_threads(p->threads)
     {
         float *u = malloc(sizeof(float) * 4 * (size_t)p->ngroups * (size_t)cols);
@@ -760,7 +776,6 @@ void fm_della_bits(fm_sp_params *p) {
         uint64_t *v = malloc(sizeof(uint64_t) * (size_t)cols);
         uint64_t *tmp = malloc(sizeof(uint64_t) * (size_t)cols);
         float b[FM_BLOCK];
-        double lt[FM_MAXK] = {0}, lk[FM_MAXK] = {0};
         const float denom = (float)(cols - 1);
         const int ok = u && d && prob && v && tmp;
         if (!ok) {
@@ -818,14 +833,18 @@ void fm_della_bits(fm_sp_params *p) {
                     rt += a;
                     rk += keep ? a : 0.0;
                 }
-                lt[m] += rt;
-                lk[m] += rk;
+                rs[((size_t)row * K + m) * 2] = rt;
+                rs[((size_t)row * K + m) * 2 + 1] = rk;
             }
         }
-#pragma omp critical
-        for (int m = 0; m < K; m++) { p->total[m] += lt[m]; p->kept[m] += lk[m]; }
         free(u); free(d); free(prob); free(v); free(tmp);
     }
+    for (int64_t row = 0; row < rows; row++)
+        for (int m = 0; m < K; m++) {
+            p->total[m] += rs[((size_t)row * K + m) * 2];
+            p->kept[m] += rs[((size_t)row * K + m) * 2 + 1];
+        }
+    free(rs);
     if (failed) p->rows = -1; /* out of memory for a thread's row buffers: nothing usable written */
 }
 
