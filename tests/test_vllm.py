@@ -1,7 +1,8 @@
 """The vllm evaluation backend (CPU, fp32, a tiny Llama): its greedy generations and log-likelihoods equal
-the hf backend's for the same weights, after several in-place updates (A -> B -> 0.5A+0.5B -> A) and on a
-fresh engine; an evolve run scored on vLLM gives the hf run's trial log. Runs where vLLM is installed
-(`make test-engines`); one engine serves the module (start-up costs seconds)."""
+the hf backend's for the same weights, after several in-place updates (A -> B -> 0.5A+0.5B -> A), reloaded
+or merged straight into the engine's tensors, with untied and tied embeddings, and on a fresh engine; an
+evolve run scored on vLLM gives the hf run's trial log. Runs where vLLM is installed (`make test-engines`);
+one engine per model family serves the module (start-up costs seconds)."""
 
 from __future__ import annotations
 
