@@ -314,14 +314,18 @@ def _engine_targets(model: torch.nn.Module, shapes: Mapping[str, tuple[tuple[int
 
 
 def _tied_heads(model: torch.nn.Module) -> list[tuple[torch.nn.Module, None]]:
-    """Embedding layers (a tied lm_head) whose weight is another embedding layer's."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    """Unquantized embedding layers (a tied lm_head) whose weight is another embedding layer's: their
+    post-load step only packs (on a CPU) and may run again; a quantized one's is left alone."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+        VocabParallelEmbedding,
+    )
 
     seen: list[torch.nn.Module] = []
     tied: list[tuple[torch.nn.Module, None]] = []
     for mod in model.modules():
         if isinstance(mod, VocabParallelEmbedding):
-            if any(mod.weight is other.weight for other in seen):
+            if type(mod.quant_method) is UnquantizedEmbeddingMethod and any(mod.weight is o.weight for o in seen):
                 tied.append((mod, None))
             seen.append(mod)
     return tied
