@@ -208,6 +208,33 @@ def test_a_merge_written_into_the_engine_equals_hf_and_a_reload(request, which):
     assert outputs[0] == outputs[3] and outputs[0] != outputs[1]
 
 
+def test_qkv_biases_are_written_into_the_engine(tmp_path):
+    """Qwen2's q / k / v biases: row ranges of vLLM's fused qkv bias, like the weights."""
+    from transformers import AutoTokenizer
+
+    from fastmerge.backends.vllm_engine import VLLMBackend
+    from fastmerge.merger import Genome
+
+    tok = word_tokenizer(WORDS)
+    spec = ModelSpec(arch="qwen2", hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(tok) + 4)
+    models = make_family(tmp_path / "models", spec, finetunes=2, delta_scale=0.2)
+    for p in models:
+        tok.save_pretrained(p)
+    w = {"tok": AutoTokenizer.from_pretrained(models[0]),
+         "prompts": [" ".join(WORDS[(i * 7 + j * 13) % 120] for j in range(3 + i % 6)) for i in range(12)]}
+    merger = _merger(models, (1.0, 0.0))
+    assert any(n.endswith("q_proj.bias") for n, _ in merger.module.named_parameters())
+    with VLLMBackend(models[0], w["tok"], threads=1, max_model_len=128, kv_cache_gib=1) as engine:
+        targets = engine.weight_targets(dict(merger.module.named_parameters()))
+        assert targets is not None
+        merger.bind(targets)
+        hf = HFBackend(merger.module, w["tok"])
+        for weights in ((1.0, 0.0), (0.0, 1.0), (0.5, 0.5)):
+            merger.merge(Genome(weights=list(weights)))
+            engine.weights_written()
+            _same_scores(hf, engine, w)
+
+
 def test_weight_targets_refuse_what_they_do_not_cover(world, engine):
     """Any name, shape or dtype the engine's layout does not account for: None, and the caller
     reloads instead."""
