@@ -25,24 +25,34 @@ WORDS = [f"w{i}" for i in range(120)] + [str(i) for i in range(100)] + "Q: A: th
 MAX_NEW = 10
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+PROMPTS = [" ".join(WORDS[(i * 7 + j * 13) % 120] for j in range(3 + i % 6)) for i in range(12)]
+
+
+def _family(root, **spec) -> dict:
     """base + 2 fine-tunes (head_dim 64: vLLM's CPU attention needs it) with a word-level tokenizer."""
     from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("vllm-world")
     tok = word_tokenizer(WORDS)
-    spec = ModelSpec(hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(tok) + 4)
+    spec = ModelSpec(hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(tok) + 4, **spec)
     paths = make_family(root / "models", spec, finetunes=2, delta_scale=0.2)
     for p in paths:
         tok.save_pretrained(p)
+    return {"models": paths, "tok": AutoTokenizer.from_pretrained(paths[0]), "prompts": PROMPTS}
+
+
+def _engine(model, tok):
+    from fastmerge.backends.vllm_engine import VLLMBackend
+
+    return VLLMBackend(model, tok, threads=1, max_model_len=128, kv_cache_gib=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A Llama family, and its prompts as math questions."""
+    root = tmp_path_factory.mktemp("vllm-world")
     data = root / "math.jsonl"
-    with open(data, "w") as f:
-        for i in range(12):
-            q = " ".join(WORDS[(i * 7 + j * 13) % 120] for j in range(3 + i % 6))
-            f.write(json.dumps({"question": q, "answer": i}) + "\n")
-    prompts = [json.loads(ln)["question"] for ln in data.read_text().splitlines()]
-    return {"models": paths, "tok": AutoTokenizer.from_pretrained(paths[0]), "data": data, "prompts": prompts}
+    data.write_text("".join(json.dumps({"question": q, "answer": i}) + "\n" for i, q in enumerate(PROMPTS)))
+    return {**_family(root), "data": data}
 
 
 def _state(path) -> dict[str, torch.Tensor]:
@@ -53,9 +63,7 @@ def _state(path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def engine(world):
-    from fastmerge.backends.vllm_engine import VLLMBackend
-
-    with VLLMBackend(world["models"][0], world["tok"], threads=1, max_model_len=128, kv_cache_gib=1) as e:
+    with _engine(world["models"][0], world["tok"]) as e:
         yield e
 
 
@@ -104,7 +112,6 @@ def test_in_place_updates_follow_the_weights(world, engine, hf):
 
 def test_a_fresh_engine_gives_the_updated_engines_outputs(world, engine, tmp_path):
     import fastmerge
-    from fastmerge.backends.vllm_engine import VLLMBackend
 
     base, ft0, ft1 = world["models"]
     recipe = {"merge_method": "linear", "dtype": "float32",
@@ -116,7 +123,7 @@ def test_a_fresh_engine_gives_the_updated_engines_outputs(world, engine, tmp_pat
     engine.load_weights((k, 0.5 * a[k] + 0.5 * b[k]) for k in a)
     rows = engine.encode(world["prompts"])
     updated = engine.generate_ids(rows, MAX_NEW), engine.loglikelihood(_requests(world))
-    with VLLMBackend(out, world["tok"], threads=1, max_model_len=128, kv_cache_gib=1) as fresh:
+    with _engine(out, world["tok"]) as fresh:
         assert fresh.generate_ids(rows, MAX_NEW) == updated[0]
         for (lf, gf), (lu, gu) in zip(fresh.loglikelihood(_requests(world)), updated[1]):
             assert gf == gu and lf == pytest.approx(lu, rel=1e-5, abs=1e-5)
@@ -126,23 +133,12 @@ def test_a_fresh_engine_gives_the_updated_engines_outputs(world, engine, tmp_pat
 def tied_world(tmp_path_factory):
     """The world's shapes with tied embeddings (no lm_head in the checkpoint: vLLM's lm_head is the
     embedding's weight), base + 2 fine-tunes."""
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("vllm-tied")
-    tok = word_tokenizer(WORDS)
-    spec = ModelSpec(hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(tok) + 4, tie_embeddings=True)
-    paths = make_family(root / "models", spec, finetunes=2, delta_scale=0.2)
-    for p in paths:
-        tok.save_pretrained(p)
-    prompts = [" ".join(WORDS[(i * 7 + j * 13) % 120] for j in range(3 + i % 6)) for i in range(12)]
-    return {"models": paths, "tok": AutoTokenizer.from_pretrained(paths[0]), "prompts": prompts}
+    return _family(tmp_path_factory.mktemp("vllm-tied"), tie_embeddings=True)
 
 
 @pytest.fixture(scope="module")
 def tied_engine(tied_world):
-    from fastmerge.backends.vllm_engine import VLLMBackend
-
-    with VLLMBackend(tied_world["models"][0], tied_world["tok"], threads=1, max_model_len=128, kv_cache_gib=1) as e:
+    with _engine(tied_world["models"][0], tied_world["tok"]) as e:
         yield e
 
 
@@ -210,21 +206,12 @@ def test_a_merge_written_into_the_engine_equals_hf_and_a_reload(request, which):
 
 def test_qkv_biases_are_written_into_the_engine(tmp_path):
     """Qwen2's q / k / v biases: row ranges of vLLM's fused qkv bias, like the weights."""
-    from transformers import AutoTokenizer
-
-    from fastmerge.backends.vllm_engine import VLLMBackend
     from fastmerge.merger import Genome
 
-    tok = word_tokenizer(WORDS)
-    spec = ModelSpec(arch="qwen2", hidden=128, layers=2, heads=2, kv_heads=1, vocab=len(tok) + 4)
-    models = make_family(tmp_path / "models", spec, finetunes=2, delta_scale=0.2)
-    for p in models:
-        tok.save_pretrained(p)
-    w = {"tok": AutoTokenizer.from_pretrained(models[0]),
-         "prompts": [" ".join(WORDS[(i * 7 + j * 13) % 120] for j in range(3 + i % 6)) for i in range(12)]}
-    merger = _merger(models, (1.0, 0.0))
+    w = _family(tmp_path, arch="qwen2")
+    merger = _merger(w["models"], (1.0, 0.0))
     assert any(n.endswith("q_proj.bias") for n, _ in merger.module.named_parameters())
-    with VLLMBackend(models[0], w["tok"], threads=1, max_model_len=128, kv_cache_gib=1) as engine:
+    with _engine(w["models"][0], w["tok"]) as engine:
         targets = engine.weight_targets(dict(merger.module.named_parameters()))
         assert targets is not None
         merger.bind(targets)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,16 +177,13 @@ class VLLMBackend(Backend):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Reload the engine's weights in place from ``weights`` (HF checkpoint names; vLLM fuses
         q/k/v and gate/up itself), then reset the prefix cache."""
-        try:
+        def reload() -> None:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
             # vLLM 0.32's reload does not repack a tied lm_head (no weight of its own is loaded): on a
             # CPU its logits kept the first weights' packed embedding (measured; fixed here)
             self.llm.apply_model(lambda model: _repack(_tied_heads(model)))
-        except Exception as e:  # noqa: BLE001
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise FastmergeError(f"vllm backend: weight update failed ({first}); tested with vllm {TESTED}") from None
-        self.llm.reset_prefix_cache()
-        self.updates += 1
+
+        self._update(reload)
 
     def weight_targets(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """On a CPU engine: for each of ``params`` (HF names), the engine-side tensor a merge can write
@@ -211,9 +208,13 @@ class VLLMBackend(Backend):
         if self._repack is None:
             raise FastmergeError("vllm backend: weights_written() before weight_targets()")
         layers = self._repack
+        self._update(lambda: self.llm.apply_model(lambda model: _repack(layers)))
+
+    def _update(self, action: Callable[[], Any]) -> None:
+        """Run a weight update; its failure is one line, and the prefix cache is reset after it."""
         try:
-            self.llm.apply_model(lambda model: _repack(layers))
-        except Exception as e:  # noqa: BLE001
+            action()
+        except Exception as e:  # noqa: BLE001 -- vLLM raises anything; the user needs its first line
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise FastmergeError(f"vllm backend: weight update failed ({first}); tested with vllm {TESTED}") from None
         self.llm.reset_prefix_cache()
@@ -256,6 +257,7 @@ def _engine_targets(model: torch.nn.Module, shapes: Mapping[str, tuple[tuple[int
     )
 
     packed = getattr(model, "packed_modules_mapping", None) or {}
+    tied = {id(mod) for mod, _ in _tied_heads(model)}
     targets: dict[str, torch.Tensor] = {}
     layers: list[tuple[torch.nn.Module, torch.Tensor | None]] = []
     covered: set[str] = set()
@@ -293,7 +295,7 @@ def _engine_targets(model: torch.nn.Module, shapes: Mapping[str, tuple[tuple[int
         elif isinstance(mod, VocabParallelEmbedding):
             if type(mod.quant_method) is not UnquantizedEmbeddingMethod or mod.tp_size != 1:
                 return None
-            if any(mod.weight is other.weight for other, _ in layers):  # a tied lm_head: repacked too
+            if id(mod) in tied:  # a tied lm_head: its weight is the embedding's, repacked after it
                 layers.append((mod, None))
                 continue
             view = mod.weight.data[: mod.org_vocab_size]
