@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import vlm
+from . import cpu, vlm
 from ._optional import require
 from .engine import compute, on_device_runner, open_models
 from .errors import FastmergeError
@@ -76,10 +76,14 @@ class Merger:
     builds that VLM (``AutoModelForImageTextToText``); its vision tower and projector are read once
     straight into the module (``TensorPlan.carried``, never held as sources) and every candidate is
     merged into its language model only.
+
+    ``draw_cache`` (cpu backend): keep DARE's random draws between candidates (``cpu.DrawCache``:
+    the same masks, without Philox after the first merge; one byte per element and fine-tuned model
+    of every randomly sparsified tensor). False saves that memory.
     """
 
     def __init__(self, recipe: Recipe | dict | str | Path, device: str = "cpu", backend: str | None = None,
-                 threads: int | None = None, allow_bin: bool = False):
+                 threads: int | None = None, allow_bin: bool = False, draw_cache: bool = True):
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         if device == "cuda" and not torch.cuda.is_available():
             raise FastmergeError("device 'cuda' requested but no CUDA GPU is present")
@@ -92,6 +96,7 @@ class Merger:
         if self.backend == "triton":
             require("triton", "the Triton backend")  # before the sources are loaded
         self.threads = threads
+        self.draws = cpu.DrawCache() if draw_cache and self.backend == "cpu" else None
         self._readers = open_models(self.recipe, allow_bin)
         self.plan = build_plan(self.recipe, self._readers)
         self._sources: dict[tuple[str, str], torch.Tensor] = {}
@@ -192,8 +197,10 @@ class Merger:
             out = self._params[task.name]
             tensors = [self._sources[(s.model, s.name)] for s in task.sources]
             fused = task.route == "fused" and task.whole
-            if fused and self.backend == "cpu":  # the engine's fused executor, in place into the parameter
-                compute(task, tensors, self.threads, out=out)
+            if fused and self.backend == "cpu":  # the fused C loop, in place into the parameter
+                base, models = task.split(tensors)
+                cpu.fused_merge(base, models, task.fused, task.key, task.dtype, out=out, threads=self.threads,
+                                draws=self.draws)
             elif on_device_runner(task):
                 base, models = task.split(tensors)
                 grouped.append((base, models, task.fused, task.key, out))

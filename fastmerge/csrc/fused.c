@@ -51,6 +51,15 @@ typedef struct {
      * indices i < tie_end (relative to element 0 of this piece): exactly m = int(rho * n) kept,
      * ties broken by the lowest flat index (DESIGN.md section 3) */
     int64_t tie_end[FM_MAXK];
+    /* DARE draw cache (random sparsification only): one byte per element and model,
+     * floor(u * 256) clamped to 255, at draws + m * draws_stride + element. draws_mode 1 writes it
+     * while drawing Philox; 2 reads it instead of drawing: u < rho is decided by the byte alone
+     * unless the byte is rho's own bucket, and only those elements (1 in 256) are drawn again. The
+     * masks are the same bits either way; Philox is ~30% of a dare_ties merge on an AVX2 core. */
+    uint8_t *draws;
+    int64_t draws_stride;
+    int32_t draws_mode;
+    int32_t pad4_;
 } fm_params;
 
 /* sizeof(fm_params): fastmerge.cpu mirrors the struct in ctypes and checks its size against this
@@ -161,6 +170,35 @@ static inline fm_f32v to_uniform_v(fm_u32v u) {
     return __builtin_convertvector(x, fm_f32v) * 4.6566127342e-10f;
 }
 
+/* Philox4x32-10 of one index, scalar: the four outputs of counter (j, 0, 0, 0). */
+static void philox_one(uint64_t seed, int64_t j, uint32_t out[4]) {
+    uint32_t c0 = (uint32_t)j, c1 = 0, c2 = 0, c3 = 0, k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    for (int r = 0; r < 10; r++) {
+        uint64_t pb = (uint64_t)0xCD9E8D57u * c2;
+        uint64_t pa = (uint64_t)0xD2511F53u * c0;
+        uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0;
+        uint32_t n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
+        c1 = (uint32_t)pb;
+        c3 = (uint32_t)pa;
+        c0 = n0;
+        c2 = n2;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    out[0] = c0;
+    out[1] = c1;
+    out[2] = c2;
+    out[3] = c3;
+}
+
+/* A uniform's (or a density's) bucket of the draw cache: floor(u * 256), exact in fp32 (a power-of-
+ * two multiply), clamped to 255 (u and rho may be 1.0; below 0 is 0). The bucket of u below rho's
+ * means u < rho, above it u >= rho; in it, the draw decides. */
+static inline uint8_t draw_bucket(float u) {
+    const float b = u * 256.0f;
+    return b >= 255.0f ? 255 : b <= 0.0f ? 0 : (uint8_t)(int)b;
+}
+
 /* Philox4x32-10 with counter (j, 0, 0, 0), key (seed lo, seed hi): exactly
  * triton.language.randint4x(seed, j); four uniforms per index. FM_LANES indices at a time in
  * uint32 vector lanes, scalar tail. */
@@ -191,23 +229,12 @@ static void philox_block(uint64_t seed, int64_t j, int cnt, float *restrict u0, 
         memcpy(u3 + i, &f3, sizeof f3);
     }
     for (; i < cnt; i++) {
-        uint32_t c0 = (uint32_t)(j + i), c1 = 0, c2 = 0, c3 = 0, k0 = key0, k1 = key1;
-        for (int r = 0; r < 10; r++) {
-            uint64_t pb = (uint64_t)0xCD9E8D57u * c2;
-            uint64_t pa = (uint64_t)0xD2511F53u * c0;
-            uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0;
-            uint32_t n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
-            c1 = (uint32_t)pb;
-            c3 = (uint32_t)pa;
-            c0 = n0;
-            c2 = n2;
-            k0 += 0x9E3779B9u;
-            k1 += 0xBB67AE85u;
-        }
-        u0[i] = to_uniform(c0);
-        u1[i] = to_uniform(c1);
-        u2[i] = to_uniform(c2);
-        u3[i] = to_uniform(c3);
+        uint32_t c[4];
+        philox_one(seed, j + i, c);
+        u0[i] = to_uniform(c[0]);
+        u1[i] = to_uniform(c[1]);
+        u2[i] = to_uniform(c[2]);
+        u3[i] = to_uniform(c[3]);
     }
 }
 
@@ -268,13 +295,48 @@ static void block_deltas(const fm_params *p, int64_t s, int cnt, fm_scratch *w, 
         }
         return;
     }
-    if (p->sparsify == SP_RANDOM) {
+    if (p->sparsify == SP_RANDOM && p->draws_mode == 2) {
+        for (int m = 0; m < K; m++) {
+            float *restrict kp = w->keep[m];
+            const uint8_t *restrict c = p->draws + m * p->draws_stride + s;
+            const float rho = p->density[m];
+            const uint8_t tb = draw_bucket(rho);
+            int edge = 0;
+            for (int i = 0; i < cnt; i++) {
+                kp[i] = c[i] < tb ? 1.0f : 0.0f;
+                edge |= c[i] == tb;
+            }
+            if (!edge) continue;
+            /* rho's bucket, 8 bytes at a time: a byte-by-byte scan of every block took a third of
+             * this function (a block of 256 holds such a byte 63% of the time) */
+            const uint64_t ones = 0x0101010101010101ull, t8 = ones * tb;
+            for (int i0 = 0; i0 < cnt; i0 += 8) {
+                const int lim = cnt - i0 < 8 ? cnt - i0 : 8;
+                if (lim == 8) {
+                    uint64_t v;
+                    memcpy(&v, c + i0, 8);
+                    v ^= t8; /* a zero byte where c == tb */
+                    if (!((v - ones) & ~v & 0x8080808080808080ull)) continue;
+                }
+                for (int i = i0; i < i0 + lim; i++)
+                    if (c[i] == tb) {
+                        uint32_t r[4];
+                        philox_one(p->seed[m / 4], p->j0 + s + i, r);
+                        kp[i] = to_uniform(r[m % 4]) < rho ? 1.0f : 0.0f;
+                    }
+            }
+        }
+    } else if (p->sparsify == SP_RANDOM) {
         for (int g = 0; 4 * g < K; g++) {
             philox_block(p->seed[g], p->j0 + s, cnt, w->keep[4 * g], w->keep[4 * g + 1],
                          w->keep[4 * g + 2], w->keep[4 * g + 3]);
             for (int l = 0; l < 4 && 4 * g + l < K; l++) {
                 float *restrict kp = w->keep[4 * g + l];
                 const float rho = p->density[4 * g + l];
+                if (p->draws_mode == 1) {
+                    uint8_t *restrict c = p->draws + (4 * g + l) * p->draws_stride + s;
+                    for (int i = 0; i < cnt; i++) c[i] = draw_bucket(kp[i]);
+                }
                 for (int i = 0; i < cnt; i++) kp[i] = kp[i] < rho ? 1.0f : 0.0f;
             }
         }
