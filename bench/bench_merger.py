@@ -11,7 +11,8 @@ inside the timed region):
     mergekit's own per-tensor merge call, with the same weights and densities.
 dare_ties runs twice: with the Merger's default DARE draw cache (``cpu.DrawCache``: the first merge
 draws and keeps the draws, later ones reuse them) and with ``draw_cache=False`` (every merge draws),
-so the median of the repetitions is the search's steady state and ``first_merge_s`` the first one.
+both loaded at once and their merges alternated, so the median of the repetitions is the search's
+steady state and ``first_merge_s`` the first one.
 Writes bench/results/merger_inmemory.csv (+ machine line) and prints a Markdown table.
 """
 
@@ -82,30 +83,34 @@ def main() -> int:
     from fastmerge import Genome, Merger
 
     rows = []
-    mk_s: dict[str, float] = {}
-    for method, draw_cache in (("dare_ties", True), ("dare_ties", False), ("ties", True)):
-        t0 = time.perf_counter()
-        merger = Merger(recipe(models, method), draw_cache=draw_cache)
-        load_s = time.perf_counter() - t0
-        # the constructor merged the recipe itself once (filling the draw cache): start over, so the
-        # first timed merge is a search's first
-        merger.draws = type(merger.draws)() if merger.draws is not None else None
-        genome = Genome(weights=list(WEIGHTS), densities=list(DENSITIES))
-        times = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            merger.merge(genome)
-            times.append(time.perf_counter() - t)
-        if method not in mk_s:
-            mk_s[method] = statistics.median([mergekit_pass(merger, method) for _ in range(args.mergekit_reps)])
-        fm, mkm = statistics.median(times), mk_s[method]
-        rows.append({"method": method, "draw_cache": draw_cache if method == "dare_ties" else "",
-                     "params_m": round(sum(t.numel() for t in merger._params.values()) / 1e6, 1),
-                     "load_s": round(load_s, 2), "first_merge_s": round(times[0], 3), "fastmerge_merge_s": round(fm, 3),
-                     "mergekit_merge_group_s": round(mkm, 2), "speedup": round(mkm / fm, 1),
-                     "threads": torch.get_num_threads(), "cpu": cpu_name(), "cores": torch.get_num_threads(),
-                     "gpu": "none"})
-        del merger
+    genome = Genome(weights=list(WEIGHTS), densities=list(DENSITIES))
+    for method, variants in (("dare_ties", (True, False)), ("ties", (True,))):
+        mergers, load_s = {}, {}
+        for draw_cache in variants:  # dare_ties: both loaded, their merges alternate (same machine state)
+            t0 = time.perf_counter()
+            mergers[draw_cache] = Merger(recipe(models, method), draw_cache=draw_cache)
+            load_s[draw_cache] = time.perf_counter() - t0
+            # the constructor merged the recipe once (filling the draw cache): start over, so the first
+            # timed merge is a search's first
+            if mergers[draw_cache].draws is not None:
+                mergers[draw_cache].draws = type(mergers[draw_cache].draws)()
+        times: dict[bool, list[float]] = {v: [] for v in variants}
+        for rep in range(args.reps):
+            for v in variants if rep % 2 == 0 else variants[::-1]:
+                t = time.perf_counter()
+                mergers[v].merge(genome)
+                times[v].append(time.perf_counter() - t)
+        any_merger = mergers[variants[0]]
+        mkm = statistics.median([mergekit_pass(any_merger, method) for _ in range(args.mergekit_reps)])
+        for v in variants:
+            fm = statistics.median(times[v])
+            rows.append({"method": method, "draw_cache": v if method == "dare_ties" else "",
+                         "params_m": round(sum(t.numel() for t in any_merger._params.values()) / 1e6, 1),
+                         "load_s": round(load_s[v], 2), "first_merge_s": round(times[v][0], 3),
+                         "fastmerge_merge_s": round(fm, 3), "mergekit_merge_group_s": round(mkm, 2),
+                         "speedup": round(mkm / fm, 1), "threads": torch.get_num_threads(), "cpu": cpu_name(),
+                         "cores": torch.get_num_threads(), "gpu": "none"})
+        del mergers, any_merger
     out = HERE / "results" / "merger_inmemory.csv"
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
