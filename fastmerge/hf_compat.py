@@ -33,6 +33,16 @@ def cache_kwarg(fn: Callable) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@functools.cache
+def takes_logits_to_keep(fn: Callable) -> bool:
+    """Whether ``fn`` (a model's forward) names ``logits_to_keep``: then greedy decoding asks for the
+    last position's logits only, not the whole prompt's (a vocabulary-wide matmul per prompt token)."""
+    try:
+        return "logits_to_keep" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def output_cache(out: Any) -> Any:
     """The KV cache a forward returned, whichever name the model's release gives it."""
     cache = getattr(out, "cache", None)

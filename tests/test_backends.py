@@ -52,6 +52,27 @@ def test_hf_loglikelihood_rejects_empty_parts(llama, tok):  # noqa: F811
         HFBackend(llama, tok).loglikelihood([([], [5])])
 
 
+def test_hf_generation_asks_for_the_last_logits_only(llama, tok, monkeypatch):  # noqa: F811
+    """Greedy decoding passes ``logits_to_keep=1`` to a forward that takes it (the prompt's other
+    positions' vocabulary-wide logits are never read), and decodes the same ids as with all logits."""
+    import fastmerge.hf_compat as hc
+
+    torch.set_num_threads(1)
+    widths: list[int] = []
+    hook = llama.register_forward_hook(lambda mod, args, out: widths.append(out.logits.shape[1]))
+    try:
+        rows = HFBackend(llama, tok).encode(PROMPTS)
+        last_only = HFBackend(llama, tok).generate_ids(rows, 6, batch_size=3)
+        assert widths and set(widths) == {1}, widths
+        widths.clear()
+        monkeypatch.setattr(hc, "takes_logits_to_keep", lambda fn: False)
+        full = HFBackend(llama, tok).generate_ids(rows, 6, batch_size=3)
+        assert max(widths) > 1  # the prompt's positions all came back
+    finally:
+        hook.remove()
+    assert last_only == full
+
+
 def test_hf_load_weights_in_place(llama, tok):  # noqa: F811
     backend = HFBackend(llama, tok)
     name = "model.norm.weight"

@@ -93,17 +93,20 @@ class HFBackend(Backend):
         """Greedy continuation of one batch; each result ends before its eos (exclusive)."""
         from transformers import DynamicCache
 
-        from ..hf_compat import cache_kwarg, output_cache
+        from ..hf_compat import cache_kwarg, output_cache, takes_logits_to_keep
 
         model, tokenizer = self.model, self.tokenizer
         ids, mask = left_pad(rows, pad_id(tokenizer), model_device(model))
         pos = positions(mask)
         past: Any = DynamicCache()
-        cache_kw = cache_kwarg(getattr(type(model), "forward", type(model).__call__))
+        forward = getattr(type(model), "forward", type(model).__call__)
+        cache_kw = cache_kwarg(forward)
+        last_only = {"logits_to_keep": 1} if takes_logits_to_keep(forward) else {}
         out: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         for _ in range(max_new_tokens):
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past})
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: past},
+                        **last_only)
             past = output_cache(res)
             nxt = res.logits[:, -1, :].argmax(-1)
             for i, t in enumerate(nxt.tolist()):
