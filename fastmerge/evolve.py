@@ -161,7 +161,7 @@ def _evolve_claimed(root: Path, config: EvolveConfig, resume: bool, materialize:
         if stage == "ps":
             space = ps_space(config)
             spec = _RunnerSpec("ps", space, config.evaluator, config.metric, _tokenizer_dirs(config, config.ps_models),
-                               config.device, config.backend, threads=config.threads,
+                               config.device, config.backend, threads=config.threads, draw_cache=config.draw_cache,
                                eval_backend=config.eval_backend, vllm=config.vllm.model_dump(),
                                engine_model=config.ps_models[0])
         else:
@@ -279,6 +279,7 @@ class _RunnerSpec:
     device: str = "cpu"
     backend: str | None = None
     threads: int | None = None
+    draw_cache: bool = True
     eval_backend: str = "hf"
     vllm: dict = field(default_factory=dict)  # VLLMConfig as a dict, for eval_backend "vllm"
     engine_model: str | None = None  # the checkpoint a vllm engine starts from (the PS base)
@@ -334,7 +335,7 @@ class _Runner:
             from .merger import Merger
 
             self.merger = Merger(spec.space.base_recipe(), device=spec.device, backend=spec.backend,
-                                 threads=spec.threads)
+                                 threads=spec.threads, draw_cache=spec.draw_cache)
             self.model = self.merger.module
             frame = self.merger.plan.frame
             if frame is not None and getattr(self.evaluate, "takes_processor", False):
@@ -683,7 +684,7 @@ def _record_config(root: Path, config: EvolveConfig) -> None:
 
 def _config_changed(out: Path) -> FastmergeError:
     return FastmergeError(f"{out}: the config changed since this run started (only budget, out, workers, "
-                          "threads, scale, ray_address, device, backend, eval_backend and vllm may change on "
+                          "threads, scale, ray_address, device, backend, draw_cache, eval_backend and vllm may change on "
                           "--resume); start a new run in another directory")
 
 

@@ -135,6 +135,7 @@ class EvolveConfig(_Strict):
     ray_address: str | None = None  # join this Ray cluster (default: start a local one for the stage)
     device: str = "cpu"
     backend: Literal["cpu", "triton"] | None = None
+    draw_cache: bool = True  # cpu backend: keep DARE's draws between candidates (Merger(draw_cache=...))
     eval_backend: Literal["hf", "vllm"] = "hf"
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
@@ -389,7 +390,7 @@ class EvolveConfig(_Strict):
         and how the candidates are scored (workers, threads, scale, ray_address, devices, merge and
         evaluation backends), which do not change the search."""
         keep = self.model_dump(exclude={"budget", "workers", "threads", "scale", "ray_address", "out", "device",
-                                        "backend", "eval_backend", "vllm"})
+                                        "backend", "draw_cache", "eval_backend", "vllm"})
         keep["ps"].pop("budget", None)
         keep["dfs"].pop("budget", None)
         keep["stage"] = stage

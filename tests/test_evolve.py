@@ -182,6 +182,33 @@ def test_workers_give_what_one_process_gives(families, tmp_path):
     assert one.best.best_x == two.best.best_x
 
 
+def test_the_draw_cache_does_not_change_a_dare_search(families, tmp_path, monkeypatch):
+    """``draw_cache: false`` (every candidate draws DARE's masks afresh) logs the same trials, bit for
+    bit, as the default cache, and is a setting a run may resume with (not in the fingerprint)."""
+    made = []
+    init = Merger.__init__
+
+    def spy(self, *args, **kw):
+        init(self, *args, **kw)
+        made.append(self.draws is not None)
+
+    monkeypatch.setattr(Merger, "__init__", spy)
+    family = families("llama", layers=4)
+    cfg = config(family, tmp_path / "cached", merge_method="dare_ties", ps={"group_size": 2},
+                 budget={"generations": 2}, cma={"popsize": 4})
+    cfg["evaluator"]["target"] = str(make_target(cfg, np.full(8, 0.4), tmp_path / "target.safetensors"))
+    made.clear()
+    evolve(cfg)
+    plain = {**cfg, "out": str(tmp_path / "plain"), "draw_cache": False}
+    evolve(plain)
+    assert made == [True, False]  # the runner's Merger of each run
+    a = read_trials(tmp_path / "cached/ps/trials.jsonl", timings=False)
+    b = read_trials(tmp_path / "plain/ps/trials.jsonl", timings=False)
+    assert len(a) == 8 and [r["x"] for r in a] == [r["x"] for r in b]
+    assert [r["fitness"] for r in a] == [r["fitness"] for r in b]
+    assert EvolveConfig.from_yaml(plain).fingerprint("ps") == EvolveConfig.from_yaml(cfg).fingerprint("ps")
+
+
 def test_wall_time_budget_stops_between_generations(families, tmp_path):
     family = families("llama", layers=4)
     cfg = config(family, tmp_path / "out", budget={"wall_time": 0.001, "generations": 50}, cma={"popsize": 4})
