@@ -36,9 +36,9 @@ def hf_generate(model, tok, prompts: list[str], new_tokens: int, batch_size: int
     the left as our loop pads them; returns the number of new tokens (the work done)."""
     import torch
 
-    from fastmerge.backends.hf import batches_by_length, left_pad, pad_id
+    from fastmerge.backends.hf import HFBackend, batches_by_length, left_pad, pad_id
 
-    rows = [tok(p)["input_ids"] for p in prompts]
+    rows = HFBackend(model, tok).encode(prompts)  # the ids our loop and vLLM get
     made = 0
     with torch.inference_mode():
         for batch in batches_by_length([len(r) for r in rows], batch_size):

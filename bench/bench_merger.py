@@ -80,7 +80,7 @@ def main() -> int:
     if not (models / "ft2" / "config.json").exists():
         raise SystemExit(f"{models}: run bench/compare_mergekit.py first (it makes the models)")
 
-    from fastmerge import Genome, Merger
+    from fastmerge import Genome, Merger, cpu
 
     rows = []
     genome = Genome(weights=list(WEIGHTS), densities=list(DENSITIES))
@@ -92,8 +92,8 @@ def main() -> int:
             load_s[draw_cache] = time.perf_counter() - t0
             # the constructor merged the recipe once (filling the draw cache): start over, so the first
             # timed merge is a search's first
-            if mergers[draw_cache].draws is not None:
-                mergers[draw_cache].draws = type(mergers[draw_cache].draws)()
+            if draw_cache:
+                mergers[draw_cache].draws = cpu.DrawCache()
         times: dict[bool, list[float]] = {v: [] for v in variants}
         for rep in range(args.reps):
             for v in variants if rep % 2 == 0 else variants[::-1]:

@@ -630,6 +630,7 @@ def merge_into(
     # the draw cache: written by the first pass that draws, read from then on
     cache, ready = draws.slot(name, opts, n) if draws is not None and opts.sparsify == "random" else (None, False)
     p.draws_stride = n
+    p.draws_mode = 0 if cache is None else 2 if ready else 1
 
     def pieces():
         for c, (cs, ce) in enumerate(chunks):
@@ -651,11 +652,11 @@ def merge_into(
                 yield
 
     def drawn() -> None:
-        """After a pass that drew (or read) every element: the cache holds the draws now."""
-        nonlocal ready
-        if cache is not None and not ready:
+        """After a pass that drew (or read) every element: the cache holds the draws, and later passes
+        read them."""
+        if p.draws_mode == 1:
             draws.filled(name)
-            ready = True
+            p.draws_mode = 2
 
     if opts.sparsify != "none" and opts.rescale == "inverse":
         for k in range(opts.k):
@@ -666,7 +667,6 @@ def merge_into(
         t_arr = (ctypes.c_double * MAXK)()
         k_arr = (ctypes.c_double * MAXK)()
         p.bits_mode = 1 if bits is not None else 0
-        p.draws_mode = 0 if cache is None else 2 if ready else 1
         for _ in pieces():
             lib.fm_sums(ctypes.byref(p), t_arr, k_arr)
             for k in range(opts.k):
@@ -676,7 +676,6 @@ def merge_into(
         for k in range(opts.k):
             p.scale[k] = l1_scale(total[k], kept[k])
     p.bits_mode = 2 if bits is not None else 0
-    p.draws_mode = 0 if cache is None else 2 if ready else 1
     counts = (ctypes.c_int64 * (MAXK + 1))()
     p.nonfinite = ctypes.addressof(counts) if nonfinite is not None else None
     for _ in pieces():
